@@ -1,0 +1,192 @@
+"""The ``cvpipe`` command line.
+
+Every stage command reads params.yaml (``--params``), applies overrides (its own
+flags and any ``--set section.key=value``), validates everything, then runs.
+Exit codes: 0 success, 2 bad usage or bad params (nothing written), 1 the stage
+failed. Errors print one line; ``--debug`` (or ``CVPIPE_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+
+from cvpipe import __version__
+from cvpipe.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
+from cvpipe.console import console, set_quiet
+from cvpipe.errors import CvpipeError
+
+app = typer.Typer(
+    name="cvpipe",
+    help="Reproducible computer-vision fine-tuning: ingest -> preprocess -> train -> evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = bool(os.environ.get("CVPIPE_DEBUG"))
+
+# -- options shared by every stage command ------------------------------------------------
+ParamsOpt = typer.Option(
+    Path(DEFAULT_PARAMS_FILE), "--params", "-p", help="params.yaml to read (all sections are validated).",
+    dir_okay=False,
+)
+SetOpt = typer.Option(
+    None, "--set", "-S", metavar="KEY=VALUE",
+    help="Override any param, e.g. -S train.epochs=3 (value parsed as YAML). Repeatable.",
+)
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or tables (for CI logs).")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+
+
+def _load(params_path: Path, sets: Optional[list[str]], flags: dict[str, Any]) -> Params:
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        k, v = parse_override(item)
+        overrides[k] = v
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    explicit = params_path != Path(DEFAULT_PARAMS_FILE)
+    return load_params(params_path if (explicit or params_path.exists()) else None, overrides)
+
+
+def _stage(quiet: bool, debug: bool, fn: Callable[[], Any]) -> None:
+    """Run a stage body, turning errors into one line and an exit code.
+
+    Usage errors of the command line itself (unknown option, wrong type) are
+    handled by typer before this point and exit with code 2.
+    """
+    global _debug
+    _debug = _debug or debug
+    set_quiet(quiet)
+    try:
+        fn()
+    except CvpipeError as exc:
+        if _debug:
+            traceback.print_exc()
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if _debug:
+            traceback.print_exc()
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        console.print(f"cvpipe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def ingest(
+    source: Optional[list[str]] = typer.Option(
+        None, "--source", help="Override ingest.source: a class-folder path or sample://digits. Repeatable."
+    ),
+    out: Optional[str] = typer.Option(None, "--out", help="Override paths.raw (where images and manifest go)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Override ingest.workers (0 = one per core)."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Collect raw images, validate each one, quarantine the bad ones with a reason, write the manifest."""
+    src: Any = None if not source else (source[0] if len(source) == 1 else list(source))
+
+    def go():
+        p = _load(params, set_, {"ingest.source": src, "paths.raw": out, "ingest.workers": workers})
+        from cvpipe import ingest as stage
+
+        stage.run(p)
+
+    _stage(quiet, debug, go)
+
+
+@app.command()
+def preprocess(
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Override preprocess.image_size (pixels, >= 16)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Override preprocess.workers (0 = one per core)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Override paths.prepared."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Resize, split (seeded, stratified) and write the memory-mapped training format."""
+    def go():
+        p = _load(params, set_, {"preprocess.image_size": image_size, "preprocess.workers": workers, "paths.prepared": out})
+        from cvpipe import preprocess as stage
+
+        stage.run(p)
+
+    _stage(quiet, debug, go)
+
+
+@app.command()
+def train(
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: any timm architecture name."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr (peak learning rate)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override train.device: auto, cpu, cuda, cuda:N, mps."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Fine-tune (or train from scratch) a timm model; save best/last checkpoints; log to W&B."""
+    def go():
+        p = _load(
+            params, set_,
+            {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device},
+        )
+        from cvpipe import train as stage
+
+        stage.run(p)
+
+    _stage(quiet, debug, go)
+
+
+@app.command()
+def evaluate(
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: which trained model to evaluate."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Override evaluate.checkpoint: best or last."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override evaluate.batch_size."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Test-split accuracy, macro-F1, per-class report and confusion matrix; log to W&B."""
+    def go():
+        p = _load(params, set_, {"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
+        from cvpipe import evaluate as stage
+
+        stage.run(p)
+
+    _stage(quiet, debug, go)
+
+
+def main() -> None:
+    """Entry point (``cvpipe``)."""
+    if "--debug" in sys.argv[1:]:
+        global _debug
+        _debug = True
+    app(prog_name="cvpipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,265 @@
+"""params.yaml: the single place where everything tunable lives.
+
+The file is validated at load time with pydantic. Every error names the key path
+and the offending value (``train.lr: must be greater than 0 (got -0.1)``) and is
+raised as :class:`~cvpipe.errors.ParamsError` so the CLI exits with code 2
+before any stage writes anything.
+
+Command-line flags override values from the file through dotted keys
+(``train.epochs=3``), the same syntax as ``dvc exp run -S``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cvpipe.errors import ParamsError
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    """Base for every params section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PathsParams(_Section):
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    models: str = "models"
+    metrics: str = "metrics"
+    plots: str = "plots"
+    wandb: str = "wandb"
+
+
+class IngestParams(_Section):
+    source: Union[str, list[str]] = "sample://digits"
+    min_size: int = Field(8, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)
+    max_aspect_ratio: float = Field(20.0, ge=1)
+    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    background: tuple[int, int, int] = (255, 255, 255)
+    extensions: Optional[list[str]] = None
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not str(s).strip() for s in items):
+            raise ValueError("must name at least one non-empty source")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError("each channel must be within 0..255")
+        return v
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+
+class PreprocessParams(_Section):
+    image_size: int = Field(32, ge=16, le=4096)
+    resize_mode: Literal["shorter_side_center_crop", "pad_to_square", "stretch"] = "shorter_side_center_crop"
+    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+
+
+class SplitParams(_Section):
+    strategy: Literal["stratified", "predefined"] = "stratified"
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"train + val + test must sum to 1 (got {self.train} + {self.val} + {self.test} = {total:g})"
+            )
+        return self
+
+
+class AugmentParams(_Section):
+    """Training-time augmentation, as albumentations transforms: ``[{Name: {arg: value}}]``."""
+
+    train: list[dict[str, Optional[dict[str, Any]]]] = Field(default_factory=list)
+
+    @field_validator("train")
+    @classmethod
+    def _one_transform_per_item(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, item in enumerate(v):
+            if len(item) != 1:
+                raise ValueError(f"item {i} must map exactly one transform name to its arguments (got {item!r})")
+        return v
+
+
+class TrainParams(_Section):
+    arch: str = "resnet18"
+    pretrained: bool = False
+    pretrained_path: Optional[str] = None
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0)
+    optimizer: str = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: str = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    seed: int = 42
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    workers: Optional[int] = Field(None, ge=0, description="DataLoader workers; null = auto")
+    deterministic: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a timm architecture")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_run(self) -> "TrainParams":
+        if self.warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+
+class EvaluateParams(_Section):
+    checkpoint: Literal["best", "last"] = "best"
+    batch_size: int = Field(256, ge=1)
+
+
+class WandbParams(_Section):
+    project: str = "cvpipe"
+    entity: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    group: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class Params(_Section):
+    paths: PathsParams = Field(default_factory=PathsParams)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    wandb: WandbParams = Field(default_factory=WandbParams)
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain-JSON view of every value, defaults included (logged with each run)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    head = f"invalid params in {source}: " if len(lines) == 1 else f"invalid params in {source}:\n  "
+    return head + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ParamsError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ParamsError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (copying what it touches)."""
+    out = dict(data)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ParamsError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(path: Union[str, Path, None] = None, overrides: Optional[dict[str, Any]] = None) -> Params:
+    """Read, override and validate params.
+
+    A missing *default* file means "all defaults"; a missing file the user named is an error.
+    """
+    explicit = path is not None
+    path = Path(path) if path is not None else Path(DEFAULT_PARAMS_FILE)
+    data: Any = {}
+    if path.exists():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ParamsError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: the top level must be a mapping of sections (got {type(data).__name__})")
+    elif explicit:
+        raise ParamsError(f"params file not found: {path}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_validation_error(exc, str(path))) from None
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.resolved(), sort_keys=False)

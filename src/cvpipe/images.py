@@ -1,0 +1,224 @@
+"""Decode and validate one image from bytes: the single gate every image passes.
+
+Used by ingest (to decide manifest vs quarantine) and by the app (to refuse bad
+uploads). The rules:
+
+* the format is sniffed from the content (Pillow's decoders), never the extension;
+* the header's pixel count is checked against ``max_pixels`` *before* decoding,
+  so decompression bombs cost nothing;
+* the whole image is decoded (truncated or corrupt data is caught here, not in
+  the middle of training);
+* EXIF orientation is applied; CMYK, 16-bit, float, palette, bilevel and
+  alpha (composited on ``background``) images become 8-bit RGB; animations
+  keep their first frame.
+
+Rejections raise :class:`ImageRejected` with a stable reason code.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Pillow refuses to *load* past its own bomb limit; we check against our own
+# limit before decoding, so let Pillow's guard sit well above any sane value.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Reason codes written to quarantine.csv (stable: tests and users match on them).
+EMPTY = "empty_file"
+NOT_IMAGE = "not_an_image"
+LFS_POINTER = "git_lfs_pointer"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+BOMB = "decompression_bomb"
+TOO_SMALL = "too_small"
+EXTREME_ASPECT = "extreme_aspect_ratio"
+
+CLEAN_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, orientation applied
+    format: str  # sniffed container format, e.g. "JPEG"
+    source_mode: str  # mode before conversion, e.g. "CMYK"
+    width: int
+    height: int
+    frames: int
+    clean: bool  # original bytes are already a plain RGB JPEG/PNG, upright, single frame
+
+    def encoded(self, original: bytes) -> tuple[bytes, str]:
+        """Bytes to store and their extension: the original when clean, else a normalized re-encode."""
+        if self.clean:
+            return original, CLEAN_FORMATS[self.format]
+        buf = io.BytesIO()
+        if self.format == "JPEG":
+            # already lossy: keep it JPEG rather than inflating it to PNG
+            self.image.save(buf, format="JPEG", quality=95, subsampling=0)
+            return buf.getvalue(), "jpg"
+        self.image.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue(), "png"
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    if not head:
+        return False
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return printable / len(head) > 0.95
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = 89_478_485,
+    min_size: int = 1,
+    max_aspect_ratio: Optional[float] = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> DecodedImage:
+    """Fully decode *data* into an upright RGB image or raise :class:`ImageRejected`."""
+    if not data:
+        raise ImageRejected(EMPTY, "0 bytes")
+    if data.startswith(b"version https://git-lfs"):
+        raise ImageRejected(LFS_POINTER, "a Git LFS pointer, not the file it points to")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = "text/HTML content" if _looks_like_text(data) else "unrecognized content"
+        raise ImageRejected(NOT_IMAGE, kind) from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
+        raise ImageRejected(BOMB, str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports a header cut short as OSError("Truncated File Read") and
+        # malformed headers as SyntaxError/ValueError
+        msg = str(exc)
+        reason = TRUNCATED if "runcat" in msg else CORRUPT
+        raise ImageRejected(reason, f"header: {msg}") from None
+
+    fmt = img.format or "UNKNOWN"
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageRejected(BOMB, f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    source_mode = img.mode
+    # 48-bit PNGs open as mode "RGB" but are stored 16 bits per channel: not "clean"
+    raw_modes = {t[3][0] if isinstance(t[3], tuple) else t[3] for t in (img.tile or []) if len(t) > 3}
+    wide = any(isinstance(m, str) and "16" in m for m in raw_modes)
+    try:
+        if frames > 1:
+            img.seek(0)
+        img.load()
+        exif_orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+        upright = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(upright, background)
+        rgb.load()
+    except Image.DecompressionBombError as exc:  # pragma: no cover
+        raise ImageRejected(BOMB, str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        msg = str(exc)
+        reason = TRUNCATED if ("truncat" in msg.lower() or isinstance(exc, EOFError)) else CORRUPT
+        raise ImageRejected(reason, msg) from None
+
+    w, h = rgb.size
+    if min(w, h) < min_size:
+        raise ImageRejected(TOO_SMALL, f"{w}x{h} is below min_size={min_size}")
+    if max_aspect_ratio is not None and max(w, h) / min(w, h) > max_aspect_ratio:
+        raise ImageRejected(EXTREME_ASPECT, f"{w}x{h} exceeds max_aspect_ratio={max_aspect_ratio:g}")
+    clean = (
+        fmt in CLEAN_FORMATS
+        and source_mode == "RGB"
+        and not wide
+        and frames == 1
+        and exif_orientation in (1, None)
+        and "transparency" not in img.info
+    )
+    return DecodedImage(
+        image=rgb, format=fmt, source_mode=source_mode, width=w, height=h, frames=frames, clean=clean
+    )
+
+
+def fit_image(img: Image.Image, size: int, mode: str = "shorter_side_center_crop") -> Image.Image:
+    """Resize an RGB image to ``size x size`` (the one resize used everywhere: preprocess, app).
+
+    * ``shorter_side_center_crop``: scale the shorter side to *size*, crop the centre;
+    * ``pad_to_square``: scale the longer side to *size*, pad with black;
+    * ``stretch``: scale both sides to *size*, ignoring the aspect ratio.
+    """
+    w, h = img.size
+    if mode == "stretch":
+        return img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    if mode == "shorter_side_center_crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        # resize only the region that survives the crop
+        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+        return img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    if mode == "pad_to_square":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise ValueError(f"unknown resize mode {mode!r}")
+
+
+def open_for_size(path_or_bytes, size: int) -> Image.Image:
+    """Open an already-validated image as upright RGB, letting JPEG decode at reduced scale.
+
+    Pillow's draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale directly,
+    which is several times faster for large photos. The reduced image keeps at
+    least ``size`` pixels on its shorter side, so quality is unaffected.
+    """
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
+    img = Image.open(src)
+    if img.format == "JPEG":
+        w, h = img.size
+        scale = min(w, h) / size
+        if scale >= 2:
+            img.draft("RGB", (max(size, w // int(scale)), max(size, h // int(scale))))
+    img = ImageOps.exif_transpose(img)
+    return img if img.mode == "RGB" else img.convert("RGB")

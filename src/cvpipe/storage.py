@@ -1,0 +1,174 @@
+"""Paths that may be local or remote (``gs://``, ``http(s)://``), through fsspec.
+
+Every stage reads and writes through these helpers so that any path in
+params.yaml can point at a bucket. Writes are atomic: a reader never sees a
+half-written file under its final name (local files are written to a temporary
+sibling and renamed; object stores only publish an object when its upload
+completes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator, Union
+
+import fsspec
+
+PathLike = Union[str, os.PathLike]
+
+TMP_MARKER = ".cvpipe-tmp-"
+
+
+def is_remote(uri: PathLike) -> bool:
+    s = str(uri)
+    return "://" in s and not s.startswith("file://")
+
+
+def protocol(uri: PathLike) -> str:
+    s = str(uri)
+    return s.split("://", 1)[0] if "://" in s else "file"
+
+
+def get_fs(uri: PathLike, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path-within-it)`` for a URI or local path."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **storage_options)
+    return fs, path
+
+
+def join(base: PathLike, *parts: str) -> str:
+    s = str(base)
+    if is_remote(s):
+        return "/".join([s.rstrip("/")] + [p.strip("/") for p in parts])
+    return str(Path(s, *parts))
+
+
+def exists(uri: PathLike) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f"{TMP_MARKER}{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_open(uri: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open *uri* for writing so that it appears complete or not at all."""
+    if "w" not in mode:
+        raise ValueError("atomic_open is for writing")
+    if is_remote(uri):
+        fs, path = get_fs(uri)
+        with fs.open(path, mode, **kwargs) as fh:
+            yield fh
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    try:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(uri: PathLike, data: bytes) -> None:
+    with atomic_open(uri, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(uri: PathLike, text: str) -> None:
+    with atomic_open(uri, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+
+
+def write_json(uri: PathLike, obj: Any, indent: int = 2) -> None:
+    write_text(uri, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(uri: PathLike) -> Any:
+    fs, path = get_fs(uri)
+    with fs.open(path, "r", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_bytes(uri: PathLike) -> bytes:
+    fs, path = get_fs(uri)
+    return fs.cat_file(path)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def staged_dir(final: PathLike) -> Iterator[Path]:
+    """Build a directory output in a temporary sibling and swap it in on success.
+
+    For a remote *final*, the directory is built locally and uploaded at the end.
+    On failure nothing at *final* changes.
+    """
+    if is_remote(final):
+        with tempfile.TemporaryDirectory(prefix="cvpipe-") as tmp:
+            yield Path(tmp)
+            fs, path = get_fs(final)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            fs.put(str(tmp).rstrip("/") + "/", path, recursive=True)
+        return
+    target = Path(final)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = _tmp_sibling(target)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_copy(uri: PathLike, cache_root: PathLike | None = None) -> Path:
+    """Return a local path for *uri*, copying a remote file or folder down once."""
+    if not is_remote(uri):
+        return Path(uri)
+    import hashlib
+
+    root = Path(cache_root or os.environ.get("CVPIPE_CACHE", Path.home() / ".cache" / "cvpipe"))
+    key = hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    dest = root / "remote" / key
+    if dest.exists():
+        return dest
+    fs, path = get_fs(uri)
+    with staged_dir(dest) as tmp:
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        else:
+            fs.get(path, str(tmp / Path(path).name))
+    return dest
