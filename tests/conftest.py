@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+* ``real_data``: the folder named by ``CVPIPE_REAL_DATA`` (CI: ../shared/data).
+  Unset -> tests that need it are skipped; set but missing -> they fail.
+* ``project``: a temporary project folder (cwd) with its own params.yaml, so a
+  test's outputs never touch the repository.
+* W&B always runs offline inside the test's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    # the digits sample is materialized once per session, shared by all tests
+    monkeypatch.setenv("CVPIPE_CACHE", str(_session_cache()))
+    monkeypatch.setenv("MPLCONFIGDIR", str(home / "mpl"))
+    yield
+
+
+_CACHE: Path | None = None
+
+
+def _session_cache() -> Path:
+    global _CACHE
+    if _CACHE is None:
+        import tempfile
+
+        _CACHE = Path(tempfile.mkdtemp(prefix="cvpipe-test-cache-"))
+    return _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    value = os.environ.get("CVPIPE_REAL_DATA")
+    if not value:
+        pytest.skip("CVPIPE_REAL_DATA is not set")
+    path = Path(value).resolve()
+    if not (path / "hymenoptera_data").is_dir() or not (path / "bad_inputs").is_dir():
+        pytest.fail(f"CVPIPE_REAL_DATA={value} does not hold hymenoptera_data/ and bad_inputs/")
+    return path
+
+
+def write_params(folder: Path, overrides: dict | None = None, base: Path = REPO / "params.yaml") -> Path:
+    """Copy the repo's params.yaml into *folder*, applying nested *overrides*."""
+    data = yaml.safe_load(base.read_text())
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    return tmp_path
+
+
+def cvpipe(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = True, timeout: float = 900):
+    """Run the real ``cvpipe`` CLI in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cvpipe", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cvpipe {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
