@@ -45,7 +45,6 @@ class IngestParams(_Section):
     max_aspect_ratio: float = Field(20.0, ge=1)
     workers: int = Field(0, ge=0, description="0 = one per CPU core")
     background: tuple[int, int, int] = (255, 255, 255)
-    extensions: Optional[list[str]] = None
 
     @field_validator("source")
     @classmethod
