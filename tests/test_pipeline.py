@@ -107,7 +107,7 @@ def test_hymenoptera_end_to_end(project, real_data):
     for stage in ("ingest", "preprocess", "train", "evaluate"):
         cvpipe(stage, "--quiet", cwd=project)
     ingest = json.loads((project / "metrics/ingest.json").read_text())
-    n_files = sum(1 for p in src.rglob("*") if p.is_file() and p.parent.parent.name in ("train", "val"))
+    n_files = sum(1 for p in src.rglob("*") if p.is_file())  # photos + SHA256SUMS (quarantined: no class)
     assert ingest["accepted"] + ingest["quarantined"] == n_files
     assert set(ingest["per_class"]) == {"ants", "bees"}
     assert ingest["per_split_hint"].keys() == {"train", "val"}

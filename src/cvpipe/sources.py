@@ -64,8 +64,10 @@ def iter_local_folder(root: Path, uri_prefix: Optional[str] = None) -> Iterator[
     for path in _walk_files(root):
         rel = path.relative_to(root).parts
         split_hint = None
-        if split_layout:
+        if split_layout and len(rel) > 1:
             split_hint, rel = SPLIT_NAMES[rel[0].lower()], rel[1:]
+        elif split_layout:  # a loose file next to train/ val/ (README, checksums): no class
+            rel = ()
         label = rel[0] if len(rel) > 1 else None
         uri = f"{prefix.rstrip('/')}/{path.relative_to(root).as_posix()}"
         yield SourceItem(
