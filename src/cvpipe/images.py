@@ -216,7 +216,8 @@ def decode_image(
             img.seek(0)
         img.load()
         exif_orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-        upright = ImageOps.exif_transpose(img)
+        # exif_transpose returns a full copy even when there is nothing to turn
+        upright = img if exif_orientation in (1, None) else ImageOps.exif_transpose(img)
         rgb = _to_rgb(upright, background)
         rgb.load()
     except Image.DecompressionBombError as exc:  # pragma: no cover
