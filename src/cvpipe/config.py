@@ -45,6 +45,12 @@ class IngestParams(_Section):
     max_aspect_ratio: float = Field(20.0, ge=1)
     workers: int = Field(0, ge=0, description="0 = one per CPU core")
     background: tuple[int, int, int] = (255, 255, 255)
+    gcs_token: Optional[str] = Field(
+        None, description="gcsfs token: null = GOOGLE_APPLICATION_CREDENTIALS / ADC, 'anon' for public buckets, or a key file"
+    )
+    max_archive_bytes: int = Field(2 * 1024**3, ge=1, description="refuse archives that unpack to more than this")
+    transfer_concurrency: int = Field(32, ge=1, le=1024, description="remote objects fetched at once")
+    state_dir: str = Field(".cvpipe/ingest", description="incremental state, kept outside the DVC output")
 
     @field_validator("source")
     @classmethod

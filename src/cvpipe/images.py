@@ -42,6 +42,10 @@ EXTREME_ASPECT = "extreme_aspect_ratio"
 
 CLEAN_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 
+# Markers that may legitimately follow a JPEG scan (tables, next scan, comments,
+# APPn, EOI, DNL): 0xFFC0..0xFFFE except the restart markers handled in-scan, and TEM.
+_JPEG_RST = range(0xD0, 0xD8)
+
 
 class ImageRejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
@@ -79,6 +83,67 @@ def _looks_like_text(data: bytes) -> bool:
         return False
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     return printable / len(head) > 0.95
+
+
+def jpeg_structure_error(data: bytes) -> Optional[str]:
+    """Walk a JPEG's marker segments and entropy-coded scans; describe the first structural defect.
+
+    libjpeg *recovers* from garbage inside scan data (it prints "Corrupt JPEG
+    data: ..." and keeps going, filling the damage with grey), and Pillow does not
+    surface those warnings, so a fully decoded image can still be silently
+    damaged. Garbage almost always breaks the byte-stuffing rule (every 0xFF in
+    scan data is followed by 0x00 or a restart marker) or the restart-marker
+    sequence; this walk catches exactly those. Damage that stays inside
+    well-formed entropy data (a flipped bit that still decodes) is undetectable
+    without a reference copy, by libjpeg too.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return "missing JPEG start-of-image marker"
+    i = 2
+    while i < n:
+        if data[i] != 0xFF:
+            return f"expected a marker at byte {i}, found 0x{data[i]:02X}"
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI: anything after it is trailing data cameras often append
+            return None
+        if marker in _JPEG_RST or marker == 0x01:
+            continue
+        if marker < 0xC0:
+            return f"invalid marker 0xFF{marker:02X} at byte {i - 2}"
+        if i + 2 > n:
+            return None  # cut short: the decoder reports truncation
+        length = (data[i] << 8) | data[i + 1]
+        if length < 2:
+            return f"marker 0xFF{marker:02X} at byte {i - 2} has invalid length {length}"
+        i += length
+        if marker != 0xDA:  # not start-of-scan: a plain segment
+            continue
+        expected_rst = 0
+        while True:  # entropy-coded data up to the next real marker
+            j = data.find(b"\xff", i)
+            if j < 0 or j + 1 >= n:
+                return None  # no EOI: truncation, reported by the decoder
+            nxt = data[j + 1]
+            if nxt == 0x00 or nxt == 0xFF:
+                i = j + 1 if nxt == 0xFF else j + 2
+                continue
+            if nxt in _JPEG_RST:
+                if nxt - 0xD0 != expected_rst:
+                    return f"restart marker RST{nxt - 0xD0} out of sequence at byte {j} (expected RST{expected_rst})"
+                expected_rst = (expected_rst + 1) % 8
+                i = j + 2
+                continue
+            if nxt < 0xC0 and nxt != 0x01:
+                return f"invalid marker 0xFF{nxt:02X} inside scan data at byte {j}"
+            i = j
+            break
+    return None
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -151,7 +216,8 @@ def decode_image(
             img.seek(0)
         img.load()
         exif_orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-        upright = ImageOps.exif_transpose(img)
+        # exif_transpose returns a full copy even when there is nothing to turn
+        upright = img if exif_orientation in (1, None) else ImageOps.exif_transpose(img)
         rgb = _to_rgb(upright, background)
         rgb.load()
     except Image.DecompressionBombError as exc:  # pragma: no cover
@@ -160,6 +226,11 @@ def decode_image(
         msg = str(exc)
         reason = TRUNCATED if ("truncat" in msg.lower() or isinstance(exc, EOFError)) else CORRUPT
         raise ImageRejected(reason, msg) from None
+
+    if fmt in ("JPEG", "MPO"):
+        problem = jpeg_structure_error(data)
+        if problem:
+            raise ImageRejected(CORRUPT, f"damaged JPEG data ({problem}); libjpeg would conceal it")
 
     w, h = rgb.size
     if min(w, h) < min_size:

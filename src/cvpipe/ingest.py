@@ -18,20 +18,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
+import queue
+import shutil
+import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import IO, Any, Callable, Iterable, Optional
+
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from cvpipe import storage
 from cvpipe.config import IngestParams, Params
 from cvpipe.console import console, info, is_quiet, progress
 from cvpipe.errors import StageError
 from cvpipe.images import ImageRejected, decode_image
-from cvpipe.sources import SourceItem, check_source, iter_source
+from cvpipe.sources import SourceItem, SourceOptions, check_source, filesystem_for, iter_source
 
 MANIFEST_COLUMNS = [
     "id",
@@ -72,20 +79,35 @@ class IngestReport:
     rejections: dict[str, int] = field(default_factory=dict)
     per_split_hint: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # incremental work counters: a rerun over an unchanged source has transferred == decoded == 0
+    listed: int = 0  # files found in the sources
+    reused: int = 0  # outcomes taken from the state (fingerprint unchanged)
+    transferred: int = 0  # files whose bytes were read or downloaded
+    bytes_transferred: int = 0  # including archive downloads
+    decoded: int = 0  # files fully decoded and validated
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _process(item: SourceItem, raw_dir: str, p: dict[str, Any]) -> Outcome:
-    """Read, hash, decode-check and store one file. Runs in a worker process."""
-    if item.junk:
-        return Outcome(item, reason=JUNK, detail="OS/editor metadata file")
+def _process(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
+    """Read (unless *data* was fetched already), hash, decode-check and store one file.
+
+    Runs in a worker process. Never raises: any failure is an outcome with a reason.
+    """
     try:
-        with open(item.local_path, "rb") as fh:  # type: ignore[arg-type]
-            data = fh.read()
-    except OSError as exc:
-        return Outcome(item, reason=UNREADABLE, detail=exc.strerror or str(exc))
+        return _process_inner(item, data, raw_dir, p)
+    except Exception as exc:  # a decoder bug must not stop the run: quarantine the file
+        return Outcome(item, reason=UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
+    if data is None:
+        try:
+            with open(item.local_path, "rb") as fh:  # type: ignore[arg-type]
+                data = fh.read()
+        except (OSError, TypeError) as exc:
+            return Outcome(item, reason=UNREADABLE, detail=getattr(exc, "strerror", None) or str(exc))
     sha = hashlib.sha256(data).hexdigest()
     if item.label is None:
         return Outcome(item, reason=NO_LABEL, detail="file is not inside a class folder", sha256=sha)
@@ -182,6 +204,275 @@ def _prune_unreferenced(raw_dir: Path, keep: set[str]) -> int:
     return removed
 
 
+VALIDATION_VERSION = 2  # bump when decode_image's rules change: invalidates every stored outcome
+
+
+def _params_key(p: IngestParams) -> str:
+    """Outcomes depend on these: a change makes the state stale (everything is decoded again)."""
+    blob = json.dumps(
+        [VALIDATION_VERSION, p.min_size, p.max_pixels, p.max_aspect_ratio, list(p.background)], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class IngestState:
+    """Append-only journal ``uri -> (fingerprint, label, outcome)``, one JSON object per line.
+
+    Written line by line as files finish (flushed, so a SIGKILL loses at most the
+    line being written; a torn last line is ignored when read back), compacted
+    atomically at the end of a run. The first line holds the params key; a journal
+    written under other validation params is ignored.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._fh: Optional[IO[str]] = None
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return
+        if not lines:
+            return
+        try:
+            if json.loads(lines[0]).get("params_key") != self.key:
+                return
+        except ValueError:
+            return
+        for line in lines[1:]:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue  # torn by a kill
+            if isinstance(e, dict) and "uri" in e:
+                self.entries[e["uri"]] = e
+
+    def lookup(self, item: SourceItem) -> Optional[dict[str, Any]]:
+        e = self.entries.get(item.uri)
+        if e and item.fingerprint and e.get("fp") == item.fingerprint and e.get("label") == item.label:
+            return e
+        return None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or not self.entries and not self._header_ok()
+        if fresh:
+            storage.write_text(self.path, json.dumps({"params_key": self.key}) + "\n")
+        self._fh = open(self.path, "a+", encoding="utf-8")
+        self._fh.seek(0, os.SEEK_END)
+        if self._fh.tell() > 0:
+            self._fh.seek(self._fh.tell() - 1)
+            last = self._fh.read(1)
+            if last != "\n":  # a torn line from a killed run: never glue the next entry to it
+                self._fh.write("\n")
+        self._fh.flush()
+
+    def _header_ok(self) -> bool:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                return json.loads(fh.readline()).get("params_key") == self.key
+        except (OSError, ValueError):
+            return False
+
+    def record(self, o: Outcome) -> None:
+        if o.reason == UNREADABLE or not o.item.fingerprint:
+            return  # transient (network, permissions) or unidentifiable: retried next run
+        e: dict[str, Any] = {"uri": o.item.uri, "fp": o.item.fingerprint, "label": o.item.label, "sha": o.sha256}
+        if o.record is not None:
+            e["record"] = {k: o.record[k] for k in ("id", "path", "width", "height", "format", "source_mode", "sha256", "bytes")}
+        else:
+            e["reason"], e["detail"] = o.reason, o.detail
+        self.entries[o.item.uri] = e
+        assert self._fh is not None
+        self._fh.write(json.dumps(e, ensure_ascii=False) + "\n")
+        self._fh.flush()
+
+    def close(self, keep: set[str]) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        lines = [json.dumps({"params_key": self.key})]
+        lines += [json.dumps(self.entries[u], ensure_ascii=False) for u in sorted(keep) if u in self.entries]
+        storage.write_text(self.path, "\n".join(lines) + "\n")
+
+
+def _outcome_from_entry(item: SourceItem, e: dict[str, Any]) -> Outcome:
+    if "record" in e:
+        rec = dict(e["record"], label=item.label, source_uri=item.uri, split_hint=item.split_hint or "")
+        return Outcome(item, record=rec, sha256=e.get("sha", ""))
+    return Outcome(item, reason=e.get("reason"), detail=e.get("detail", ""), sha256=e.get("sha", ""))
+
+
+def fetch_many(fs: Any, urls: list[str], concurrency: int) -> list[Any]:
+    """Bytes of each URL (or the exception), fetched *concurrency* at a time, in order."""
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import _run_coros_in_chunks, sync
+
+        coros = [fs._cat_file(fs._strip_protocol(u)) for u in urls]
+        return sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency, return_exceptions=True)
+
+    def one(u: str) -> Any:
+        try:
+            return fs.cat_file(fs._strip_protocol(u))
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, urls))
+
+
+_DONE = object()
+
+
+def _producer(remote: list[SourceItem], opts: SourceOptions, concurrency: int, q: "queue.Queue", stop: threading.Event) -> None:
+    """Fetch remote objects in concurrent batches and hand (item, bytes|exception) to the decoder."""
+    try:
+        by_proto: dict[str, list[SourceItem]] = defaultdict(list)
+        for it in remote:
+            by_proto[storage.protocol(it.remote)].append(it)  # type: ignore[arg-type]
+        batch = max(2 * concurrency, 64)
+        for proto, group in by_proto.items():
+            try:
+                fs = filesystem_for(group[0].remote, opts)  # type: ignore[arg-type]
+            except Exception as exc:
+                for it in group:
+                    q.put((it, exc))
+                continue
+            for i in range(0, len(group), batch):
+                if stop.is_set():
+                    return
+                chunk = group[i : i + batch]
+                for it, res in zip(chunk, fetch_many(fs, [it.remote for it in chunk], concurrency)):  # type: ignore[misc]
+                    q.put((it, res))
+    except Exception as exc:  # pragma: no cover - never leave the consumer waiting
+        q.put((None, exc))
+    finally:
+        q.put((None, _DONE))
+
+
+def _make_pool(workers: int):
+    if workers == 1:
+        return ThreadPoolExecutor(max_workers=1)
+    import multiprocessing as mp
+
+    # fork is fastest, but not once gcsfs/aiohttp threads exist in this process
+    method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "forkserver"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+
+
+class _BytesRate(ProgressColumn):
+    def render(self, task) -> Text:  # type: ignore[override]
+        elapsed = task.finished_time if task.finished else task.elapsed
+        b = task.fields.get("bytes", 0)
+        if not elapsed or not b:
+            return Text("- B/s", style="cyan")
+        rate = b / elapsed
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if rate < 1024 or unit == "GiB":
+                return Text(f"{rate:,.1f} {unit}/s", style="cyan")
+            rate /= 1024
+        return Text("")  # pragma: no cover
+
+
+def _process_items(
+    todo: list[SourceItem], raw_dir: str, p: IngestParams, src_opts: SourceOptions, state: IngestState,
+    report: IngestReport, on_done: Callable[[Outcome, int], None],
+) -> list[Outcome]:
+    """Transfer (remote: concurrently; local: in the workers) and decode every item of *todo*."""
+    if not todo:
+        return []
+    opts = p.model_dump(mode="json")
+    local = [it for it in todo if not it.remote]
+    remote = [it for it in todo if it.remote]
+    workers = _worker_count(p.workers)
+    limit = workers * 4 + 2 * p.transfer_concurrency
+    q: queue.Queue = queue.Queue(maxsize=max(256, 4 * p.transfer_concurrency))
+    stop = threading.Event()
+    results: list[Outcome] = []
+    pool = _make_pool(workers)
+    producer = None
+    if remote:
+        producer = threading.Thread(
+            target=_producer, args=(remote, src_opts, p.transfer_concurrency, q, stop), daemon=True
+        )
+        producer.start()
+    producer_done = not remote
+    local_iter = iter(local)
+    local_done = not local
+    inflight: dict[Any, int] = {}
+
+    def finish(o: Outcome, nbytes: int) -> None:
+        state.record(o)
+        results.append(o)
+        on_done(o, nbytes)
+
+    def take(entry: tuple[Any, Any]) -> None:
+        nonlocal producer_done
+        it, res = entry
+        if res is _DONE:
+            producer_done = True
+        elif it is None:
+            raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
+        elif isinstance(res, BaseException):
+            finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(res).__name__}: {res}"), 0)
+        else:
+            report.transferred += 1
+            report.bytes_transferred += len(res)
+            report.decoded += 1
+            inflight[pool.submit(_process, it, bytes(res), raw_dir, opts)] = len(res)
+
+    try:
+        while True:
+            while len(inflight) < limit:  # feed: fetched remote bytes first, then local files
+                try:
+                    take(q.get_nowait())
+                    continue
+                except queue.Empty:
+                    pass
+                it = next(local_iter, None)
+                if it is None:
+                    local_done = True
+                    break
+                report.transferred += 1
+                report.bytes_transferred += it.size
+                report.decoded += 1
+                inflight[pool.submit(_process, it, None, raw_dir, opts)] = it.size
+            if inflight:
+                done, _ = wait(list(inflight), timeout=0.05, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(fut.result(), inflight.pop(fut))
+            elif local_done and producer_done:
+                break
+            else:
+                try:
+                    take(q.get(timeout=0.05))
+                except queue.Empty:
+                    pass
+    finally:
+        stop.set()
+        if producer is not None:
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    producer.join(0.05)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _clean_leftovers(*folders: Path) -> None:
+    """Temp files of a killed run (never visible under a final name) are removed."""
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.startswith(storage.TMP_MARKER):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def run(params: Params) -> IngestReport:
     p: IngestParams = params.ingest
     for src in p.sources:
@@ -191,33 +482,63 @@ def run(params: Params) -> IngestReport:
         raise StageError("paths.raw must be a local folder (DVC tracks it); sources may be remote")
     raw_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    src_opts = SourceOptions(gcs_token=p.gcs_token, max_archive_bytes=p.max_archive_bytes)
+    report = IngestReport()
 
+    stats: dict[str, int] = {}
     items: list[SourceItem] = []
+    seen: set[str] = set()
     for src in p.sources:
-        items.extend(iter_source(src))
+        for it in iter_source(src, src_opts, stats):
+            if it.uri not in seen:  # the same file named by two sources counts once
+                seen.add(it.uri)
+                items.append(it)
     items.sort(key=lambda it: it.uri)
     if not items:
         raise StageError(f"no files found in ingest.source {p.source!r}")
+    report.listed = len(items)
+    report.bytes_transferred += stats.get("bytes", 0)
 
-    opts = p.model_dump(mode="json")
-    workers = _worker_count(p.workers)
-    outcomes: list[Outcome] = []
-    with progress("files") as bar:
-        task = bar.add_task("ingest", total=len(items))
-        if workers == 1:
-            for it in items:
-                outcomes.append(_process(it, str(raw_dir), opts))
-                bar.advance(task)
+    state_path = Path(p.state_dir) / f"state-{hashlib.sha256(str(raw_dir.resolve()).encode()).hexdigest()[:16]}.jsonl"
+    _clean_leftovers(raw_dir, state_path.parent)
+    state = IngestState(state_path, _params_key(p))
+    state.open()
+
+    outcomes: dict[str, Outcome] = {}
+    todo: list[SourceItem] = []
+    for it in items:
+        if it.junk:
+            outcomes[it.uri] = Outcome(it, reason=JUNK, detail="OS/editor metadata or hidden file")
+            continue
+        e = state.lookup(it)
+        if e is not None:
+            outcomes[it.uri] = _outcome_from_entry(it, e)
+            report.reused += 1
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                chunk = max(1, min(64, len(items) // (workers * 8) or 1))
-                for o in pool.map(_process, items, [str(raw_dir)] * len(items), [opts] * len(items), chunksize=chunk):
-                    outcomes.append(o)
-                    bar.advance(task)
+            todo.append(it)
 
-    _resolve_duplicates(outcomes)
-    accepted = sorted((o.record for o in outcomes if o.record), key=lambda r: (r["label"], r["source_uri"]))
-    rejected = sorted((o for o in outcomes if o.record is None), key=lambda o: o.item.uri)
+    with progress("files", _BytesRate()) as bar:
+        task = bar.add_task("ingest", total=len(items), completed=len(items) - len(todo), bytes=0)
+
+        def on_done(o: Outcome, nbytes: int) -> None:
+            bar.update(task, advance=1, bytes=bar.tasks[0].fields.get("bytes", 0) + nbytes)
+
+        for o in _process_items(todo, str(raw_dir), p, src_opts, state, report, on_done):
+            outcomes[o.item.uri] = o
+
+        resolved = _resolve_duplicates_copy(outcomes.values())
+        # an accepted image whose stored file is gone (deleted by hand, or by `dvc repro`
+        # without persist) is fetched and stored again
+        missing = [o.item for o in resolved if o.record and not (raw_dir / o.record["path"]).exists()]
+        if missing:
+            bar.update(task, total=len(items) + len(missing))
+            for o in _process_items(missing, str(raw_dir), p, src_opts, state, report, on_done):
+                outcomes[o.item.uri] = o
+            resolved = _resolve_duplicates_copy(outcomes.values())
+    state.close(set(outcomes))
+
+    accepted = sorted((o.record for o in resolved if o.record), key=lambda r: (r["label"], r["source_uri"]))
+    rejected = sorted((o for o in resolved if o.record is None), key=lambda o: o.item.uri)
     if not accepted:
         raise StageError(f"no valid image among {len(items)} files; see the reasons in {raw_dir / 'quarantine.csv'}")
 
@@ -232,17 +553,21 @@ def run(params: Params) -> IngestReport:
     _write_csv(str(raw_dir / "manifest.csv"), MANIFEST_COLUMNS, accepted)
     _prune_unreferenced(raw_dir, {r["path"] for r in accepted})
 
-    report = IngestReport(
-        accepted=len(accepted),
-        quarantined=len(rejected),
-        per_class=dict(sorted(Counter(r["label"] for r in accepted).items())),
-        rejections=dict(sorted(Counter(o.reason for o in rejected).items())),  # type: ignore[arg-type]
-        per_split_hint=dict(sorted(Counter(r["split_hint"] or "none" for r in accepted).items())),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    report.accepted = len(accepted)
+    report.quarantined = len(rejected)
+    report.per_class = dict(sorted(Counter(r["label"] for r in accepted).items()))
+    report.rejections = dict(sorted(Counter(o.reason for o in rejected).items()))  # type: ignore[arg-type]
+    report.per_split_hint = dict(sorted(Counter(r["split_hint"] or "none" for r in accepted).items()))
+    report.seconds = round(time.perf_counter() - started, 3)
     storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
     _print_report(report, raw_dir)
     return report
+
+
+def _resolve_duplicates_copy(outcomes: Iterable[Outcome]) -> list[Outcome]:
+    copies = [replace(o) for o in outcomes]
+    _resolve_duplicates(copies)
+    return copies
 
 
 def _print_report(report: IngestReport, raw_dir: Path) -> None:
@@ -257,4 +582,7 @@ def _print_report(report: IngestReport, raw_dir: Path) -> None:
         table.add_row(f"[red]rejected: {reason}[/red]", str(n))
     if not is_quiet():
         console.print(table)
-    info(f"manifest: {raw_dir / 'manifest.csv'} ({report.seconds:.1f}s)")
+    info(
+        f"manifest: {raw_dir / 'manifest.csv'} ({report.seconds:.1f}s; {report.transferred} transferred, "
+        f"{report.decoded} decoded, {report.reused} reused)"
+    )
