@@ -159,7 +159,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     params["train"]["epochs"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     diff = json.loads(_run(dvc + ["params", "diff", "--json"], repo, env))
-    assert diff["params.yaml"]["train.epochs"] == {"old": 2, "new": 3}
+    assert diff["params.yaml"]["train.epochs"]["old"] == 2 and diff["params.yaml"]["train.epochs"]["new"] == 3
     out = _run(dvc + ["repro"], repo, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'ingest'" not in out and "Running stage 'preprocess'" not in out

@@ -94,7 +94,7 @@ def _root(
 @app.command()
 def ingest(
     source: Optional[list[str]] = typer.Option(
-        None, "--source", help="Override ingest.source: a class-folder path or sample://digits. Repeatable."
+        None, "--source", help="Override ingest.source: a class-folder path, gs://bucket/prefix, an http(s) .zip/.tar(.gz) URL, a CSV/JSONL manifest of uri,label rows, or sample://digits. Repeatable."
     ),
     out: Optional[str] = typer.Option(None, "--out", help="Override paths.raw (where images and manifest go)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Override ingest.workers (0 = one per core)."),
