@@ -242,7 +242,7 @@ def create_model(tp: TrainParams, num_classes: int):
     check_arch(tp.arch)
     if tp.pretrained_path:
         model = create(tp.arch, num_classes=num_classes)
-        load_pretrained_path(model, tp.pretrained_path)
+        model.cvpipe_pretrained_report = load_pretrained_path(model, tp.pretrained_path)
         return model
     if tp.pretrained:
         if not _hub_reachable():

@@ -368,15 +368,22 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
         },
         "arch": tp.arch,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+        "pretrained_load": {k: v if k != "loaded" else len(v) for k, v in getattr(model, "cvpipe_pretrained_report", {}).items()},
     }
     tracker = tracking.Tracker(None)
     if dist.is_main:
-        tracker = tracking.start(
-            params, job_type="train", name=f"train-{tp.arch}", config=config,
-            tags=[tp.arch, tp.finetune, "pretrained" if (tp.pretrained or tp.pretrained_path) else "scratch"],
-            group=params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{fingerprint[:8]}",
-            resume_id=state.get("wandb_run_id") if state else None,
-        )
+        resume_id = state.get("wandb_run_id") if state else None
+        for attempt in range(4):
+            tracker = tracking.start(
+                params, job_type="train", name=f"train-{tp.arch}", config=config,
+                tags=[tp.arch, tp.finetune, "pretrained" if (tp.pretrained or tp.pretrained_path) else "scratch"],
+                group=params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{fingerprint[:8]}",
+                resume_id=resume_id,
+            )
+            # a killed run's W&B service can hold its run id for a few seconds: wait and retry
+            if tracker.enabled or not resume_id or tracking.resolve_mode(params) == "disabled":
+                break
+            time.sleep(2.0 * (attempt + 1))
         tracker.define_metric("epoch")
         tracker.define_metric("step/update")
         for m in ("train/*", "val/*", "ema/*", "perf/*"):
