@@ -29,12 +29,19 @@ ARCH = "test_resnet"
 TIMING = {"img_per_s", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def _absolute_pythonpath(monkeypatch):
-    """Subprocesses run in other folders: make a relative PYTHONPATH (``PYTHONPATH=src``) absolute."""
+def _absolute_pythonpath() -> dict[str, str]:
     pp = os.environ.get("PYTHONPATH")
-    if pp:
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep) if p))
+    return {"PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep) if p)} if pp else {}
+
+
+@pytest.fixture(autouse=True)
+def _absolute_pythonpath_env(monkeypatch):
+    """Subprocesses run in other folders: make a relative PYTHONPATH (``PYTHONPATH=src``) absolute."""
+    for k, v in _absolute_pythonpath().items():
+        monkeypatch.setenv(k, v)
+    # an in-process run leaves wandb's service address here; a CLI subprocess would then share
+    # that service, where a SIGKILLed run's stream keeps its id "in use". Separate shells never share it.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +60,9 @@ def tiny_prepared(tmp_path_factory) -> Path:
             img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
             Image.fromarray(img).convert("RGB").save(src / str(c) / f"{i}.png")
     write_params(root, {"ingest.source": str(src), "ingest.workers": 1, "preprocess.workers": 1})
-    cvpipe("ingest", "-q", cwd=root)
-    cvpipe("preprocess", "-q", cwd=root)
+    env = _absolute_pythonpath()  # module scope: runs before the function-scoped env fixture
+    cvpipe("ingest", "-q", cwd=root, env=env)
+    cvpipe("preprocess", "-q", cwd=root, env=env)
     return root / "data" / "prepared"
 
 
