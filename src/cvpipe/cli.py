@@ -142,6 +142,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr (peak learning rate)."),
     device: Optional[str] = typer.Option(None, "--device", help="Override train.device: auto, cpu, cuda, cuda:N, mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue models/<arch>/last.pt (and its W&B run) even if params changed."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (runs torchrun --nproc_per_node N)."),
     params: Path = ParamsOpt,
     set_: Optional[list[str]] = SetOpt,
     quiet: bool = QuietOpt,
@@ -153,11 +155,42 @@ def train(
             params, set_,
             {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device},
         )
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            _relaunch_torchrun(nproc, p)
+            return
         from cvpipe import train as stage
 
-        stage.run(p)
+        stage.run(p, resume=resume)
 
     _stage(quiet, debug, go)
+
+
+def _relaunch_torchrun(nproc: int, p: Params) -> None:
+    """Run this same command under ``torchrun --standalone --nproc_per_node N`` (params validated first)."""
+    import subprocess
+
+    from cvpipe.distributed import torchrun_command
+    from cvpipe.errors import StageError
+
+    if p.train.batch_size % nproc:
+        from cvpipe.errors import ParamsError
+
+        raise ParamsError(f"train.batch_size: {p.train.batch_size} must be divisible by --nproc {nproc}")
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    rc = subprocess.run(torchrun_command(nproc, argv), env=env).returncode
+    if rc != 0:
+        raise StageError(f"distributed training with {nproc} processes failed (exit code {rc})")
 
 
 @app.command()

@@ -113,9 +113,13 @@ class TrainParams(_Section):
     arch: str = "resnet18"
     pretrained: bool = False
     pretrained_path: Optional[str] = None
+    finetune: Literal["full", "linear_probe", "staged"] = "full"
+    freeze_epochs: int = Field(0, ge=0, description="staged: epochs with a frozen backbone before unfreezing")
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0, le=10)
+    head_lr: Optional[float] = Field(None, gt=0, le=10, description="classifier LR; null = lr")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise LR decay; null = off")
     weight_decay: float = Field(0.05, ge=0)
     optimizer: str = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -123,12 +127,25 @@ class TrainParams(_Section):
     warmup_epochs: int = Field(1, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    class_balance: Literal["none", "sampler", "loss"] = "none"
+    accum_steps: int = Field(1, ge=1)
+    clip_grad: Optional[float] = Field(None, gt=0)
+    monitor: Literal["val_acc", "val_loss", "ema_val_acc", "ema_val_loss"] = "val_acc"
+    early_stop_patience: int = Field(0, ge=0, description="0 = off")
+    early_stop_min_delta: float = Field(0.0, ge=0)
     seed: int = 42
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
+    compile: bool = False
     workers: Optional[int] = Field(None, ge=0, description="DataLoader workers; null = auto")
     deterministic: bool = False
+    auto_resume: bool = True
 
     @field_validator("device")
     @classmethod
@@ -145,10 +162,22 @@ class TrainParams(_Section):
         return v.strip()
 
     @model_validator(mode="after")
-    def _warmup_shorter_than_run(self) -> "TrainParams":
+    def _consistent(self) -> "TrainParams":
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        if self.finetune == "staged" and not 1 <= self.freeze_epochs < self.epochs:
+            raise ValueError(
+                f"finetune: staged needs 1 <= freeze_epochs < epochs (got freeze_epochs={self.freeze_epochs}, epochs={self.epochs})"
+            )
+        if self.class_balance == "loss" and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            raise ValueError("class_balance: loss cannot be combined with mixup/cutmix (soft targets); use sampler")
+        if self.monitor.startswith("ema_") and not self.ema:
+            raise ValueError(f"monitor: {self.monitor} needs ema: true")
         return self
+
+    @property
+    def uses_mixup(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 class EvaluateParams(_Section):
