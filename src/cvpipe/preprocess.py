@@ -220,7 +220,8 @@ def run(params: Params) -> dict[str, Any]:
                 extra = oversample_plan(labels[idx], pp.oversample, sp.seed)
             writer = SplitWriter(root, name, len(idx) + len(extra) * (name == "train"), size)
             for s in range(0, len(idx), 1024):
-                writer.images[s : s + 1024] = all_images[idx[s : s + 1024]]
+                block = idx[s : s + 1024]
+                writer.images[s : s + len(block)] = all_images[block]
             index_rows = [dict(rows[i]) for i in idx]
             split_labels = labels[idx].tolist()
             if name == "train" and len(extra):
