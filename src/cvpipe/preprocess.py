@@ -10,7 +10,7 @@ Reads ``preprocess.*``, ``split.*``, ``augment.*`` and the ingest manifest in
 * the dataset card: ``<paths.metrics>/dataset.json`` (DVC metrics) and
   ``<paths.plots>/dataset/*.png`` (DVC plots), also logged to W&B.
 
-Work order: one parallel pass decodes (JPEG draft mode), resizes and hashes
+Work order: one parallel pass decodes (JPEG at reduced scale, :mod:`cvpipe.resize`), resizes and hashes
 every image into a staging array; the split is then decided from labels, hints
 and perceptual hashes; each split's rows are copied out of the staging array.
 """
@@ -32,7 +32,8 @@ from cvpipe.config import Params
 from cvpipe.console import info, progress, warn
 from cvpipe.dataset import SPLITS, SplitWriter, write_meta
 from cvpipe.errors import StageError
-from cvpipe.images import fit_image, open_for_size
+from cvpipe.images import fit_image
+from cvpipe.resize import decode_for_size
 from cvpipe.splits import groups_report, near_duplicate_groups, phash, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- resize workers
@@ -61,12 +62,13 @@ def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]],
         path = os.path.join(base_dir, rel)
         try:
             with open(path, "rb") as fh:
-                img = open_for_size(fh, size)
-                arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
-                hashes.append((i, phash(img) if want_hash else 0))
+                data = fh.read()
+            img = decode_for_size(data, size)
+            arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
+            hashes.append((i, phash(img) if want_hash else 0))
         except (OSError, ValueError, SyntaxError) as exc:
             raise StageError(f"cannot read {path}: {exc} (rerun `cvpipe ingest`)") from None
-    arr.flush()
+    # no msync: the mapping is shared, so the parent sees these pages through the page cache
     return hashes
 
 

@@ -31,12 +31,28 @@ SPLITS = ("train", "val", "test")
 # ----------------------------------------------------------------------------- hashing / grouping
 
 
-def phash(img) -> int:
-    """64-bit DCT perceptual hash of a PIL image, as an int."""
-    import imagehash
+_DCT8 = np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)  # DCT-II rows 0..7, N=32
 
-    h = imagehash.phash(img)
-    return int(np.packbits(h.hash.flatten()).view(">u8")[0])
+
+def phash(img) -> int:
+    """64-bit DCT perceptual hash of a PIL image, as an int.
+
+    The algorithm of ``imagehash.phash`` (grayscale, 32x32, 2-D DCT-II, the 8x8
+    lowest frequencies compared with their median; bit order row-major) with
+    two speed-ups that matter when hashing every image of a dataset: the
+    32x32 thumbnail is made with Pillow's reducing resize, and only the 8x8
+    DCT coefficients that are used are computed (two small matrix products).
+    On the same 32x32 input the bits equal ``imagehash.phash``'s.
+    """
+    from PIL import Image
+
+    gray = img.convert("L")
+    if gray.size != (32, 32):
+        gray = gray.resize((32, 32), Image.LANCZOS, reducing_gap=2.0)
+    x = np.asarray(gray, dtype=np.float64)
+    low = _DCT8 @ x @ _DCT8.T
+    bits = (low > np.median(low)).flatten()
+    return int(np.packbits(bits).view(">u8")[0])
 
 
 def near_duplicate_groups(hashes: np.ndarray, max_distance: Optional[int], block: int = 2048) -> np.ndarray:
