@@ -323,3 +323,92 @@ def test_stratified_keeps_planted_near_duplicates_in_one_split(project, real_dat
     for fam in families.values():
         scattered += len({uri_split2[u] for u in fam}) > 1
     assert scattered > 0
+
+
+# ----------------------------------------------------------------------------- fast decode == shared resize
+
+
+def test_fast_jpeg_decode_matches_the_pillow_path_used_by_the_app():
+    from cvpipe.resize import decode_for_size, scale_factor
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    fast = decode_for_size(data, 128)
+    slow = open_for_size(data, 128)
+    assert scale_factor(1600, 1200, 128) == 8 and fast.size == (200, 150) and min(fast.size) >= 128
+    a = np.asarray(fit_image(fast, 128), dtype=np.int16)
+    b = np.asarray(fit_image(slow, 128), dtype=np.int16)
+    assert np.abs(a - b).mean() < 2.0  # same libjpeg DCT scaling, same fit_image
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert decode_for_size(png.getvalue(), 128).size == (1600, 1200)  # non-JPEG: Pillow path
+
+
+def test_phash_equals_imagehash_on_the_same_thumbnail():
+    import imagehash
+
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        im = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        ref = int(np.packbits(imagehash.phash(im).hash.flatten()).view(">u8")[0])
+        assert phash(im) == ref
+
+
+# ----------------------------------------------------------------------------- DVC skip behaviour
+
+
+def _dvc(repo: Path, *args: str, check: bool = True):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_dvc_skips_preprocess_when_unchanged_and_on_train_only_changes(tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    src = make_folder(tmp_path / "imgs", {"a": 12, "b": 12})
+    write_params(repo, {"ingest.source": str(src), "preprocess.image_size": 16, "wandb.mode": "disabled"})
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.autostage", "false")
+
+    first = _dvc(repo, "repro", "preprocess")
+    assert "Running stage 'preprocess'" in first.stdout
+    assert (repo / "data" / "prepared" / "meta.json").exists() and (repo / "plots" / "dataset" / "augmented.png").exists()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["preprocess"]
+    assert set(lock["params"]["params.yaml"]) == {"preprocess", "split", "augment"}
+
+    again = _dvc(repo, "repro", "preprocess")
+    assert "Running stage 'preprocess'" not in again.stdout and "didn't change" in again.stdout
+
+    # a train-only change: train is outdated, preprocess is not, and repro skips it
+    write_params(repo, {"ingest.source": str(src), "preprocess.image_size": 16, "wandb.mode": "disabled",
+                        "train.epochs": 3, "train.lr": 0.01}, base=repo / "params.yaml")
+    status = json.loads(_dvc(repo, "status", "--json").stdout)
+    assert "train" in status and "preprocess" not in status
+    assert "Running stage 'preprocess'" not in _dvc(repo, "repro", "preprocess").stdout
+
+    # a preprocess change does rerun it
+    write_params(repo, {"preprocess.image_size": 24}, base=repo / "params.yaml")
+    status = json.loads(_dvc(repo, "status", "preprocess", "--json").stdout)
+    assert "preprocess" in status
+    assert "Running stage 'preprocess'" in _dvc(repo, "repro", "preprocess").stdout
+    assert PreparedDataset(repo / "data" / "prepared").image_size == 24
