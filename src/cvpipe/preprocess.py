@@ -72,6 +72,25 @@ def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]],
     return hashes
 
 
+def _pool_context():
+    """``fork`` while this process is single-threaded (fastest start); else ``forkserver``.
+
+    Forking a process that has live native threads (OpenCV's or OpenMP's pool
+    after an augmentation ran, a progress-bar refresher, W&B) can deadlock the
+    children in a lock held at fork time; a fork server starts clean.
+    """
+    import multiprocessing as mp
+
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = 2  # unknown: be safe
+    methods = mp.get_all_start_methods()
+    if threads == 1 and "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: int, mode: str, workers: int,
                want_hash: bool = True, on_progress=None) -> np.ndarray:
     """Resize every image in ``rels`` (relative to ``base_dir``) into a new ``(N, size, size, 3)`` uint8 .npy.
@@ -96,7 +115,7 @@ def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: i
         return hashes
     chunk = max(8, min(64, n // (workers * 8)))
     chunks = [rows[s : s + chunk] for s in range(0, n, chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
         futures = [pool.submit(_resize_chunk, base_dir, str(out_path), c, size, mode, want_hash) for c in chunks]
         for f, c in zip(futures, chunks):
             for i, h in f.result():
