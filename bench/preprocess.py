@@ -3,7 +3,7 @@
     python bench/preprocess.py [--data ../shared/data/hymenoptera_data] [--size 128] [--batch-size 64] [--workers 2]
 
 1. **Resize**: images/s of cvpipe's decode+resize (+perceptual hash) pass
-   (:func:`cvpipe.preprocess.resize_all`: JPEG draft decode, ``preprocess.workers``
+   (:func:`cvpipe.resize.resize_all`: JPEG draft decode, ``preprocess.workers``
    processes writing into a memory-mapped uint8 array) against a naive loop
    (PIL open, convert RGB, resize), over the same files, page cache warm for both.
 2. **Loader**: images/s of the training loader cvpipe uses (``cvpipe.train.ArrayDataset``
@@ -31,10 +31,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])  # worker processes
 
 from cvpipe import augment  # noqa: E402
 from cvpipe.config import load_params  # noqa: E402
-from cvpipe.preprocess import resize_all  # noqa: E402
+from cvpipe.resize import resize_all  # noqa: E402
 
 EXTS = (".jpg", ".jpeg", ".png")
 
@@ -56,7 +57,6 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "pillow": PIL.__version__,
@@ -168,11 +168,10 @@ def main() -> int:
     classes = sorted({p.parent.name for p in files})
     labels = np.asarray([classes.index(p.parent.name) for p in files], dtype=np.int64)
     aug_params = load_params(args.params).augment
-    info = machine()
     for f in files:  # warm the page cache so both sides read from memory
         f.read_bytes()
-    print(f"{len(files)} images in {root}, {args.size}px, batch {args.batch_size}, {args.workers} workers, "
-          f"{info['cores']} cores ({info['cpu']})", flush=True)
+    load_at_start = round(os.getloadavg()[0], 2)
+    print(f"{len(files)} images in {root}, {args.size}px, batch {args.batch_size}, {args.workers} workers", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="cvpipe-bench-") as tmp:
         out = Path(tmp) / "images.npy"
@@ -186,6 +185,9 @@ def main() -> int:
               f"(runs {', '.join(f'{r:.0f}' for r in naive_runs)})", flush=True)
         print(f"resize  cvpipe (draft decode, {args.workers} processes, + phash): {ours:8.1f} img/s "
               f"(runs {', '.join(f'{r:.0f}' for r in ours_runs)}) -> {ours / naive:.2f}x", flush=True)
+        info = machine()  # imports torch: only after the resize passes, so their pool may start by fork
+        info["load_avg_1m_at_start"] = load_at_start
+        print(f"machine {info['cores']} cores ({info['cpu']}), load average at start {load_at_start}", flush=True)
         access = random_access_us(out, files)
         print(f"access  one random sample: prepared row {access['prepared_row_us']} us, "
               f"JPEG decode {access['jpeg_decode_us']} us", flush=True)

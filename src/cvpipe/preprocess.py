@@ -21,9 +21,8 @@ import csv
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,97 +31,8 @@ from cvpipe.config import Params
 from cvpipe.console import info, progress, warn
 from cvpipe.dataset import SPLITS, SplitWriter, write_meta
 from cvpipe.errors import StageError
-from cvpipe.images import fit_image
-from cvpipe.resize import decode_for_size
-from cvpipe.splits import groups_report, near_duplicate_groups, phash, predefined_split, straddling_groups, stratified_split
-
-# ----------------------------------------------------------------------------- resize workers
-
-_mm_cache: dict[str, np.ndarray] = {}
-
-
-def _open_out(out_path: str) -> np.ndarray:
-    arr = _mm_cache.get(out_path)
-    if arr is None:
-        arr = np.load(out_path, mmap_mode="r+")
-        _mm_cache.clear()
-        _mm_cache[out_path] = arr
-    return arr
-
-
-def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]], size: int, mode: str,
-                  want_hash: bool) -> list[tuple[int, int]]:
-    """Decode, resize and (optionally) hash ``rows`` of (output index, path) into the memmap.
-
-    Returns ``(index, 64-bit perceptual hash)`` pairs (hash 0 when not asked for).
-    """
-    arr = _open_out(out_path)
-    hashes = []
-    for i, rel in rows:
-        path = os.path.join(base_dir, rel)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            img = decode_for_size(data, size)
-            arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
-            hashes.append((i, phash(img) if want_hash else 0))
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise StageError(f"cannot read {path}: {exc} (rerun `cvpipe ingest`)") from None
-    # no msync: the mapping is shared, so the parent sees these pages through the page cache
-    return hashes
-
-
-def _pool_context():
-    """``fork`` while this process is single-threaded (fastest start); else ``forkserver``.
-
-    Forking a process that has live native threads (OpenCV's or OpenMP's pool
-    after an augmentation ran, a progress-bar refresher, W&B) can deadlock the
-    children in a lock held at fork time; a fork server starts clean.
-    """
-    import multiprocessing as mp
-
-    try:
-        threads = len(os.listdir("/proc/self/task"))
-    except OSError:
-        threads = 2  # unknown: be safe
-    methods = mp.get_all_start_methods()
-    if threads == 1 and "fork" in methods:
-        return mp.get_context("fork")
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
-def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: int, mode: str, workers: int,
-               want_hash: bool = True, on_progress=None) -> np.ndarray:
-    """Resize every image in ``rels`` (relative to ``base_dir``) into a new ``(N, size, size, 3)`` uint8 .npy.
-
-    Runs over ``workers`` processes (each writes its rows straight into the
-    shared memory-mapped file, so no pixels travel between processes).
-    Returns the perceptual hashes (uint64, zeros when ``want_hash`` is false).
-    """
-    n = len(rels)
-    out = np.lib.format.open_memmap(str(out_path), mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    out.flush()
-    del out
-    rows = list(enumerate(rels))
-    hashes = np.zeros(n, dtype=np.uint64)
-    step = on_progress or (lambda k: None)
-    if workers <= 1 or n < 64:
-        for s in range(0, n, 32):
-            for i, h in _resize_chunk(base_dir, str(out_path), rows[s : s + 32], size, mode, want_hash):
-                hashes[i] = h
-            step(len(rows[s : s + 32]))
-        _mm_cache.clear()
-        return hashes
-    chunk = max(8, min(64, n // (workers * 8)))
-    chunks = [rows[s : s + chunk] for s in range(0, n, chunk)]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        futures = [pool.submit(_resize_chunk, base_dir, str(out_path), c, size, mode, want_hash) for c in chunks]
-        for f, c in zip(futures, chunks):
-            for i, h in f.result():
-                hashes[i] = h
-            step(len(c))
-    return hashes
-
+from cvpipe.resize import resize_all
+from cvpipe.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- statistics
 

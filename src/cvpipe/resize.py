@@ -8,19 +8,29 @@ smallest that keeps the *shorter* side >= the target size, so every resize mode
 still downsamples. The resize itself stays :func:`cvpipe.images.fit_image`, the
 one resize the app uses too, so training and serving see the same pixels.
 
-Stored images are upright (ingest re-encodes any EXIF-rotated file), so EXIF
-orientation is ignored here; non-JPEG images and anything OpenCV cannot read
-go through Pillow (:func:`cvpipe.images.open_for_size`).
+OpenCV applies EXIF orientation like Pillow's ``exif_transpose`` (stored
+images are upright anyway: ingest re-encodes EXIF-rotated files); non-JPEG
+images and anything OpenCV cannot read go through Pillow (:func:`cvpipe.images.open_for_size`).
+
+:func:`resize_all` runs decode + resize + perceptual hash over worker
+processes. This module imports only NumPy, Pillow and (lazily) OpenCV, so
+workers start fast.
 """
 
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from cvpipe.images import open_for_size
+from cvpipe.errors import StageError
+from cvpipe.images import fit_image, open_for_size
+from cvpipe.splits import phash
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -33,7 +43,7 @@ def _reduced_flag(factor: int) -> int:
         2: cv2.IMREAD_REDUCED_COLOR_2,
         4: cv2.IMREAD_REDUCED_COLOR_4,
         8: cv2.IMREAD_REDUCED_COLOR_8,
-    }[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    }[factor]
 
 
 def scale_factor(width: int, height: int, size: int) -> int:
@@ -53,11 +63,100 @@ def decode_for_size(data: bytes, size: int) -> Image.Image:
             cv2.setNumThreads(1)  # one decode per process; the pool provides the parallelism
             with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
                 w, h = header.size
-                exif = header.getexif().get(0x0112, 1)
-            if exif in (1, None):
-                arr = cv2.imdecode(np.frombuffer(data, np.uint8), _reduced_flag(scale_factor(w, h, size)))
-                if arr is not None and arr.ndim == 3:
-                    return Image.fromarray(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
+            # OpenCV applies EXIF orientation itself (stored images are upright anyway); the
+            # scale only needs the shorter side, which rotation does not change
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), _reduced_flag(scale_factor(w, h, size)))
+            if arr is not None and arr.ndim == 3:
+                return Image.fromarray(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
         except (ImportError, OSError, ValueError):
             pass
     return open_for_size(data, size)
+
+
+# ----------------------------------------------------------------------------- parallel resize
+
+_mm_cache: dict[str, np.ndarray] = {}
+
+
+def _open_out(out_path: str) -> np.ndarray:
+    arr = _mm_cache.get(out_path)
+    if arr is None:
+        arr = np.load(out_path, mmap_mode="r+")
+        _mm_cache.clear()
+        _mm_cache[out_path] = arr
+    return arr
+
+
+def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]], size: int, mode: str,
+                  want_hash: bool) -> list[tuple[int, int]]:
+    """Decode, resize and (optionally) hash ``rows`` of (output index, path) into the memmap.
+
+    Returns ``(index, 64-bit perceptual hash)`` pairs (hash 0 when not asked for).
+    """
+    arr = _open_out(out_path)
+    hashes = []
+    for i, rel in rows:
+        path = os.path.join(base_dir, rel)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            fitted = fit_image(decode_for_size(data, size), size, mode)
+            arr[i] = np.asarray(fitted, dtype=np.uint8)
+            # hash what the model will see: a resized/recompressed copy gives the same fitted image
+            hashes.append((i, phash(fitted) if want_hash else 0))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise StageError(f"cannot read {path}: {exc} (rerun `cvpipe ingest`)") from None
+    # no msync: the mapping is shared, so the parent sees these pages through the page cache
+    return hashes
+
+
+def _pool_context():
+    """``fork`` while this process is single-threaded (fastest start); else ``forkserver``.
+
+    Forking a process that has live native threads (OpenCV's or OpenMP's pool
+    after an augmentation ran, a progress-bar refresher, W&B) can deadlock the
+    children in a lock held at fork time; a fork server starts clean.
+    """
+    import multiprocessing as mp
+
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = 2  # unknown: be safe
+    methods = mp.get_all_start_methods()
+    if threads == 1 and "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: int, mode: str, workers: int,
+               want_hash: bool = True, on_progress=None) -> np.ndarray:
+    """Resize every image in ``rels`` (relative to ``base_dir``) into a new ``(N, size, size, 3)`` uint8 .npy.
+
+    Runs over ``workers`` processes (each writes its rows straight into the
+    shared memory-mapped file, so no pixels travel between processes).
+    Returns the perceptual hashes (uint64, zeros when ``want_hash`` is false).
+    """
+    n = len(rels)
+    out = np.lib.format.open_memmap(str(out_path), mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    out.flush()
+    del out
+    rows = list(enumerate(rels))
+    hashes = np.zeros(n, dtype=np.uint64)
+    step = on_progress or (lambda k: None)
+    if workers <= 1 or n < 64:
+        for s in range(0, n, 32):
+            for i, h in _resize_chunk(base_dir, str(out_path), rows[s : s + 32], size, mode, want_hash):
+                hashes[i] = h
+            step(len(rows[s : s + 32]))
+        _mm_cache.clear()
+        return hashes
+    chunk = max(8, min(64, n // (workers * 8)))
+    chunks = [rows[s : s + chunk] for s in range(0, n, chunk)]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        futures = [pool.submit(_resize_chunk, base_dir, str(out_path), c, size, mode, want_hash) for c in chunks]
+        for f, c in zip(futures, chunks):
+            for i, h in f.result():
+                hashes[i] = h
+            step(len(c))
+    return hashes
