@@ -33,6 +33,7 @@ from cvpipe.images import fit_image, open_for_size
 from cvpipe.splits import phash
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+HASH_MIN_SIDE = 64  # perceptual hashes of resized/recompressed copies stay within ~4 bits from here up
 
 
 def _reduced_flag(factor: int) -> int:
@@ -100,10 +101,10 @@ def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]],
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
-            fitted = fit_image(decode_for_size(data, size), size, mode)
-            arr[i] = np.asarray(fitted, dtype=np.uint8)
-            # hash what the model will see: a resized/recompressed copy gives the same fitted image
-            hashes.append((i, phash(fitted) if want_hash else 0))
+            # the hash needs a little detail: decode at >= HASH_MIN_SIDE even for tiny targets
+            img = decode_for_size(data, max(size, HASH_MIN_SIDE) if want_hash else size)
+            arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
+            hashes.append((i, phash(img) if want_hash else 0))
         except (OSError, ValueError, SyntaxError) as exc:
             raise StageError(f"cannot read {path}: {exc} (rerun `cvpipe ingest`)") from None
     # no msync: the mapping is shared, so the parent sees these pages through the page cache
