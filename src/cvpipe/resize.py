@@ -61,14 +61,13 @@ def decode_for_size(data: bytes, size: int) -> Image.Image:
         try:
             import cv2
 
-            cv2.setNumThreads(1)  # one decode per process; the pool provides the parallelism
             with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
                 w, h = header.size
             # OpenCV applies EXIF orientation itself (stored images are upright anyway); the
             # scale only needs the shorter side, which rotation does not change
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), _reduced_flag(scale_factor(w, h, size)))
             if arr is not None and arr.ndim == 3:
-                return Image.fromarray(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB))
+                return Image.fromarray(np.ascontiguousarray(arr[..., ::-1]))  # BGR -> RGB
         except (ImportError, OSError, ValueError):
             pass
     return open_for_size(data, size)
@@ -111,21 +110,28 @@ def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]],
     return hashes
 
 
-def _pool_context():
-    """``fork`` while this process is single-threaded (fastest start); else ``forkserver``.
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1 << 30  # unknown: never fork
 
-    Forking a process that has live native threads (OpenCV's or OpenMP's pool
-    after an augmentation ran, a progress-bar refresher, W&B) can deadlock the
-    children in a lock held at fork time; a fork server starts clean.
+
+_BASELINE_THREADS = _thread_count()  # at import: the interpreter plus NumPy's BLAS pool (fork-safe)
+
+
+def _pool_context():
+    """``fork`` (fast start) unless threads were started since import; then ``forkserver``.
+
+    Forking while other threads hold locks can deadlock the children (seen with
+    OpenCV's pool after an augmentation ran, when a child then called into
+    OpenCV's threading). Workers also never touch OpenCV's thread pool
+    (``imdecode`` only, colour swap in NumPy), so the fork path stays safe.
     """
     import multiprocessing as mp
 
-    try:
-        threads = len(os.listdir("/proc/self/task"))
-    except OSError:
-        threads = 2  # unknown: be safe
     methods = mp.get_all_start_methods()
-    if threads == 1 and "fork" in methods:
+    if "fork" in methods and _thread_count() <= _BASELINE_THREADS:
         return mp.get_context("fork")
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
