@@ -181,6 +181,9 @@ def main() -> int:
             naive_runs.append(naive_resize(files, args.size))
             ours_runs.append(cvpipe_resize(root, files, args.size, args.workers, out))
         naive, ours = max(naive_runs), max(ours_runs)
+        from cvpipe.resize import _pool_context
+
+        start_method = _pool_context().get_start_method()
         print(f"resize  naive loop (PIL open, RGB, resize), 1 process: {naive:8.1f} img/s "
               f"(runs {', '.join(f'{r:.0f}' for r in naive_runs)})", flush=True)
         print(f"resize  cvpipe (draft decode, {args.workers} processes, + phash): {ours:8.1f} img/s "
@@ -203,6 +206,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "resize": {"naive_img_s": round(naive, 1), "cvpipe_img_s": round(ours, 1), "repeats": args.repeats,
+                   "pool_start_method": start_method,
                    "naive_runs": [round(r, 1) for r in naive_runs], "cvpipe_runs": [round(r, 1) for r in ours_runs]},
         "loader": {
             "imagefolder_img_s": round(base, 1),
