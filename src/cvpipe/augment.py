@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from cvpipe.config import AugmentParams
 from cvpipe.errors import ParamsError
@@ -69,3 +69,32 @@ def from_dict(d: dict[str, Any]):
 
 def to_json(pipeline) -> str:
     return json.dumps(to_dict(pipeline), indent=2, sort_keys=True) + "\n"
+
+
+def eval_pipeline(image_size: int, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    """The eval-time transform derived from the dataset: resize (and normalize, when mean/std are given).
+
+    Nothing random and nothing geometric beyond the resize. On prepared arrays
+    the resize is a no-op; normalization uses the *model's* mean/std, which
+    train/evaluate apply on the batch tensor (so preprocess saves it without).
+    """
+    import albumentations as A
+
+    transforms = [A.Resize(image_size, image_size)]
+    if mean is not None and std is not None:
+        transforms.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    return A.Compose(transforms)
+
+
+def with_normalization(pipeline, mean: Sequence[float], std: Sequence[float]):
+    """The training pipeline followed by the model's normalization (for per-sample use outside cvpipe's loaders)."""
+    import albumentations as A
+
+    return A.Compose([*pipeline.transforms, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)])
+
+
+def from_json_file(path) -> Any:
+    """Load a pipeline saved by :func:`to_json` (e.g. ``<prepared>/augment.json``)."""
+    from pathlib import Path
+
+    return from_dict(json.loads(Path(path).read_text()))

@@ -73,9 +73,12 @@ class IngestParams(_Section):
 
 
 class PreprocessParams(_Section):
-    image_size: int = Field(32, ge=16, le=4096)
+    image_size: int = Field(32, ge=16, le=4096, description="square side in pixels the model sees")
     resize_mode: Literal["shorter_side_center_crop", "pad_to_square", "stretch"] = "shorter_side_center_crop"
     workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    oversample: int = Field(
+        0, ge=0, description="minimum images per class in train, topped up with augmented copies; 0 = off"
+    )
 
 
 class SplitParams(_Section):
@@ -84,6 +87,14 @@ class SplitParams(_Section):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     seed: int = 42
+    test_from: Literal["val", "train"] = Field(
+        "val",
+        description="predefined only, when ingest found no test/ folder: 'val' = the val folder becomes test "
+        "and val is carved from train; 'train' = val kept, test carved from train",
+    )
+    near_duplicate_distance: Optional[int] = Field(
+        4, ge=0, le=64, description="max Hamming distance of 64-bit perceptual hashes to group images; null = off"
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "SplitParams":

@@ -4,10 +4,20 @@ Layout of ``<paths.prepared>/`` (format version 1)::
 
     classes.json            ["ants", "bees", ...]  (index = label id)
     meta.json               format version, image size, resize mode, per-split counts,
-                            RGB mean/std of the train split (0..1 scale)
+                            RGB mean/std of the train split (0..1 scale), and a
+                            ``fingerprint`` (SHA-256 over every other file)
+    augment.json            training augmentation (albumentations ``to_dict``)
+    eval_transform.json     derived eval transform (resize only; albumentations ``to_dict``)
+    near_duplicates.csv     group, id, label, split, source_uri of every near-duplicate group
     <split>/images.npy      uint8 array (N, H, W, 3), NumPy .npy, read memory-mapped
     <split>/labels.npy      int64 array (N,)
-    <split>/index.csv       row -> id, label, source_uri (traceability back to ingest)
+    <split>/index.csv       row -> id, label, source_uri, augmented_from (traceability back
+                            to ingest; ``augmented_from`` names the source image of rows
+                            added by ``preprocess.oversample``, empty otherwise)
+
+A ``gs://`` (any fsspec URL) root is copied down once into
+``$CVPIPE_CACHE/prepared/<fingerprint>/`` and read locally from there; a new
+preprocess run has a new fingerprint, so a stale copy is never read.
 
 Why this format: an epoch is a walk over a memory-mapped uint8 array, so random
 access costs a page-cache read with no JPEG decode; the whole sample set fits
@@ -17,7 +27,9 @@ in RAM and in the OS cache; the files are plain NumPy that any tool can open.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,6 +41,7 @@ from cvpipe.errors import StageError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+INDEX_COLUMNS = ["row", "id", "label", "source_uri", "augmented_from"]
 
 
 @dataclass
@@ -46,8 +59,8 @@ class Split:
 
 class PreparedDataset:
     def __init__(self, root: str | Path):
-        local = storage.local_copy(root)
-        self.root = Path(local)
+        self.source = str(root)
+        self.root = Path(fetch(root)) if storage.is_remote(root) else Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise StageError(f"no prepared dataset at {root} (missing meta.json): run `cvpipe preprocess` first")
@@ -99,13 +112,43 @@ class SplitWriter:
         del self.images
         np.save(self.dir / "labels.npy", np.asarray(labels, dtype=np.int64))
         with open(self.dir / "index.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["row", "id", "label", "source_uri"], lineterminator="\n")
+            w = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS, lineterminator="\n")
             w.writeheader()
             for i, r in enumerate(index_rows):
-                w.writerow({"row": i, "id": r["id"], "label": r["label"], "source_uri": r["source_uri"]})
+                w.writerow({"row": i, "id": r["id"], "label": r["label"], "source_uri": r["source_uri"],
+                            "augmented_from": r.get("augmented_from", "")})
+
+
+def fingerprint(root: Path) -> str:
+    """SHA-256 over every file of a dataset folder except meta.json (names and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != "meta.json"):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def write_meta(root: Path, classes: list[str], meta: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
+    """Write classes.json and, last, meta.json with the fingerprint of everything else."""
     (root / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-    full = {"format_version": FORMAT_VERSION, **meta, **(extra or {})}
+    full = {"format_version": FORMAT_VERSION, **meta, **(extra or {}), "fingerprint": fingerprint(root)}
     (root / "meta.json").write_text(json.dumps(full, indent=2) + "\n")
+
+
+def fetch(uri: str | Path, cache_root: Optional[Path] = None) -> Path:
+    """Copy a remote prepared dataset down once, keyed by its fingerprint; return the local folder."""
+    meta_uri = storage.join(uri, "meta.json")
+    if not storage.exists(meta_uri):
+        raise StageError(f"no prepared dataset at {uri} (missing meta.json): run `cvpipe preprocess` first")
+    meta = storage.read_json(meta_uri)
+    key = meta.get("fingerprint") or hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    root = Path(cache_root or os.environ.get("CVPIPE_CACHE", Path.home() / ".cache" / "cvpipe"))
+    dest = root / "prepared" / key[:32]
+    if (dest / "meta.json").exists():
+        return dest
+    fs, path = storage.get_fs(uri)
+    with storage.staged_dir(dest) as tmp:
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+    return dest

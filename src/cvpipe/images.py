@@ -280,16 +280,16 @@ def fit_image(img: Image.Image, size: int, mode: str = "shorter_side_center_crop
 def open_for_size(path_or_bytes, size: int) -> Image.Image:
     """Open an already-validated image as upright RGB, letting JPEG decode at reduced scale.
 
-    Pillow's draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale directly,
-    which is several times faster for large photos. The reduced image keeps at
-    least ``size`` pixels on its shorter side, so quality is unaffected.
+    Pillow's draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale directly
+    (DCT scaling), which is several times faster for large photos. Pillow picks
+    the smallest scale whose result is still at least ``size`` on *both* sides,
+    so every resize mode (crop, pad, stretch) still downsamples and quality is
+    unaffected. Non-JPEG images decode at full size (``fit_image`` then uses
+    ``reduce`` before resampling).
     """
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
     img = Image.open(src)
-    if img.format == "JPEG":
-        w, h = img.size
-        scale = min(w, h) / size
-        if scale >= 2:
-            img.draft("RGB", (max(size, w // int(scale)), max(size, h // int(scale))))
+    if img.format == "JPEG" and min(img.size) >= 2 * size:
+        img.draft("RGB", (size, size))
     img = ImageOps.exif_transpose(img)
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -1,115 +1,44 @@
-"""Preprocess stage: resize every ingested image once, split, and write the training format.
+"""Preprocess stage: resize every ingested image once, split without leakage, write the training format.
 
 Reads ``preprocess.*``, ``split.*``, ``augment.*`` and the ingest manifest in
-``paths.raw``. Writes the prepared dataset (see :mod:`cvpipe.dataset`) to
-``paths.prepared`` -- built in a temporary folder and swapped in when complete --
-and the dataset card to ``<paths.metrics>/dataset.json``.
+``paths.raw``. Writes (see ``preprocess/README.md``):
+
+* the prepared dataset (format in :mod:`cvpipe.dataset`) to ``paths.prepared``,
+  built in a temporary folder and swapped in when complete, including the
+  augmentation pipeline (``augment.json``), the derived eval transform
+  (``eval_transform.json``) and the near-duplicate groups (``near_duplicates.csv``);
+* the dataset card: ``<paths.metrics>/dataset.json`` (DVC metrics) and
+  ``<paths.plots>/dataset/*.png`` (DVC plots), also logged to W&B.
+
+Work order: one parallel pass decodes (JPEG at reduced scale, :mod:`cvpipe.resize`), resizes and hashes
+every image into a staging array; the split is then decided from labels, hints
+and perceptual hashes; each split's rows are copied out of the staging array.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from cvpipe import augment, storage
 from cvpipe.config import Params
-from cvpipe.console import info, progress
+from cvpipe.console import info, progress, warn
 from cvpipe.dataset import SPLITS, SplitWriter, write_meta
 from cvpipe.errors import StageError
-from cvpipe.images import fit_image, open_for_size
-from cvpipe.ingest import read_manifest
+from cvpipe.resize import resize_all
+from cvpipe.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
 
-# ----------------------------------------------------------------------------- resize workers
-
-_mm_cache: dict[str, np.ndarray] = {}
+# ----------------------------------------------------------------------------- statistics
 
 
-def _resize_chunk(raw_dir: str, out_path: str, rows: Sequence[tuple[int, str]], size: int, mode: str) -> int:
-    """Resize ``rows`` of (output index, relative image path) into the split's memmap."""
-    arr = _mm_cache.get(out_path)
-    if arr is None:
-        arr = np.load(out_path, mmap_mode="r+")
-        _mm_cache.clear()
-        _mm_cache[out_path] = arr
-    for i, rel in rows:
-        with open(os.path.join(raw_dir, rel), "rb") as fh:
-            img = open_for_size(fh, size)
-            arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
-    arr.flush()
-    return len(rows)
-
-
-def _resize_split(raw_dir: str, writer: SplitWriter, rels: list[str], size: int, mode: str, workers: int, bar, task) -> None:
-    rows = list(enumerate(rels))
-    if workers <= 1 or len(rows) < 64:
-        for start in range(0, len(rows), 32):
-            bar.advance(task, _resize_chunk(raw_dir, str(writer.path), rows[start : start + 32], size, mode))
-        return
-    writer.images.flush()
-    chunk = max(8, min(128, len(rows) // (workers * 4)))
-    chunks = [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_resize_chunk, raw_dir, str(writer.path), c, size, mode) for c in chunks]
-        for f in futures:
-            bar.advance(task, f.result())
-
-
-# ----------------------------------------------------------------------------- splits
-
-
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int, classes: list[str]) -> dict[str, np.ndarray]:
-    """Seeded stratified train/val/test indices (scikit-learn)."""
-    from sklearn.model_selection import train_test_split
-
-    counts = Counter(labels.tolist())
-    needed = sum(1 for f in fractions.values() if f > 0)
-    too_few = {classes[c]: n for c, n in counts.items() if n < needed}
-    if too_few:
-        raise StageError(
-            f"classes with too few images for a {needed}-way split: "
-            + ", ".join(f"{k} ({v})" for k, v in sorted(too_few.items()))
-        )
-    idx = np.arange(len(labels))
-    rest_frac = fractions["val"] + fractions["test"]
-    try:
-        if rest_frac == 0:
-            return {"train": idx, "val": idx[:0], "test": idx[:0]}
-        train_idx, rest = train_test_split(idx, test_size=rest_frac, stratify=labels, random_state=seed)
-        if fractions["val"] == 0 or fractions["test"] == 0:
-            other = "test" if fractions["val"] == 0 else "val"
-            out = {"train": train_idx, "val": idx[:0], "test": idx[:0]}
-            out[other] = rest
-            return {k: np.sort(v) for k, v in out.items()}
-        val_idx, test_idx = train_test_split(
-            rest, test_size=fractions["test"] / rest_frac, stratify=labels[rest], random_state=seed
-        )
-    except ValueError as exc:
-        raise StageError(f"cannot make a stratified split with these fractions: {exc}") from None
-    return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
-
-
-def predefined_split(hints: list[str]) -> dict[str, np.ndarray]:
-    """Keep the split recorded by ingest (e.g. ``train/`` and ``val/`` folders) exactly."""
-    arr = np.asarray(hints)
-    missing = int((arr == "").sum())
-    if missing:
-        raise StageError(
-            f"split.strategy is 'predefined' but {missing} images have no split hint "
-            "(ingest a folder laid out as train/<class>/, val/<class>/, test/<class>/)"
-        )
-    return {s: np.flatnonzero(arr == s) for s in SPLITS}
-
-
-# ----------------------------------------------------------------------------- stage
-
-
-def _mean_std(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+def mean_std(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel RGB mean and std on the 0..1 scale, streamed over the array."""
     s = np.zeros(3)
     ss = np.zeros(3)
     n = 0
@@ -125,69 +54,228 @@ def _mean_std(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[f
     return [round(float(x), 5) for x in mean], [round(float(x), 5) for x in std]
 
 
+def size_distribution(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Source image sizes: percentiles of width/height/aspect and a histogram of the shorter side."""
+    wh = np.asarray([[int(r["width"]), int(r["height"])] for r in rows], dtype=np.float64)
+    short = wh.min(axis=1)
+    aspect = wh.max(axis=1) / np.maximum(short, 1)
+    pct = [0, 5, 50, 95, 100]
+    names = ["min", "p5", "median", "p95", "max"]
+    edges = [0, 32, 64, 128, 256, 512, 1024, 2048]
+    bins = {}
+    for lo, hi in zip(edges, edges[1:] + [None]):
+        sel = (short >= lo) & (short < hi) if hi is not None else (short >= lo)
+        bins[f"{lo}-{hi - 1}" if hi else f">={lo}"] = int(sel.sum())
+    return {
+        "width": {k: float(v) for k, v in zip(names, np.percentile(wh[:, 0], pct))},
+        "height": {k: float(v) for k, v in zip(names, np.percentile(wh[:, 1], pct))},
+        "aspect_ratio": {k: round(float(v), 3) for k, v in zip(names, np.percentile(aspect, pct))},
+        "shorter_side_histogram": bins,
+    }
+
+
+# ----------------------------------------------------------------------------- oversampling
+
+
+def oversample_plan(train_labels: np.ndarray, minimum: int, seed: int) -> np.ndarray:
+    """Positions (into the train split) to copy with augmentation so each class reaches ``minimum``."""
+    rng = np.random.default_rng(seed)
+    extra = []
+    for c in np.unique(train_labels):
+        members = np.flatnonzero(train_labels == c)
+        short = minimum - len(members)
+        if short > 0:
+            extra.append(np.sort(rng.choice(members, size=short, replace=True)))
+    return np.concatenate(extra) if extra else np.zeros(0, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _split(params: Params, rows: list[dict[str, str]], labels: np.ndarray, classes: list[str],
+           groups: np.ndarray) -> dict[str, np.ndarray]:
+    sp = params.split
+    fractions = {"train": sp.train, "val": sp.val, "test": sp.test}
+    if sp.strategy == "predefined":
+        return predefined_split([r.get("split_hint", "") or "" for r in rows], labels, classes, fractions=fractions,
+                                seed=sp.seed, groups=groups, test_from=sp.test_from)
+    return stratified_split(labels, fractions, sp.seed, classes, groups)
+
+
 def run(params: Params) -> dict[str, Any]:
     pp, sp = params.preprocess, params.split
-    pipeline = augment.build(params.augment, seed=sp.seed)  # validate before writing anything
-    rows = read_manifest(params.paths.raw)
-    if not rows:
-        raise StageError(f"the manifest in {params.paths.raw} is empty")
+    pipeline = augment.build(params.augment, seed=sp.seed)  # validate before reading or writing anything
+    rows = _read_rows(params)
     started = time.perf_counter()
     classes = sorted({r["label"] for r in rows})
-    cls_index = {c: i for i, c in enumerate(classes)}
-    labels = np.asarray([cls_index[r["label"]] for r in rows], dtype=np.int64)
     if len(classes) < 2:
         raise StageError(f"need at least 2 classes to train a classifier, found {classes}")
-
-    if sp.strategy == "predefined":
-        splits = predefined_split([r["split_hint"] for r in rows])
-    else:
-        splits = stratified_split(labels, {"train": sp.train, "val": sp.val, "test": sp.test}, sp.seed, classes)
-    if len(splits["train"]) == 0:
-        raise StageError("the train split is empty")
-
+    cls_index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([cls_index[r["label"]] for r in rows], dtype=np.int64)
+    ids = [r["id"] for r in rows]
     workers = pp.workers or max(1, os.cpu_count() or 1)
-    raw_dir = str(Path(params.paths.raw))
+    raw_dir = str(storage.local_copy(params.paths.raw))
     size = pp.image_size
-    card: dict[str, Any] = {"classes": classes, "splits": {}}
+    want_hash = sp.near_duplicate_distance is not None
+
+    card: dict[str, Any] = {"classes": classes}
     with storage.staged_dir(params.paths.prepared) as root, progress("img") as bar:
+        root = Path(root)
+        staging = root / ".all-images.npy"
+        task = bar.add_task("decode+resize", total=len(rows))
+        t0 = time.perf_counter()
+        hashes = resize_all(raw_dir, [r["path"] for r in rows], staging, size, pp.resize_mode, workers, want_hash,
+                            on_progress=lambda k: bar.advance(task, k))
+        resize_seconds = time.perf_counter() - t0
+
+        groups = near_duplicate_groups(hashes, sp.near_duplicate_distance)
+        splits = _split(params, rows, labels, classes, groups)
+        if len(splits["train"]) == 0:
+            raise StageError("the train split is empty")
+        leaks = straddling_groups(groups, {k: v for k, v in splits.items() if len(v)})
+        if leaks and sp.strategy == "stratified":  # cannot happen by construction; guard the invariant
+            raise StageError(f"internal error: {len(leaks)} near-duplicate groups straddle splits")
+        split_of = np.full(len(rows), "", dtype=object)
+        for name, idx in splits.items():
+            split_of[idx] = name
+        dup_groups = groups_report(groups, ids, labels, classes)
+        _write_groups(root / "near_duplicates.csv", groups, dup_groups, rows, split_of)
+
+        all_images = np.load(staging, mmap_mode="r")
+        extra = np.zeros(0, dtype=np.int64)
         for name in SPLITS:
             idx = splits[name]
             if len(idx) == 0:
                 continue
-            task = bar.add_task(f"resize {name}", total=len(idx))
-            writer = SplitWriter(root, name, len(idx), size)
-            _resize_split(raw_dir, writer, [rows[i]["path"] for i in idx], size, pp.resize_mode, workers, bar, task)
-            writer.finish(labels[idx].tolist(), [rows[i] for i in idx])
-            card["splits"][name] = {
-                "count": int(len(idx)),
-                "per_class": {classes[c]: int(n) for c, n in sorted(Counter(labels[idx].tolist()).items())},
-            }
-        train_images = np.load(Path(root) / "train" / "images.npy", mmap_mode="r")
-        mean, std = _mean_std(train_images)
+            if name == "train" and pp.oversample:
+                extra = oversample_plan(labels[idx], pp.oversample, sp.seed)
+            writer = SplitWriter(root, name, len(idx) + len(extra) * (name == "train"), size)
+            for s in range(0, len(idx), 1024):
+                block = idx[s : s + 1024]
+                writer.images[s : s + len(block)] = all_images[block]
+            index_rows = [dict(rows[i]) for i in idx]
+            split_labels = labels[idx].tolist()
+            if name == "train" and len(extra):
+                aug = augment.from_dict(augment.to_dict(pipeline))
+                aug.set_random_seed(sp.seed)
+                for j, pos in enumerate(extra.tolist()):
+                    src = np.asarray(writer.images[pos])
+                    writer.images[len(idx) + j] = aug(image=src)["image"]
+                    base = rows[idx[pos]]
+                    index_rows.append({**base, "id": f"{base['id']}~oversample{j}", "augmented_from": base["id"]})
+                    split_labels.append(int(labels[idx[pos]]))
+            writer.finish(split_labels, index_rows)
+        del all_images
+        staging.unlink()
+
+        train_images = np.load(root / "train" / "images.npy", mmap_mode="r")[: len(splits["train"])]
+        mean, std = mean_std(train_images)
         del train_images
-        sizes = np.asarray([[int(r["width"]), int(r["height"])] for r in rows])
-        card.update(
-            {
-                "image_size": size,
-                "resize_mode": pp.resize_mode,
-                "split_strategy": sp.strategy,
-                "mean": mean,
-                "std": std,
-                "source_size": {
-                    "min": sizes.min(axis=0).tolist(),
-                    "median": np.median(sizes, axis=0).tolist(),
-                    "max": sizes.max(axis=0).tolist(),
-                },
-            }
-        )
-        write_meta(root, classes, {k: card[k] for k in ("image_size", "resize_mode", "split_strategy", "mean", "std")},
-                   {"splits": {k: v["count"] for k, v in card["splits"].items()}})
-        (Path(root) / "augment.json").write_text(augment.to_json(pipeline))
-    card["seconds"] = round(time.perf_counter() - started, 3)
+        card.update(_card(params, rows, labels, classes, splits, extra, dup_groups, mean, std))
+        card["near_duplicates"]["straddling_splits"] = len(leaks)
+        (root / "augment.json").write_text(augment.to_json(pipeline))
+        (root / "eval_transform.json").write_text(augment.to_json(augment.eval_pipeline(size)))
+        meta = {"image_size": size, "resize_mode": pp.resize_mode, "split_strategy": sp.strategy, "mean": mean, "std": std}
+        write_meta(root, classes, meta, {"splits": {k: v["count"] for k, v in card["splits"].items()}})
+        card["seconds"] = {"decode_resize": round(resize_seconds, 3), "total": round(time.perf_counter() - started, 3)}
+        card["images_per_second"] = round(len(rows) / max(resize_seconds, 1e-9), 1)
+        pngs = _report(params, card, pipeline, dup_groups, leaks, root)
+
+    plot_dir = storage.join(params.paths.plots, "dataset")
+    for name, data in pngs.items():
+        storage.write_bytes(storage.join(plot_dir, name), data)
     storage.write_json(storage.join(params.paths.metrics, "dataset.json"), card)
     info(
-        f"prepared {len(rows)} images at {size}px into {params.paths.prepared}: "
+        f"prepared {card['images']} images at {card['image_size']}px into {params.paths.prepared}: "
         + ", ".join(f"{k} {v['count']}" for k, v in card["splits"].items())
-        + f" ({card['seconds']:.1f}s)"
+        + f" ({card['seconds']['total']:.1f}s, {card['images_per_second']:.0f} img/s decode+resize)"
     )
     return card
+
+
+def _read_rows(params: Params) -> list[dict[str, str]]:
+    from cvpipe.ingest import read_manifest
+
+    rows = read_manifest(params.paths.raw)
+    if not rows:
+        raise StageError(f"the manifest in {params.paths.raw} is empty")
+    return rows
+
+
+def _write_groups(path: Path, groups: np.ndarray, dup_groups: list[dict], rows, split_of) -> None:
+    by_id = {r["id"]: i for i, r in enumerate(rows)}
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["group", "id", "label", "split", "source_uri"])
+        for g, grp in enumerate(dup_groups):
+            for id_ in grp["ids"]:
+                i = by_id[id_]
+                w.writerow([g, id_, rows[i]["label"], split_of[i], rows[i]["source_uri"]])
+
+
+def _card(params, rows, labels, classes, splits, extra, dup_groups, mean, std) -> dict[str, Any]:
+    pp, sp = params.preprocess, params.split
+    out_splits: dict[str, Any] = {}
+    for name in SPLITS:
+        idx = splits[name]
+        if len(idx) == 0:
+            continue
+        counts = Counter(labels[idx].tolist())
+        if name == "train" and len(extra):
+            train_labels = labels[idx]
+            counts = Counter(train_labels.tolist() + train_labels[extra].tolist())
+        per_class = {c: int(counts.get(i, 0)) for i, c in enumerate(classes)}
+        total = sum(per_class.values())
+        nonzero = [v for v in per_class.values() if v]
+        out_splits[name] = {
+            "count": int(total),
+            "per_class": per_class,
+            "fraction_per_class": {c: round(v / total, 4) for c, v in per_class.items()},
+            "imbalance_ratio": round(max(nonzero) / min(nonzero), 3) if nonzero else 0.0,
+            "missing_classes": [c for c, v in per_class.items() if v == 0],
+        }
+        if name == "train" and len(extra):
+            out_splits[name]["oversampled"] = int(len(extra))
+    return {
+        "image_size": pp.image_size,
+        "resize_mode": pp.resize_mode,
+        "split_strategy": sp.strategy,
+        "images": len(rows),
+        "splits": out_splits,
+        "per_class": {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))},
+        "mean": mean,
+        "std": std,
+        "source_size": size_distribution(rows),
+        "near_duplicates": {
+            "max_distance": sp.near_duplicate_distance,
+            "groups": len(dup_groups),
+            "images_in_groups": int(sum(len(g["ids"]) for g in dup_groups)),
+            "largest_group": max((len(g["ids"]) for g in dup_groups), default=1),
+            "mixed_label_groups": sum(1 for g in dup_groups if g["mixed_labels"]),
+            "examples": [g["ids"] for g in dup_groups[:10]],
+        },
+    }
+
+
+def _report(params: Params, card: dict[str, Any], pipeline, dup_groups: list[dict], leaks: list[int],
+            root: Path) -> dict[str, bytes]:
+    """Warnings, dataset-card PNGs, and the W&B run (config, card, plots, augmentation)."""
+    from cvpipe import datacard
+    from cvpipe.dataset import PreparedDataset
+
+    for name, s in card["splits"].items():
+        if s["missing_classes"]:
+            warn(f"the {name} split has no images of: {', '.join(s['missing_classes'])}")
+    nd = card["near_duplicates"]
+    if dup_groups:
+        info(f"near-duplicates: {nd['groups']} groups, {nd['images_in_groups']} images "
+             f"(phash distance <= {nd['max_distance']}), kept within one split; listed in near_duplicates.csv")
+    if leaks:
+        warn(f"{len(leaks)} near-duplicate groups straddle the predefined split folders "
+             "(kept as given; see near_duplicates.csv in the prepared dataset)")
+    if nd["mixed_label_groups"]:
+        warn(f"{nd['mixed_label_groups']} near-duplicate groups mix labels (see near_duplicates.csv)")
+    ds = PreparedDataset(root)
+    pngs = datacard.render(ds, card, pipeline, seed=params.split.seed)
+    datacard.log_to_wandb(params, card, pngs, root)
+    return pngs
