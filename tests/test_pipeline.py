@@ -73,7 +73,7 @@ def test_four_stages_on_sample_slice(project, digits_slice):
 
     # the offline W&B runs hold what the stages logged
     runs = {r.job_type: r for r in map(read_run, find_runs(project / "wandb"))}
-    assert set(runs) == {"train", "evaluate"}
+    assert set(runs) == {"preprocess", "train", "evaluate"}
     tr = runs["train"]
     assert tr.config["train"]["epochs"] == 3 and tr.config["train"]["arch"] == "resnet18"
     assert tr.config["ingest"]["source"] == str(digits_slice)

@@ -44,18 +44,16 @@ def _absolute_pythonpath_env(monkeypatch):
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_prepared(tmp_path_factory) -> Path:
-    """A prepared dataset of real digits: 4 classes x 24 images, 32 px."""
+def _prepare_digits(root: Path, classes: int, per_class: int) -> Path:
+    """Ingest + preprocess a class-folder slice of the real digits at 32 px; returns data/prepared."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("tiny")
     src = root / "src"
     digits = load_digits()
-    for c in range(4):
+    for c in range(classes):
         (src / str(c)).mkdir(parents=True)
-        idx = np.flatnonzero(digits.target == c)[:24]
+        idx = np.flatnonzero(digits.target == c)[:per_class]
         for i in idx:
             img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
             Image.fromarray(img).convert("RGB").save(src / str(c) / f"{i}.png")
@@ -64,6 +62,18 @@ def tiny_prepared(tmp_path_factory) -> Path:
     cvpipe("ingest", "-q", cwd=root, env=env)
     cvpipe("preprocess", "-q", cwd=root, env=env)
     return root / "data" / "prepared"
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """4 classes x 24 images: enough to watch what a strategy does to the weights."""
+    return _prepare_digits(tmp_path_factory.mktemp("tiny"), 4, 24)
+
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory) -> Path:
+    """10 classes x 40 images (60 val images): enough for two runs to be compared by accuracy."""
+    return _prepare_digits(tmp_path_factory.mktemp("small"), 10, 40)
 
 
 def setup_project(folder: Path, prepared: Path, **train) -> Path:
@@ -365,30 +375,32 @@ def test_auto_resume_skips_other_params(tmp_path, tiny_prepared):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_matches_single_process(tmp_path, tiny_prepared):
+def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared):
     """2 gloo processes x batch 16 == 1 process x batch 32 up to BatchNorm batch statistics and sample order.
 
-    Tolerance: val accuracy within 0.15 and val loss within 0.25 after 3 epochs on 14 val images
-    (one image = 0.071 accuracy), and both runs must learn (train loss falls).
+    Tolerance: val accuracy within 0.1 and val loss within 0.25 after 8 epochs on 10 classes x 40
+    digits (60 val images, one image = 0.017 accuracy; both runs near convergence), and both runs
+    must learn (train loss falls). On 15 val images after 3 epochs the gap was noise.
     """
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = dict(epochs=3, batch_size=32, lr=0.005, label_smoothing=0.0)
+    common = dict(epochs=8, batch_size=32, lr=0.005, label_smoothing=0.0)
     for d in (single, ddp):
         d.mkdir()
-        setup_project(d, tiny_prepared, **common)
+        setup_project(d, small_prepared, **common)
     cvpipe("train", "-q", cwd=single)
     env = {"OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cvpipe", "train", "-q"]
     proc = subprocess.run(torchrun, cwd=ddp, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hs, hd = history(single), history(ddp)
-    assert len(hs) == len(hd) == 3
+    assert len(hs) == len(hd) == 8
     import json
 
     sj = json.loads((single / "metrics" / ARCH / "train.json").read_text())
     dj = json.loads((ddp / "metrics" / ARCH / "train.json").read_text())
     assert dj["world_size"] == 2
-    assert abs(float(hs[-1]["val_acc"]) - float(hd[-1]["val_acc"])) <= 0.15
+    assert abs(float(hs[-1]["val_acc"]) - float(hd[-1]["val_acc"])) <= 0.1
+    assert float(hs[-1]["val_acc"]) >= 0.7  # both learned the task, so the comparison means something
     assert abs(float(hs[-1]["val_loss"]) - float(hd[-1]["val_loss"])) <= 0.25
     for h in (hs, hd):
         assert float(h[-1]["train_loss"]) < float(h[0]["train_loss"])

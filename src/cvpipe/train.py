@@ -270,7 +270,9 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
     train_ds = ArrayDataset(train_split, pipeline)
     gen = torch.Generator()
     gen.manual_seed(tp.seed + dist.rank)
-    drop_last = tp.uses_mixup and len(train_split) >= tp.batch_size
+    # mixup needs full batches; BatchNorm cannot train on a final batch of one sample
+    per_rank = len(train_split) // dist.world_size if tp.class_balance == "sampler" else -(-len(train_split) // dist.world_size)
+    drop_last = (tp.uses_mixup and len(train_split) >= tp.batch_size) or (per_rank > rank_batch and per_rank % rank_batch == 1)
     if tp.class_balance == "sampler":
         w = finetune.inverse_frequency(train_split.labels, ds.num_classes)[np.asarray(train_split.labels)]
         sampler: Any = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(train_split) // dist.world_size, replacement=True, generator=gen)
