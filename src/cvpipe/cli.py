@@ -9,6 +9,7 @@ failed. Errors print one line; ``--debug`` (or ``CVPIPE_DEBUG=1``) shows the tra
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 from cvpipe import __version__
 from cvpipe.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
 from cvpipe.console import console, set_quiet
-from cvpipe.errors import CvpipeError
+from cvpipe.errors import CvpipeError, ParamsError, StageError
 
 app = typer.Typer(
     name="cvpipe",
@@ -167,14 +168,9 @@ def train(
 
 def _relaunch_torchrun(nproc: int, p: Params) -> None:
     """Run this same command under ``torchrun --standalone --nproc_per_node N`` (params validated first)."""
-    import subprocess
-
     from cvpipe.distributed import torchrun_command
-    from cvpipe.errors import StageError
 
     if p.train.batch_size % nproc:
-        from cvpipe.errors import ParamsError
-
         raise ParamsError(f"train.batch_size: {p.train.batch_size} must be divisible by --nproc {nproc}")
     argv, skip = [], False
     for a in sys.argv[1:]:
