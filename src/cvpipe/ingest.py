@@ -125,7 +125,9 @@ def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dic
     rel = f"images/{sha[:2]}/{sha}.{ext}"
     dest = os.path.join(raw_dir, rel)
     if not os.path.exists(dest):
-        storage.write_bytes(dest, payload)
+        # no fsync per image: rename keeps a killed run from exposing a partial file, and a
+        # rerun re-checks every stored file's size (_stored_intact) before reusing it
+        storage.write_bytes(dest, payload, durable=False)
     record = {
         "id": sha[:16],
         "path": rel,
@@ -140,6 +142,13 @@ def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dic
         "split_hint": item.split_hint or "",
     }
     return Outcome(item, record=record, sha256=sha)
+
+
+def _stored_intact(raw_dir: Path | str, record: dict[str, Any]) -> bool:
+    try:
+        return os.stat(os.path.join(raw_dir, record["path"])).st_size == int(record["bytes"])
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _worker_count(requested: int) -> int:
@@ -511,6 +520,8 @@ def run(params: Params) -> IngestReport:
             outcomes[it.uri] = Outcome(it, reason=JUNK, detail="OS/editor metadata or hidden file")
             continue
         e = state.lookup(it)
+        if e is not None and "record" in e and not _stored_intact(raw_dir, e["record"]):
+            e = None  # the stored copy is gone or cut short (e.g. lost in an OS crash): redo it
         if e is not None:
             outcomes[it.uri] = _outcome_from_entry(it, e)
             report.reused += 1

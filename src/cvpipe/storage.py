@@ -58,8 +58,14 @@ def _tmp_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(uri: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """Open *uri* for writing so that it appears complete or not at all."""
+def atomic_open(uri: PathLike, mode: str = "wb", durable: bool = True, **kwargs: Any) -> Iterator[IO]:
+    """Open *uri* for writing so that it appears complete or not at all.
+
+    The temp-file-and-rename makes the write atomic against a killed process.
+    ``durable`` also fsyncs before the rename, so the content survives an OS crash
+    or power loss; bulk writes whose loss a rerun detects (content-addressed
+    images, checked against the manifest's hash) can skip that cost.
+    """
     if "w" not in mode:
         raise ValueError("atomic_open is for writing")
     if is_remote(uri):
@@ -73,16 +79,17 @@ def atomic_open(uri: PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     try:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_bytes(uri: PathLike, data: bytes) -> None:
-    with atomic_open(uri, "wb") as fh:
+def write_bytes(uri: PathLike, data: bytes, durable: bool = True) -> None:
+    with atomic_open(uri, "wb", durable=durable) as fh:
         fh.write(data)
 
 
