@@ -36,15 +36,20 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 HASH_MIN_SIDE = 64  # perceptual hashes of resized/recompressed copies stay within ~4 bits from here up
 
 
-def _reduced_flag(factor: int) -> int:
+def _reduced_flag(factor: int) -> tuple[int, bool]:
+    """imdecode flags for a 1/factor decode, and whether they already give RGB.
+
+    OpenCV >= 4.11 decodes straight to RGB (``IMREAD_COLOR_RGB``), which saves a
+    full-image channel-swap copy (about 10% of the decode here).
+    """
     import cv2
 
-    return {
-        1: cv2.IMREAD_COLOR,
-        2: cv2.IMREAD_REDUCED_COLOR_2,
-        4: cv2.IMREAD_REDUCED_COLOR_4,
-        8: cv2.IMREAD_REDUCED_COLOR_8,
-    }[factor]
+    reduced = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor]
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    if rgb is not None:
+        return reduced | rgb, True
+    return reduced | cv2.IMREAD_COLOR, False
 
 
 def scale_factor(width: int, height: int, size: int) -> int:
@@ -65,9 +70,10 @@ def decode_for_size(data: bytes, size: int) -> Image.Image:
                 w, h = header.size
             # OpenCV applies EXIF orientation itself (stored images are upright anyway); the
             # scale only needs the shorter side, which rotation does not change
-            arr = cv2.imdecode(np.frombuffer(data, np.uint8), _reduced_flag(scale_factor(w, h, size)))
+            flags, is_rgb = _reduced_flag(scale_factor(w, h, size))
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
             if arr is not None and arr.ndim == 3:
-                return Image.fromarray(np.ascontiguousarray(arr[..., ::-1]))  # BGR -> RGB
+                return Image.fromarray(arr if is_rgb else np.ascontiguousarray(arr[..., ::-1]))  # BGR -> RGB
         except (ImportError, OSError, ValueError):
             pass
     return open_for_size(data, size)
