@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 TOOLS := .tools
 PIPENV_VERSION := 2026.10.3
-CATEGORIES ?= packages ingest preprocess train evaluate pipeline dev
+CATEGORIES ?= packages ingest preprocess train evaluate app pipeline dev
 PYTEST_ARGS ?=
 
 export PIPENV_VENV_IN_PROJECT := 1
