@@ -25,7 +25,7 @@ from cvpipe.errors import CvpipeError, ParamsError, StageError
 
 app = typer.Typer(
     name="cvpipe",
-    help="Reproducible computer-vision fine-tuning: ingest -> preprocess -> train -> evaluate.",
+    help="Reproducible computer-vision fine-tuning: ingest -> preprocess -> train -> evaluate -> compare.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -55,6 +55,12 @@ def _load(params_path: Path, sets: Optional[list[str]], flags: dict[str, Any]) -
     overrides.update({k: v for k, v in flags.items() if v is not None})
     explicit = params_path != Path(DEFAULT_PARAMS_FILE)
     return load_params(params_path if (explicit or params_path.exists()) else None, overrides)
+
+
+def _explicit_train_keys(sets: Optional[list[str]], flags: dict[str, Any]) -> frozenset[str]:
+    """train.* keys given on the command line: they win over bakeoff.archs.<arch> overrides."""
+    keys = [parse_override(item)[0] for item in sets or []] + [k for k, v in flags.items() if v is not None]
+    return frozenset(k.split(".", 1)[1] for k in keys if k.startswith("train.") and k.count(".") == 1)
 
 
 def _stage(quiet: bool, debug: bool, fn: Callable[[], Any]) -> None:
@@ -152,10 +158,10 @@ def train(
 ) -> None:
     """Fine-tune (or train from scratch) a timm model; save best/last checkpoints; log to W&B."""
     def go():
-        p = _load(
-            params, set_,
-            {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device},
-        )
+        flags = {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
+        p = _load(params, set_, flags)
+        # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
+        p = p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, flags))
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             _relaunch_torchrun(nproc, p)
             return
@@ -199,10 +205,30 @@ def evaluate(
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Test-split accuracy, macro-F1, per-class report and confusion matrix; log to W&B."""
+    """Test-split metrics, calibration, mistakes gallery, model cost, TorchScript/ONNX export with parity; log to W&B."""
     def go():
         p = _load(params, set_, {"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
         from cvpipe import evaluate as stage
+
+        stage.run(p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, {})))
+
+    _stage(quiet, debug, go)
+
+
+@app.command()
+def compare(
+    metric: Optional[str] = typer.Option(None, "--metric", help="Override compare.metric: accuracy, macro_f1, weighted_f1, roc_auc, top_k_accuracy."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Override compare.max_latency_ms."),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Override compare.max_size_mb."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Leaderboard + Pareto plot of the evaluated bake-off models; promote the best to models/best/."""
+    def go():
+        p = _load(params, set_, {"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb})
+        from cvpipe import compare as stage
 
         stage.run(p)
 

@@ -36,6 +36,8 @@ class PathsParams(_Section):
     metrics: str = "metrics"
     plots: str = "plots"
     wandb: str = "wandb"
+    exports: str = "exports"
+    reports: str = "reports"
 
 
 class IngestParams(_Section):
@@ -193,7 +195,48 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     checkpoint: Literal["best", "last"] = "best"
+    weights: Literal["auto", "model", "ema"] = Field(
+        "auto", description="auto: the EMA weights when train.monitor picked the checkpoint by an ema_ metric, else the model's"
+    )
     batch_size: int = Field(256, ge=1)
+    top_k: int = Field(5, ge=2, description="top-k accuracy (reported when k < number of classes)")
+    tta_flip: bool = Field(False, description="average the softmax of the image and its horizontal flip")
+    ece_bins: int = Field(15, ge=2, le=100)
+    gallery_size: int = Field(16, ge=0, le=100, description="most confident mistakes drawn in mistakes.png")
+    table_images: int = Field(200, ge=0, description="test images (with predictions) logged to the W&B table")
+    latency_runs: int = Field(30, ge=1, description="timed batch-1 forward passes (after warmup); the median is reported")
+    throughput_batch: int = Field(32, ge=1)
+    export: bool = Field(True, description="write TorchScript + ONNX to <paths.exports>/<arch>/ and check parity")
+    parity_tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between eager and exports")
+    parity_images: int = Field(64, ge=1, description="test images the parity check runs on")
+
+
+class CompareParams(_Section):
+    metric: Literal["accuracy", "macro_f1", "weighted_f1", "roc_auc", "top_k_accuracy"] = "accuracy"
+    max_latency_ms: Optional[float] = Field(None, gt=0, description="only models with batch-1 latency <= this can win")
+    max_size_mb: Optional[float] = Field(None, gt=0, description="only models whose ONNX file is <= this can win")
+    promote: bool = Field(True, description="copy the winner to <paths.models>/best/")
+
+
+class BakeoffParams(_Section):
+    group: Optional[str] = Field(None, description="W&B group of the bake-off runs; null = <prepared>-<data hash>")
+    archs: dict[str, Optional[dict[str, Any]]] = Field(
+        default_factory=lambda: {"resnet18": {}}, description="architecture -> train.* overrides"
+    )
+
+    @field_validator("archs")
+    @classmethod
+    def _archs(cls, v: dict[str, Optional[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError("must list at least one architecture")
+        out = {}
+        for arch, ov in v.items():
+            ov = dict(ov or {})
+            bad = sorted(set(ov) - (set(TrainParams.model_fields) - {"arch"}))
+            if bad:
+                raise ValueError(f"{arch}: {', '.join(bad)} is not a train.* key")
+            out[str(arch)] = ov
+        return out
 
 
 class WandbParams(_Section):
@@ -212,7 +255,35 @@ class Params(_Section):
     augment: AugmentParams = Field(default_factory=AugmentParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    compare: CompareParams = Field(default_factory=CompareParams)
+    bakeoff: BakeoffParams = Field(default_factory=BakeoffParams)
     wandb: WandbParams = Field(default_factory=WandbParams)
+
+    @model_validator(mode="after")
+    def _bakeoff_overrides_valid(self) -> "Params":
+        base = self.train.model_dump()
+        for arch, ov in self.bakeoff.archs.items():
+            try:
+                TrainParams.model_validate({**base, **ov, "arch": arch})
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                loc = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"bakeoff.archs.{arch}{'.' + loc if loc else ''}: {e['msg']}") from None
+        return self
+
+    def for_arch(self, arch: str, keep: frozenset[str] = frozenset()) -> "Params":
+        """These params with ``train.arch = arch`` and that architecture's ``bakeoff.archs`` overrides applied.
+
+        Per-architecture overrides win over ``train.*`` in params.yaml, except the
+        ``train.*`` keys named in *keep* (set explicitly on the command line); the
+        bake-off's W&B group (``bakeoff.group``) applies when ``wandb.group`` is unset.
+        """
+        data = self.model_dump()
+        ov = {k: v for k, v in self.bakeoff.archs.get(arch, {}).items() if k not in keep}
+        data["train"] = {**data["train"], **ov, "arch": arch}
+        if data["wandb"]["group"] is None and self.bakeoff.group:
+            data["wandb"]["group"] = self.bakeoff.group
+        return Params.model_validate(data)
 
     def resolved(self) -> dict[str, Any]:
         """Plain-JSON view of every value, defaults included (logged with each run)."""

@@ -1,21 +1,28 @@
-"""Evaluate stage: test-split metrics and plots for a trained model.
+"""Evaluate stage: honest test-split metrics, plots, model cost and exports for one trained model.
 
 Reads ``evaluate.*``, the checkpoint ``<paths.models>/<arch>/<evaluate.checkpoint>.pt``
-and the prepared test split. Writes::
+(its EMA weights when ``evaluate.weights`` says so) and the prepared test split. Writes::
 
-    <paths.metrics>/<arch>/evaluate.json     accuracy, macro-F1, per-class report (DVC metrics)
+    <paths.metrics>/<arch>/evaluate.json     top-1/top-k accuracy, macro/weighted P/R/F1, ROC-AUC (one-vs-rest),
+                                             ECE, per-class report, confusion matrix, model cost, export parity
     <paths.plots>/<arch>/confusion.csv       actual,predicted per test image (DVC confusion plot)
     <paths.plots>/<arch>/confusion_matrix.png
-    <paths.plots>/<arch>/predictions.csv     per-image prediction and confidence
+    <paths.plots>/<arch>/reliability.csv     reliability diagram bins (DVC plot)
+    <paths.plots>/<arch>/reliability.png
+    <paths.plots>/<arch>/mistakes.png        gallery of the most confident mistakes
+    <paths.plots>/<arch>/predictions.csv     per-image prediction, confidence and top-k
+    <paths.exports>/<arch>/                  model.pt, model.ts, model.onnx, preprocess.json, classes.json,
+                                             evaluate.json, confusion_matrix.png (see cvpipe.export)
 
-and logs the summary, a confusion-matrix plot and a predictions table to W&B.
-Metrics come from scikit-learn.
+and logs the summary, a confusion-matrix plot, a per-class table and a predictions
+table with images to W&B (same group as the training runs of this data).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -25,35 +32,34 @@ from cvpipe.config import Params
 from cvpipe.console import info
 from cvpipe.dataset import PreparedDataset
 from cvpipe.errors import StageError
+from cvpipe.metrics import calibration, classification_metrics, model_cost
 from cvpipe.models import load_checkpoint, model_from_checkpoint
 from cvpipe.runtime import resolve_runtime
 
-
-def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-
-    preds = probs.argmax(axis=1)
-    labels = list(range(len(classes)))
-    report = classification_report(
-        targets, preds, labels=labels, target_names=classes, output_dict=True, zero_division=0
-    )
-    return {
-        "accuracy": float(accuracy_score(targets, preds)),
-        "macro_f1": float(f1_score(targets, preds, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(targets, preds, labels=labels, average="weighted", zero_division=0)),
-        "n": int(len(targets)),
-        "per_class": {
-            c: {k: round(float(v), 6) for k, v in report[c].items()} for c in classes
-        },
-        "confusion_matrix": confusion_matrix(targets, preds, labels=labels).tolist(),
-    }
+SUMMARY_KEYS = (
+    "accuracy", "top_k_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
+    "weighted_recall", "weighted_f1", "roc_auc", "ece", "n_test",
+)
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _plt().close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) -> None:
+    plt = _plt()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     n = len(classes)
@@ -63,26 +69,99 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) ->
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    _save(fig, path)
+
+
+def plot_reliability(cal: dict[str, Any], path: str, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    bins = cal["bins"]
+    centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    ax.bar(centers, [b["accuracy"] for b in bins], width=width * 0.9, color="tab:blue", alpha=0.7, label="accuracy")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:red", label="bin mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def confident_mistakes(targets: np.ndarray, probs: np.ndarray, limit: int) -> list[int]:
+    """Test rows predicted wrongly, most confident first."""
+    preds = probs.argmax(axis=1)
+    wrong = np.flatnonzero(preds != targets)
+    order = np.argsort(-probs[wrong, preds[wrong]], kind="stable")
+    return [int(i) for i in wrong[order][:limit]]
+
+
+def plot_mistakes(images, rows: list[int], targets, probs, classes: list[str], path: str, title: str) -> None:
+    plt = _plt()
+    n = max(1, len(rows))
+    cols = min(8, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.2 * nrows + 0.4), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, rows):
+        p = int(probs[i].argmax())
+        ax.imshow(np.asarray(images[i]), interpolation="nearest")
+        ax.set_title(f"#{i} true {classes[int(targets[i])]}\npred {classes[p]} {probs[i, p]:.2f}", fontsize=7)
+    if not rows:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
     name = name or params.train.arch
+    plots = storage.join(params.paths.plots, name)
     return {
         "metrics": storage.join(params.paths.metrics, name, "evaluate.json"),
-        "confusion_csv": storage.join(params.paths.plots, name, "confusion.csv"),
-        "confusion_png": storage.join(params.paths.plots, name, "confusion_matrix.png"),
-        "predictions": storage.join(params.paths.plots, name, "predictions.csv"),
+        "confusion_csv": storage.join(plots, "confusion.csv"),
+        "confusion_png": storage.join(plots, "confusion_matrix.png"),
+        "reliability_csv": storage.join(plots, "reliability.csv"),
+        "reliability_png": storage.join(plots, "reliability.png"),
+        "mistakes_png": storage.join(plots, "mistakes.png"),
+        "predictions": storage.join(plots, "predictions.csv"),
+        "export_dir": storage.join(params.paths.exports, name),
     }
+
+
+def choose_weights(ckpt: dict[str, Any], which: str, monitor: str, path: str) -> tuple[str, dict[str, Any]]:
+    if which == "auto":
+        which = "ema" if (monitor.startswith("ema_") and ckpt.get("ema") is not None) else "model"
+    if which == "ema":
+        if ckpt.get("ema") is None:
+            raise StageError(f"evaluate.weights: ema, but {path} has no EMA weights (train with train.ema: true)")
+        return "ema", ckpt["ema"]
+    return "model", ckpt["model"]
+
+
+def predict(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (and logits of the plain pass) over uint8 HWC images."""
+    import torch
+
+    model.eval()
+    probs, logits = [], []
+    autocast = torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None)
+    with torch.inference_mode(), autocast:
+        for s in range(0, len(images), batch_size):
+            x = normalize(torch.from_numpy(np.array(images[s : s + batch_size])))
+            out = model(x).float()
+            p = out.softmax(1)
+            if tta_flip:
+                p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
+            probs.append(p.cpu())
+            logits.append(out.cpu())
+    return torch.cat(probs).double().numpy(), torch.cat(logits).numpy()
 
 
 def run(params: Params) -> dict[str, Any]:
     import torch
 
-    from cvpipe.train import ArrayDataset, BatchNormalizer, evaluate_loader, make_loader
+    from cvpipe.train import BatchNormalizer
 
     ep = params.evaluate
     name = params.train.arch
@@ -94,73 +173,184 @@ def run(params: Params) -> dict[str, Any]:
     test = ds.split("test")
     if len(test) == 0:
         raise StageError("the test split is empty: give split.test a fraction > 0")
+    monitor = (ckpt.get("params") or {}).get("train", {}).get("monitor", params.train.monitor)
+    weights, state_dict = choose_weights(ckpt, ep.weights, monitor, ckpt_path)
 
     rt = resolve_runtime(params.train.device, params.train.amp, params.train.channels_last, key="train")
-    model = model_from_checkpoint(ckpt).to(rt.device)
+    model = model_from_checkpoint({**ckpt, "model": state_dict}).to(rt.device).eval()
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     normalize = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], rt)
-    loader = make_loader(ArrayDataset(test), ep.batch_size, False, 0, 0, pin=False)
-    res = evaluate_loader(model, loader, normalize, rt)
-    probs, targets = res["probs"], res["targets"]
+    images = np.asarray(test.images)
+    targets = np.asarray(test.labels, dtype=np.int64)
+    probs, _ = predict(model, images, normalize, rt, ep.batch_size, ep.tta_flip)
 
-    m = classification_metrics(targets, probs, ds.classes)
+    m = classification_metrics(targets, probs, ds.classes, ep.top_k)
+    cal = calibration(targets, probs, ep.ece_bins)
     out = output_paths(params, name)
-    metrics = {
-        "arch": name,
-        "checkpoint": ep.checkpoint,
-        "trained_epochs": int(ckpt["epoch"]),
-        "accuracy": round(m["accuracy"], 6),
-        "macro_f1": round(m["macro_f1"], 6),
-        "weighted_f1": round(m["weighted_f1"], 6),
-        "n_test": m["n"],
-        "per_class": m["per_class"],
-    }
+    preds = probs.argmax(axis=1)
+
+    # ---- model cost (fp32 eager, this machine) and exports with a parity check
+    fp32_model = model_from_checkpoint({**ckpt, "model": state_dict}).to(rt.device).eval()
+    cost = model_cost(fp32_model, ds.image_size, rt.device, ep.latency_runs, ep.throughput_batch,
+                      file_bytes=len(storage.read_bytes(ckpt_path)))
+    cost["checkpoint_bytes"] = cost.pop("file_bytes")
+    parity: Optional[dict[str, Any]] = None
+    if ep.export:
+        from cvpipe import export
+
+        cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
+        x = cpu_norm(torch.from_numpy(np.array(images[: ep.parity_images])))
+        with storage.staged_dir(out["export_dir"]) as folder:
+            sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1])
+            parity = export.parity(fp32_model, folder, x)
+            parity["tolerance"] = ep.parity_tolerance
+            worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
+            if worst > ep.parity_tolerance:
+                raise StageError(
+                    f"export parity failed for {name}: max abs logit difference {worst:.3g} > evaluate.parity_tolerance "
+                    f"{ep.parity_tolerance:g} (TorchScript {parity['torchscript_max_abs_diff']:.3g}, ONNX {parity['onnx_max_abs_diff']:.3g})"
+                )
+            cost["onnx_bytes"] = sizes["model.onnx"]
+            cost["torchscript_bytes"] = sizes["model.ts"]
+            cost["file_bytes"] = sizes["model.onnx"]
+            cost["size_mb"] = round(sizes["model.onnx"] / 2**20, 4)
+            metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
+            (folder / "evaluate.json").write_text(_dumps(metrics))
+            plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, str(folder / "confusion_matrix.png"),
+                           f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})")
+    else:
+        cost["file_bytes"] = cost["checkpoint_bytes"]
+        cost["size_mb"] = round(cost["checkpoint_bytes"] / 2**20, 4)
+        metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
     storage.write_json(out["metrics"], metrics)
 
-    preds = probs.argmax(axis=1)
+    # ---- plots
+    _write_csv(out["confusion_csv"], ["actual", "predicted"], ((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds)))
+    k = min(ep.top_k, len(ds.classes))
+    topk = np.argsort(-probs, axis=1)[:, :k]
+    _write_csv(
+        out["predictions"], ["row", "id", "source_uri", "actual", "predicted", "confidence", "correct", f"top{k}"],
+        ([i, test.index[i]["id"], test.index[i]["source_uri"], ds.classes[t], ds.classes[p], f"{probs[i, p]:.6f}", int(t == p),
+          "|".join(ds.classes[j] for j in topk[i])] for i, (t, p) in enumerate(zip(targets, preds))),
+    )
+    _write_csv(out["reliability_csv"], ["bin", "lower", "upper", "count", "confidence", "accuracy"],
+               ([b[c] for c in ("bin", "lower", "upper", "count", "confidence", "accuracy")] for b in cal["bins"]))
+    title = f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})"
+    plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, out["confusion_png"], title)
+    plot_reliability(cal, out["reliability_png"], f"{name}: ECE {cal['ece']:.4f} ({ep.ece_bins} bins)")
+    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
+    if ep.gallery_size:
+        plot_mistakes(images, mistakes, targets, probs, ds.classes, out["mistakes_png"],
+                      f"{name}: {int((preds != targets).sum())} mistakes, most confident first")
+
+    _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs, images, test, ds.classes, out, mistakes)
+    info(
+        f"evaluated {name} ({weights} weights) on {m['n']} test images: accuracy {m['accuracy']:.4f}, macro-F1 "
+        f"{m['macro_f1']:.4f}, ECE {cal['ece']:.4f}, {cost['latency_ms']:.2f} ms/img"
+        + (f", export parity {max(parity['torchscript_max_abs_diff'], parity['onnx_max_abs_diff']):.2g}" if parity else "")
+    )
+    return metrics
+
+
+def _cpu_runtime():
+    import torch
+
+    from cvpipe.runtime import Runtime
+
+    rt = resolve_runtime("cpu", "off", False, key="train")
+    assert isinstance(rt, Runtime) and rt.device == torch.device("cpu")
+    return rt
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=storage._json_default) + "\n"
+
+
+def _write_csv(path: str, header: list[str], rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["actual", "predicted"])
-    w.writerows((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds))
-    storage.write_text(out["confusion_csv"], buf.getvalue())
+    w.writerow(header)
+    w.writerows(rows)
+    storage.write_text(path, buf.getvalue())
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "id", "source_uri", "actual", "predicted", "confidence"])
-    for i, (t, p) in enumerate(zip(targets, preds)):
-        row = test.index[i]
-        w.writerow([i, row["id"], row["source_uri"], ds.classes[t], ds.classes[p], f"{probs[i, p]:.6f}"])
-    storage.write_text(out["predictions"], buf.getvalue())
 
-    cm = np.asarray(m["confusion_matrix"])
-    plot_confusion(cm, ds.classes, out["confusion_png"], f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})")
+def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str, Any]:
+    r6 = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
+    return {
+        "arch": name,
+        "checkpoint": ep.checkpoint,
+        "weights": weights,
+        "tta_flip": ep.tta_flip,
+        "trained_epochs": int(ckpt["epoch"]),
+        "image_size": int(ckpt["image_size"]),
+        "data_version": ds.meta.get("fingerprint"),
+        "accuracy": r6(m["accuracy"]),
+        "top_k": m["top_k"],
+        "top_k_accuracy": r6(m["top_k_accuracy"]),
+        **{k: r6(m[k]) for k in ("macro_precision", "macro_recall", "macro_f1", "weighted_precision", "weighted_recall", "weighted_f1")},
+        "roc_auc": r6(m["roc_auc"]),
+        **({"roc_auc_note": m["roc_auc_note"]} if "roc_auc_note" in m else {}),
+        "ece": r6(cal["ece"]),
+        "ece_bins": ep.ece_bins,
+        "mean_confidence": r6(cal["mean_confidence"]),
+        "n_test": m["n"],
+        "errors": int(m["n"] - round(m["accuracy"] * m["n"])),
+        "cost": cost,
+        "export_parity": parity,
+        "per_class": m["per_class"],
+        "confusion_matrix": m["confusion_matrix"],
+        "classes": ds.classes,
+    }
 
+
+def wandb_group(params: Params, ckpt: dict[str, Any]) -> str:
+    """The W&B group train used for this data (so train, evaluate and compare runs sit together)."""
+    return params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{str(ckpt.get('dataset_hash') or '')[:8]}"
+
+
+def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs, images, test, classes, out, mistakes) -> None:
     tracker = tracking.start(
         params,
         job_type="evaluate",
         name=f"evaluate-{name}",
         config={**params.resolved(), "arch": name, "checkpoint": ckpt_path, "train_run_id": ckpt.get("wandb_run_id")},
+        group=wandb_group(params, ckpt),
         tags=[name],
     )
     with tracker:
-        tracker.summary({f"test/{k}": metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "n_test")})
+        summary = {f"test/{k}": metrics[k] for k in SUMMARY_KEYS if metrics.get(k) is not None}
+        summary.update({f"cost/{k}": v for k, v in metrics["cost"].items() if isinstance(v, (int, float))})
+        if metrics["export_parity"]:
+            summary.update({f"export/{k}": v for k, v in metrics["export_parity"].items()})
+        summary["arch"] = name
+        tracker.summary(summary)
         try:
             import wandb
 
-            tracker.log(
-                {
-                    "test/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=targets.tolist(), preds=preds.tolist(), class_names=ds.classes
-                    ),
-                    "test/confusion_matrix_png": tracker.image(out["confusion_png"]),
-                    "test/per_class": wandb.Table(
-                        columns=["class", "precision", "recall", "f1", "support"],
-                        data=[[c, v["precision"], v["recall"], v["f1-score"], v["support"]] for c, v in m["per_class"].items()],
-                    ),
-                }
-            )
+            n = min(len(targets), params.evaluate.table_images)
+            order = list(mistakes) + [i for i in range(len(targets)) if i not in set(mistakes)]
+            table = wandb.Table(columns=["row", "id", "image", "actual", "predicted", "confidence", "correct"])
+            for i in order[:n]:
+                p = int(preds[i])
+                table.add_data(i, test.index[i]["id"], wandb.Image(np.asarray(images[i])), classes[int(targets[i])],
+                               classes[p], float(probs[i, p]), bool(p == targets[i]))
+            log = {
+                "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=targets.tolist(), preds=preds.tolist(), class_names=classes),
+                "test/confusion_matrix_png": tracker.image(out["confusion_png"]),
+                "test/reliability": tracker.image(out["reliability_png"]),
+                "test/per_class": wandb.Table(
+                    columns=["class", "precision", "recall", "f1", "support"],
+                    data=[[c, v["precision"], v["recall"], v["f1-score"], v["support"]] for c, v in m["per_class"].items()],
+                ),
+                "test/predictions": table,
+            }
+            if params.evaluate.gallery_size and Path(out["mistakes_png"]).exists():
+                log["test/mistakes"] = tracker.image(out["mistakes_png"])
+            tracker.log(log)
         except Exception as exc:  # tracking never fails the stage
             info(f"W&B tables skipped: {exc}")
-    info(f"evaluated {name} on {m['n']} test images: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
-    return metrics
+
+
