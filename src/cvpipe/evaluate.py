@@ -189,6 +189,11 @@ def run(params: Params) -> dict[str, Any]:
     cal = calibration(targets, probs, ep.ece_bins)
     out = output_paths(params, name)
     preds = probs.argmax(axis=1)
+    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
+    m["mistakes"] = [
+        {"row": i, "id": test.index[i]["id"], "source_uri": test.index[i]["source_uri"], "actual": ds.classes[int(targets[i])],
+         "predicted": ds.classes[int(preds[i])], "confidence": round(float(probs[i, preds[i]]), 6)} for i in mistakes
+    ]
 
     # ---- model cost (fp32 eager, this machine) and exports with a parity check
     fp32_model = model_from_checkpoint({**ckpt, "model": state_dict}).to(rt.device).eval()
@@ -239,7 +244,6 @@ def run(params: Params) -> dict[str, Any]:
     title = f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})"
     plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, out["confusion_png"], title)
     plot_reliability(cal, out["reliability_png"], f"{name}: ECE {cal['ece']:.4f} ({ep.ece_bins} bins)")
-    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
     if ep.gallery_size:
         plot_mistakes(images, mistakes, targets, probs, ds.classes, out["mistakes_png"],
                       f"{name}: {int((preds != targets).sum())} mistakes, most confident first")
@@ -303,6 +307,7 @@ def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str
         "per_class": m["per_class"],
         "confusion_matrix": m["confusion_matrix"],
         "classes": ds.classes,
+        "most_confident_mistakes": m["mistakes"],
     }
 
 

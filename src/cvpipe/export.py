@@ -61,6 +61,18 @@ def to_torchscript(model, example) -> bytes:
     return buf.getvalue()
 
 
+def _onnx_export(model, args, path, **kw) -> None:
+    import torch
+
+    try:
+        torch.onnx.export(model, args, path, **kw)
+    except Exception as exc:
+        raise StageError(
+            f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "set evaluate.export: false to evaluate without exports"
+        ) from None
+
+
 def to_onnx(model, example) -> bytes:
     import tempfile
     import warnings
@@ -71,7 +83,7 @@ def to_onnx(model, example) -> bytes:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
+            _onnx_export(
                 model, (example,), str(path), input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
             )

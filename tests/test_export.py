@@ -1,0 +1,65 @@
+"""Export: TorchScript and ONNX of a model agree with eager PyTorch on real photos (max |logit diff| <= 1e-4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvpipe import export
+from cvpipe.models import create, data_config
+
+
+def _real_batch(real_data: Path, size: int, mean, std, n: int = 8) -> torch.Tensor:
+    files = sorted((real_data / "hymenoptera_data" / "val").rglob("*.jpg"))[:n]
+    assert len(files) == n
+    arr = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files]).astype(np.float32) / 255
+    x = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("arch", ["resnet18", "test_vit"])
+def test_torchscript_and_onnx_parity_on_real_images(arch, real_data, tmp_path):
+    torch.manual_seed(0)
+    model = create(arch, num_classes=2).eval()
+    cfg = data_config(model)
+    size = 64 if arch == "resnet18" else model.pretrained_cfg["input_size"][-1]  # the ViT at its own size (no pos-embed resampling)
+    ckpt = {"arch": arch, "classes": ["ants", "bees"], "normalize": cfg, "image_size": size, "resize_mode": "shorter_side_center_crop",
+            "epoch": 0, "params": {}, "dataset_hash": "x", "model": model.state_dict()}
+    x = _real_batch(real_data, size, cfg["mean"], cfg["std"])
+    sizes = export.write_bundle(tmp_path, ckpt, model, "model", x[:1])
+    assert sizes["model.onnx"] > 1000 and sizes["model.ts"] > 1000
+    rep = export.parity(model, tmp_path, x)
+    assert rep["images"] == 8
+    assert rep["torchscript_max_abs_diff"] <= 1e-4 and rep["onnx_max_abs_diff"] <= 1e-4, rep
+    assert rep["argmax_agree_onnx"] == 1.0 and rep["argmax_agree_torchscript"] == 1.0
+    # the logits are not trivially zero (the bound means something)
+    assert rep["logit_abs_max"] > 1e-3
+
+    pre = json.loads((tmp_path / "preprocess.json").read_text())
+    assert pre["image_size"] == size and pre["mean"] == pytest.approx(cfg["mean"]) and pre["std"] == pytest.approx(cfg["std"])
+    assert json.loads((tmp_path / "classes.json").read_text()) == ["ants", "bees"]
+    from cvpipe.models import load_checkpoint, model_from_checkpoint
+
+    back = load_checkpoint(tmp_path / "model.pt")
+    assert back["arch"] == arch and back["weights"] == "model"
+    with torch.inference_mode():
+        assert torch.allclose(model_from_checkpoint(back).eval()(x), model(x), atol=1e-6)
+
+
+def test_onnx_batch_axis_is_dynamic(tmp_path):
+    import onnxruntime as ort
+
+    model = create("test_resnet", num_classes=3).eval()
+    ckpt = {"arch": "test_resnet", "classes": ["a", "b", "c"], "normalize": data_config(model), "image_size": 32,
+            "resize_mode": "stretch", "epoch": 1, "params": {}, "dataset_hash": "x", "model": model.state_dict()}
+    export.write_bundle(tmp_path, ckpt, model, "model", torch.randn(1, 3, 32, 32))
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        out = sess.run(["logits"], {"input": np.random.randn(n, 3, 32, 32).astype(np.float32)})[0]
+        assert out.shape == (n, 3)
