@@ -131,7 +131,7 @@ def test_planted_mislabel_shows_in_confusion_matrix_and_gallery(tiny_project):
     first = after["most_confident_mistakes"][0]
     assert (first["row"], first["actual"], first["predicted"]) == (row, str(planted), str(true))
     png = Image.open(root / "plots/test_resnet/mistakes.png")
-    assert png.format == "PNG" and png.size[0] >= 300
+    assert png.format == "PNG" and png.size[0] >= 150
     # the rest of the report is there
     for key in ("top_k_accuracy", "macro_precision", "weighted_recall", "roc_auc", "ece"):
         assert after[key] is not None or key == "top_k_accuracy"

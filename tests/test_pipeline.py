@@ -139,7 +139,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     _run(dvc + ["init", "-q"], repo, env)
     _run(dvc + ["config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo, env)
     out = _run(dvc + ["repro"], repo, env)
-    for stage in ("ingest", "preprocess", "train", "evaluate"):
+    for stage in ("ingest", "preprocess", "train@resnet18", "evaluate@resnet18", "compare"):
         assert f"Running stage '{stage}'" in out
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "first run"], repo, env)
@@ -161,5 +161,5 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     diff = json.loads(_run(dvc + ["params", "diff", "--json"], repo, env))
     assert diff["params.yaml"]["train.epochs"]["old"] == 2 and diff["params.yaml"]["train.epochs"]["new"] == 3
     out = _run(dvc + ["repro"], repo, env)
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train@resnet18'" in out and "Running stage 'evaluate@resnet18'" in out
     assert "Running stage 'ingest'" not in out and "Running stage 'preprocess'" not in out

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Run the hymenoptera bake-off through `dvc repro` in a scratch git+DVC copy of this repository
+# and record its results under experiments/hymenoptera/.
+#
+#   CVPIPE_REAL_DATA=/path/to/shared/data experiments/run_bakeoff.sh [scratch-dir]
+#
+# The scratch copy gets src/, dvc.yaml and experiments/hymenoptera/params.yaml (with
+# ingest.source pointed at $CVPIPE_REAL_DATA/hymenoptera_data). W&B runs offline into it.
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+DATA="${CVPIPE_REAL_DATA:?set CVPIPE_REAL_DATA to the folder holding hymenoptera_data}"
+WORK="${1:-$(mktemp -d /tmp/cvpipe-bakeoff-XXXX)}"
+PY="${PYTHON:-python}"
+OUT="$REPO/experiments/hymenoptera"
+mkdir -p "$WORK"
+cp -r "$REPO/src" "$WORK/src"
+cp "$REPO/dvc.yaml" "$WORK/dvc.yaml"
+sed "s#__DATA__#$DATA#" "$OUT/params.yaml" > "$WORK/params.yaml"
+cd "$WORK"
+export PYTHONPATH="$WORK/src" WANDB_MODE=offline DVC_NO_ANALYTICS=1
+[ -d .git ] || git init -q
+[ -d .dvc ] || "$PY" -m dvc init -q
+start=$(date +%s)
+"$PY" -m dvc repro 2>&1 | tee repro.log | grep -E "^Running stage|evaluated|compared|trained" || true
+end=$(date +%s)
+mkdir -p "$OUT/results/metrics" "$OUT/results/plots" "$OUT/results/wandb"
+cp reports/leaderboard.md reports/leaderboard.csv reports/pareto.png reports/compare.json "$OUT/results/"
+cp dvc.lock "$OUT/results/dvc.lock"
+for d in metrics/*/; do
+  a=$(basename "$d"); [ -f "$d/evaluate.json" ] || continue
+  mkdir -p "$OUT/results/metrics/$a" "$OUT/results/plots/$a"
+  cp "$d"/train.json "$d"/evaluate.json "$OUT/results/metrics/$a/"
+  cp plots/$a/confusion_matrix.png plots/$a/reliability.png plots/$a/mistakes.png plots/$a/history.csv "$OUT/results/plots/$a/"
+done
+cp models/best/card.json "$OUT/results/card.json"
+# W&B offline run summaries (the run folders themselves stay in $WORK/wandb; `wandb sync` uploads them)
+"$PY" - "$OUT/results/wandb/runs.json" <<'PYEOF'
+import json, sys
+from cvpipe.wandb_offline import find_runs, read_run
+runs = []
+for p in find_runs("wandb"):
+    r = read_run(p)
+    runs.append({"id": r.id, "name": r.name, "job_type": r.job_type, "group": r.group, "tags": r.tags,
+                 "arch": r.config.get("arch"), "exit_code": r.exit_code,
+                 "summary": {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str, bool))}})
+open(sys.argv[1], "w").write(json.dumps(runs, indent=2) + "\n")
+PYEOF
+"$PY" - "$OUT/results/machine.json" "$((end - start))" <<'PYEOF'
+import json, os, platform, sys, torch
+info = {"cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(), "cuda": torch.cuda.is_available(),
+        "dvc_repro_seconds": int(sys.argv[2])}
+try:
+    info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+except (OSError, StopIteration):
+    pass
+open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
+PYEOF
+echo "results in $OUT/results (scratch repo: $WORK)"
