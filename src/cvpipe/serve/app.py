@@ -31,11 +31,12 @@ from importlib import resources
 from typing import Any, Optional
 
 import anyio
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from cvpipe import __version__
 from cvpipe.config import ServeParams
@@ -90,23 +91,24 @@ class LimitsMiddleware:
 
         started = False
         received = 0
-        reading = False
+        body_done = scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE")
+        over_limit = False
 
         async def limited_receive():
-            nonlocal received, reading
-            reading = True
-            try:
-                msg = await receive()
-            finally:
-                reading = False
+            nonlocal received, body_done, over_limit
+            msg = await receive()
             if msg["type"] == "http.request":
+                body_done = body_done or not msg.get("more_body", False)
                 received += len(msg.get("body", b""))
                 if received > self.max_body:
+                    over_limit = True
                     raise _BodyTooLarge()
             return msg
 
         async def tracking_send(msg):
             nonlocal started
+            if over_limit:
+                return  # whatever the app made of the cut-off body (FastAPI: 400), the answer is 413
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
@@ -115,16 +117,18 @@ class LimitsMiddleware:
             with anyio.fail_after(self.timeout_s):
                 await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
-            if not started:
-                await _error(413, "too_large", f"upload exceeds the limit of {self.max_body - MULTIPART_SLACK} bytes")(
-                    scope, receive, send)
+            pass
         except TimeoutError:
             if not started:
-                if reading:
+                if not body_done:
                     resp = _error(408, "request_timeout", f"the upload did not complete within {self.timeout_s:g} s")
                 else:
                     resp = _error(504, "timeout", f"the request did not complete within {self.timeout_s:g} s")
                 await resp(scope, receive, send)
+            return
+        if over_limit and not started:
+            await _error(413, "too_large", f"upload exceeds the limit of {self.max_body - MULTIPART_SLACK} bytes")(
+                scope, receive, send)
 
 
 class TopK(BaseModel):
@@ -286,3 +290,33 @@ _REASON_TEXT = {
 def _reason_text(exc: ImageRejected) -> str:
     head = _REASON_TEXT.get(exc.reason, exc.reason)
     return f"{head}: {exc.detail}" if exc.detail else head
+
+
+class BackgroundServer:
+    """Run an app under a real uvicorn server in a thread (tests, notebooks): ``with BackgroundServer(app) as url``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **config: Any):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **config))
+        self.thread = threading.Thread(target=self.server.run, name="cvpipe-serve", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

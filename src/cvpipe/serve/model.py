@@ -19,10 +19,18 @@ down once through :func:`cvpipe.storage.local_copy`):
   ``classes``, ``arch``); the card from ``<metrics>/<arch>/evaluate.json`` and the
   confusion matrix from ``<plots>/<arch>/confusion_matrix.png`` when they exist.
 
-Preprocessing is never re-typed: bytes -> :func:`cvpipe.images.decode_image`
-(content sniffing, bomb refusal, EXIF, RGB) -> :func:`cvpipe.images.fit_image`
-(the resize preprocess used) -> uint8 -> ``(x/255 - mean) / std`` with the saved
-mean/std, exactly as evaluate's ``BatchNormalizer`` does.
+Preprocessing is never re-typed; an upload takes the path a training image took:
+
+1. :func:`cvpipe.images.decode_image` validates it like ingest (content sniffing,
+   bomb refusal before decoding, EXIF orientation, RGB conversion);
+2. ``DecodedImage.encoded`` gives the bytes ingest would have stored (the original
+   when it is a clean JPEG/PNG, else ingest's normalized re-encode);
+3. :func:`cvpipe.resize.decode_for_size` + :func:`cvpipe.images.fit_image` with the
+   saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
+   reduced DCT scale);
+4. ``(x - 255*mean) / (255*std)`` with the saved mean/std, as evaluate's ``BatchNormalizer``.
+
+So a stored training image fed to the server gives the very array evaluate saw.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +91,7 @@ class ServedModel:
     device: Any
     source: str
     layout: str  # "folder" or "checkpoint"
+    decode_side: int = 0  # preprocess decoded JPEGs at the scale covering this side (>= image_size)
     card: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Optional[Path]] = field(default_factory=dict)  # optional file -> local path or None
     notes: list[str] = field(default_factory=list)  # what is missing, said plainly
@@ -93,16 +101,20 @@ class ServedModel:
     def __post_init__(self) -> None:
         self._mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 1, 3) * 255.0
         self._std = np.asarray(self.std, dtype=np.float32).reshape(1, 1, 3) * 255.0
-        self._lock = threading.Lock()
+        self.decode_side = max(self.decode_side, self.image_size)
 
     # ------------------------------------------------------------------ inference
     def decode(self, data: bytes, *, max_pixels: int, min_size: int = 1, max_aspect_ratio: Optional[float] = None) -> DecodedImage:
         """Validate and decode upload bytes; raises :class:`cvpipe.images.ImageRejected`."""
         return decode_image(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
 
-    def to_array(self, decoded: DecodedImage) -> np.ndarray:
-        """The evaluation input: (H, W, 3) uint8 at image_size, resized like preprocess did."""
-        return np.asarray(fit_image(decoded.image, self.image_size, self.resize_mode), dtype=np.uint8)
+    def to_array(self, decoded: DecodedImage, original: bytes) -> np.ndarray:
+        """The evaluation input: (H, W, 3) uint8 at image_size, decoded and resized as preprocess did."""
+        from cvpipe.resize import decode_for_size
+
+        stored, _ = decoded.encoded(original)
+        img = decode_for_size(stored, self.decode_side)
+        return np.asarray(fit_image(img, self.image_size, self.resize_mode), dtype=np.uint8)
 
     def to_tensor(self, arrays: list[np.ndarray]):
         import torch
@@ -127,7 +139,7 @@ class ServedModel:
         t0 = time.perf_counter()
         decoded = self.decode(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
         t1 = time.perf_counter()
-        x = self.to_tensor([self.to_array(decoded)])
+        x = self.to_tensor([self.to_array(decoded, data)])
         t2 = time.perf_counter()
         probs = self.forward(x)[0]
         t3 = time.perf_counter()
@@ -301,8 +313,15 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
             notes.append("no confusion matrix image found (run cvpipe evaluate)")
         notes.append("no leaderboard: a bare checkpoint was loaded, not a promoted model folder (cvpipe compare)")
 
+    # preprocess decodes at >= HASH_MIN_SIDE when it hashes for near-duplicates (split.near_duplicate_distance)
+    from cvpipe.resize import HASH_MIN_SIDE
+
+    split_cfg = (ckpt.get("params") or {}).get("split") or {}
+    hashed = split_cfg.get("near_duplicate_distance", 4) is not None
+    decode_side = prep.get("decode_side") or (max(int(image_size), HASH_MIN_SIDE) if hashed else int(image_size))
+
     model = ServedModel(
-        arch=arch, classes=list(classes), image_size=int(image_size), resize_mode=str(resize_mode),
+        arch=arch, decode_side=int(decode_side), classes=list(classes), image_size=int(image_size), resize_mode=str(resize_mode),
         mean=[float(v) for v in mean], std=[float(v) for v in std], module=module, device=dev,
         source=str(uri), layout=layout, card=full_card, files=files, notes=notes,
         leaderboard=leaderboard, leaderboard_md=leaderboard_md,
