@@ -308,6 +308,11 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     for name, what in OPTIONAL_FILES.items():
         if layout == "folder" and files.get(name) is None:
             notes.append(f"{name} missing: no {what}")
+    try:
+        import cv2  # noqa: F401  (preprocess decodes JPEGs with OpenCV; cvpipe.resize falls back to Pillow)
+    except ImportError:
+        notes.append("OpenCV is not installed: JPEGs are decoded with Pillow, so pixels can differ slightly "
+                     "from what preprocess fed the model (install opencv-python-headless)")
     if layout == "checkpoint":
         if cm_path is None:
             notes.append("no confusion matrix image found (run cvpipe evaluate)")
