@@ -299,3 +299,26 @@ def test_cli_serve_end_to_end(trained):
     assert bad.returncode == 1 and "no model at models/nothing.pt" in bad.stdout + bad.stderr
     bad = cvpipe("serve", "-S", "serve.port=0", cwd=trained, check=False)
     assert bad.returncode == 2 and "serve.port" in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_load_from_gs_through_the_emulator(trained, tmp_path, monkeypatch):
+    """serve.model may be gs://: a checkpoint and a promoted folder, fetched through gcsfs from the GCS emulator."""
+    from servers import gcs_emulator, upload_tree
+
+    folder = tmp_path / "best"
+    folder.mkdir()
+    shutil.copy(trained / "models/resnet18/best.pt", folder / "model.pt")
+    (folder / "card.json").write_text(json.dumps({"test_metrics": {"accuracy": 0.5}, "data_version": "gs-v1"}))
+    shutil.copy(trained / "plots/resnet18/confusion_matrix.png", folder / "confusion_matrix.png")
+    monkeypatch.setenv("CVPIPE_CACHE", str(tmp_path / "cache"))
+    with gcs_emulator(tmp_path / "gcs") as endpoint:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+        upload_tree(endpoint, folder, "cvpipe-models", "models/best")
+        m = load_model("gs://cvpipe-models/models/best")
+        assert m.layout == "folder" and m.card["data_version"] == "gs-v1" and m.files["confusion_matrix.png"] is not None
+        c = load_model("gs://cvpipe-models/models/best/model.pt")
+        assert c.layout == "checkpoint" and c.classes == m.classes
+    with TestClient(create_app(m, ServeParams())) as client:
+        assert client.get("/model/confusion_matrix.png").status_code == 200
+        assert client.post("/predict", files={"file": ("x.png", _png(), "image/png")}).status_code == 200

@@ -224,11 +224,10 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
             f"no model at {uri}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
         )
     local = storage.local_copy(uri)
-    if storage.is_remote(uri) and local.is_dir() and not (local / "model.pt").exists():
-        # a remote *file* is copied into a folder of its own
-        inner = [p for p in local.iterdir() if p.is_file()]
-        if len(inner) == 1 and inner[0].suffix in (".pt", ".pth"):
-            local = inner[0]
+    if storage.is_remote(uri):
+        fs, rpath = storage.get_fs(uri)
+        if fs.isfile(rpath):  # a remote *file* is copied into a folder of its own
+            local = local / Path(rpath).name
 
     files: dict[str, Optional[Path]] = {}
     notes: list[str] = []
