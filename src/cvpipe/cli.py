@@ -235,6 +235,44 @@ def compare(
     _stage(quiet, debug, go)
 
 
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Override serve.model: a promoted model folder (models/best) or a train checkpoint (.pt); local or gs://.",
+    ),
+    host: Optional[str] = typer.Option(None, "--host", help="Override serve.host (0.0.0.0 to listen on every interface)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Override serve.port."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Override serve.top_k."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Serve a trained model: web page at /, POST /predict, GET /model, GET /healthz, API docs at /docs."""
+    def go():
+        p = _load(params, set_, {"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k})
+        import uvicorn
+
+        from cvpipe.serve.app import create_app
+        from cvpipe.serve.model import load_model
+
+        s = p.serve
+        served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
+                            torch_threads=s.torch_threads)
+        console.print(
+            f"serving {served.arch} ({len(served.classes)} classes) from {s.model} on http://{s.host}:{s.port}/",
+            soft_wrap=True,
+        )
+        uvicorn.run(
+            create_app(served, s), host=s.host, port=s.port,
+            log_level="warning" if quiet else "info", timeout_keep_alive=5,
+            timeout_graceful_shutdown=5, limit_concurrency=256,
+        )
+
+    _stage(quiet, debug, go)
+
+
 def main() -> None:
     """Entry point (``cvpipe``)."""
     if "--debug" in sys.argv[1:]:

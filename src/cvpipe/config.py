@@ -239,6 +239,30 @@ class BakeoffParams(_Section):
         return out
 
 
+class ServeParams(_Section):
+    """``cvpipe serve``: the web app and JSON API around one trained model."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model: str = Field("models/best", description="promoted model folder, or a train checkpoint .pt; local or gs://")
+    top_k: int = Field(5, ge=1, le=1000)
+    max_upload_bytes: int = Field(10 * 1024**2, ge=1, description="larger uploads get 413")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused before decoding (decompression bomb)")
+    min_size: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(20.0, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0, description="a request (upload + inference) slower than this gets 504/408")
+    inference_threads: int = Field(2, ge=1, le=64, description="requests decoded and run through the model at once")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
 class WandbParams(_Section):
     project: str = "cvpipe"
     entity: Optional[str] = None
@@ -258,6 +282,7 @@ class Params(_Section):
     compare: CompareParams = Field(default_factory=CompareParams)
     bakeoff: BakeoffParams = Field(default_factory=BakeoffParams)
     wandb: WandbParams = Field(default_factory=WandbParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
 
     @model_validator(mode="after")
     def _bakeoff_overrides_valid(self) -> "Params":

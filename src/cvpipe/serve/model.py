@@ -1,0 +1,338 @@
+"""Load a trained model for serving, with the preprocessing it was evaluated with.
+
+Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied
+down once through :func:`cvpipe.storage.local_copy`):
+
+* a **promoted model folder** (``models/best/``)::
+
+      model.pt            the train checkpoint (required)
+      preprocess.json     image_size, resize_mode, mean, std
+      classes.json        ["ants", "bees"]
+      card.json           arch, test metrics, model cost, data version, params summary
+      confusion_matrix.png, leaderboard.md, leaderboard.csv, model.onnx, model.ts
+
+  Only ``model.pt`` is required; what the optional files would say is taken from
+  the checkpoint where it can be, and the rest is reported as missing.
+
+* a **bare train checkpoint** (``models/resnet18/best.pt``): preprocessing and
+  classes from its keys (``image_size``, ``resize_mode``, ``normalize``,
+  ``classes``, ``arch``); the card from ``<metrics>/<arch>/evaluate.json`` and the
+  confusion matrix from ``<plots>/<arch>/confusion_matrix.png`` when they exist.
+
+Preprocessing is never re-typed; an upload takes the path a training image took:
+
+1. :func:`cvpipe.images.decode_image` validates it like ingest (content sniffing,
+   bomb refusal before decoding, EXIF orientation, RGB conversion);
+2. ``DecodedImage.encoded`` gives the bytes ingest would have stored (the original
+   when it is a clean JPEG/PNG, else ingest's normalized re-encode);
+3. :func:`cvpipe.resize.decode_for_size` + :func:`cvpipe.images.fit_image` with the
+   saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
+   reduced DCT scale);
+4. ``(x - 255*mean) / (255*std)`` with the saved mean/std, as evaluate's ``BatchNormalizer``.
+
+So a stored training image fed to the server gives the very array evaluate saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from cvpipe import storage
+from cvpipe.errors import StageError
+from cvpipe.images import DecodedImage, decode_image, fit_image
+
+OPTIONAL_FILES = {
+    "preprocess.json": "preprocessing (taken from the checkpoint instead)",
+    "classes.json": "class names (taken from the checkpoint instead)",
+    "card.json": "model card (test metrics, model cost, data version)",
+    "confusion_matrix.png": "confusion matrix image",
+    "leaderboard.csv": "leaderboard from cvpipe compare",
+    "leaderboard.md": "leaderboard from cvpipe compare (markdown)",
+    "model.onnx": "ONNX export",
+    "model.ts": "TorchScript export",
+}
+
+# params worth showing on a model card (the checkpoint holds all of them)
+SUMMARY_KEYS = {
+    "train": ("arch", "pretrained", "finetune", "epochs", "batch_size", "lr", "optimizer", "scheduler",
+              "weight_decay", "label_smoothing", "mixup_alpha", "cutmix_alpha", "ema", "seed"),
+    "preprocess": ("image_size", "resize_mode"),
+    "ingest": ("source",),
+    "split": ("strategy", "train", "val", "test", "seed"),
+}
+
+
+@dataclass
+class Prediction:
+    top_k: list[dict[str, Any]]
+    decode_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    image: dict[str, Any]
+
+
+@dataclass
+class ServedModel:
+    arch: str
+    classes: list[str]
+    image_size: int
+    resize_mode: str
+    mean: list[float]
+    std: list[float]
+    module: Any  # torch.nn.Module in eval mode
+    device: Any
+    source: str
+    layout: str  # "folder" or "checkpoint"
+    decode_side: int = 0  # preprocess decoded JPEGs at the scale covering this side (>= image_size)
+    card: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Optional[Path]] = field(default_factory=dict)  # optional file -> local path or None
+    notes: list[str] = field(default_factory=list)  # what is missing, said plainly
+    leaderboard: Optional[list[dict[str, str]]] = None
+    leaderboard_md: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self._mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 1, 3) * 255.0
+        self._std = np.asarray(self.std, dtype=np.float32).reshape(1, 1, 3) * 255.0
+        self.decode_side = max(self.decode_side, self.image_size)
+
+    # ------------------------------------------------------------------ inference
+    def decode(self, data: bytes, *, max_pixels: int, min_size: int = 1, max_aspect_ratio: Optional[float] = None) -> DecodedImage:
+        """Validate and decode upload bytes; raises :class:`cvpipe.images.ImageRejected`."""
+        return decode_image(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
+
+    def to_array(self, decoded: DecodedImage, original: bytes) -> np.ndarray:
+        """The evaluation input: (H, W, 3) uint8 at image_size, decoded and resized as preprocess did."""
+        from cvpipe.resize import decode_for_size
+
+        stored, _ = decoded.encoded(original)
+        img = decode_for_size(stored, self.decode_side)
+        return np.asarray(fit_image(img, self.image_size, self.resize_mode), dtype=np.uint8)
+
+    def to_tensor(self, arrays: list[np.ndarray]):
+        import torch
+
+        x = (np.stack(arrays).astype(np.float32) - self._mean) / self._std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
+
+    def forward(self, x) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.module(x)
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [{"label": self.classes[i], "index": int(i), "probability": round(float(probs[i]), 6)} for i in order]
+
+    def predict_bytes(self, data: bytes, *, k: int, max_pixels: int, min_size: int = 1,
+                      max_aspect_ratio: Optional[float] = None) -> Prediction:
+        t0 = time.perf_counter()
+        decoded = self.decode(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
+        t1 = time.perf_counter()
+        x = self.to_tensor([self.to_array(decoded, data)])
+        t2 = time.perf_counter()
+        probs = self.forward(x)[0]
+        t3 = time.perf_counter()
+        return Prediction(
+            top_k=self.top_k(probs, k),
+            decode_ms=(t1 - t0) * 1e3,
+            preprocess_ms=(t2 - t1) * 1e3,
+            inference_ms=(t3 - t2) * 1e3,
+            image={"format": decoded.format, "width": decoded.width, "height": decoded.height,
+                   "mode": decoded.source_mode, "frames": decoded.frames},
+        )
+
+    # ------------------------------------------------------------------ description
+    def info(self) -> dict[str, Any]:
+        card = self.card
+        return {
+            "arch": self.arch,
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "source": self.source,
+            "layout": self.layout,
+            "preprocess": {"image_size": self.image_size, "resize_mode": self.resize_mode,
+                           "mean": self.mean, "std": self.std},
+            "test_metrics": card.get("test_metrics"),
+            "data_version": card.get("data_version"),
+            "params_summary": card.get("params_summary"),
+            "model_cost": card.get("model_cost"),
+            "trained_epochs": card.get("trained_epochs"),
+            "confusion_matrix_url": "/model/confusion_matrix.png" if self.files.get("confusion_matrix.png") else None,
+            "leaderboard": self.leaderboard,
+            "leaderboard_md": self.leaderboard_md,
+            "files": {name: path is not None for name, path in self.files.items()},
+            "notes": self.notes,
+        }
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _read_json(path: Optional[Path]) -> Optional[Any]:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"cannot read {path}: {exc}") from None
+
+
+def _params_summary(params: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if not isinstance(params, dict):
+        return None
+    out: dict[str, Any] = {}
+    for section, keys in SUMMARY_KEYS.items():
+        sec = params.get(section)
+        if isinstance(sec, dict):
+            out[section] = {k: sec[k] for k in keys if k in sec}
+    return out or None
+
+
+def _metrics_from_evaluate(ev: dict[str, Any]) -> dict[str, Any]:
+    keep = ("accuracy", "macro_f1", "weighted_f1", "n_test", "checkpoint", "per_class")
+    return {k: ev[k] for k in keep if k in ev}
+
+
+def _find_local(folder: Path, name: str) -> Optional[Path]:
+    p = folder / name
+    return p if p.is_file() else None
+
+
+def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", plots_dir: str = "plots",
+               torch_threads: int = 0) -> ServedModel:
+    """Load a promoted model folder or a bare checkpoint (local or remote); raise StageError when impossible."""
+    import torch
+
+    from cvpipe.models import load_checkpoint, model_from_checkpoint
+    from cvpipe.runtime import resolve_device
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    if not storage.exists(uri):
+        raise StageError(
+            f"no model at {uri}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
+        )
+    local = storage.local_copy(uri)
+    if storage.is_remote(uri):
+        fs, rpath = storage.get_fs(uri)
+        if fs.isfile(rpath):  # a remote *file* is copied into a folder of its own
+            local = local / Path(rpath).name
+
+    files: dict[str, Optional[Path]] = {}
+    notes: list[str] = []
+    if local.is_dir():
+        layout = "folder"
+        ckpt_path = local / "model.pt"
+        if not ckpt_path.is_file():
+            raise StageError(f"{uri} is a folder without model.pt: not a promoted model folder")
+        for name in OPTIONAL_FILES:
+            files[name] = _find_local(local, name)
+    else:
+        layout = "checkpoint"
+        ckpt_path = local
+    ckpt = load_checkpoint(str(ckpt_path))
+    for key in ("arch", "classes", "model"):
+        if key not in ckpt:
+            raise StageError(f"{ckpt_path} is not a cvpipe train checkpoint (no {key!r})")
+    arch = str(ckpt["arch"])
+
+    prep = _read_json(files.get("preprocess.json")) or {}
+    norm = ckpt.get("normalize") or {}
+    image_size = prep.get("image_size", ckpt.get("image_size"))
+    resize_mode = prep.get("resize_mode", ckpt.get("resize_mode")) or "shorter_side_center_crop"
+    mean = prep.get("mean", norm.get("mean"))
+    std = prep.get("std", norm.get("std"))
+    if image_size is None or mean is None or std is None:
+        raise StageError(f"{uri}: the saved preprocessing is incomplete (image_size={image_size}, mean={mean}, std={std})")
+    classes = _read_json(files.get("classes.json")) or list(ckpt["classes"])
+    if list(classes) != list(ckpt["classes"]):
+        raise StageError(f"{uri}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
+
+    card = _read_json(files.get("card.json")) or {}
+    if not isinstance(card, dict):
+        card = {}
+    metrics = card.get("test_metrics") or card.get("metrics")
+    cm_path = files.get("confusion_matrix.png")
+    if metrics is None:
+        ev_candidates = [storage.join(metrics_dir, arch, "evaluate.json")]
+        if layout == "checkpoint" and len(ckpt_path.parents) >= 3:
+            ev_candidates.append(str(ckpt_path.parents[2] / "metrics" / arch / "evaluate.json"))
+        for cand in ev_candidates:
+            if storage.exists(cand):
+                metrics = _metrics_from_evaluate(storage.read_json(cand))
+                notes.append(f"test metrics read from {cand}")
+                if cm_path is None:
+                    base = Path(cand).parents[2] if not storage.is_remote(cand) else None
+                    for pc in ([Path(plots_dir) / arch / "confusion_matrix.png"] +
+                               ([base / "plots" / arch / "confusion_matrix.png"] if base else [])):
+                        if pc.is_file():
+                            cm_path = pc
+                            break
+                break
+    files["confusion_matrix.png"] = cm_path
+    if metrics is None:
+        notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
+
+    module = model_from_checkpoint(ckpt)
+    dev = resolve_device(device, "serve.device")
+    module.to(dev).eval()
+    params_m = round(sum(p.numel() for p in module.parameters()) / 1e6, 4)
+    size_mb = round(ckpt_path.stat().st_size / 1e6, 2)
+
+    full_card = {
+        "test_metrics": metrics,
+        "data_version": card.get("data_version") or ckpt.get("dataset_hash"),
+        "params_summary": card.get("params_summary") or card.get("params") or _params_summary(ckpt.get("params")),
+        "model_cost": card.get("model_cost") or card.get("cost") or {"params_m": params_m, "checkpoint_mb": size_mb},
+        "trained_epochs": card.get("trained_epochs") or ckpt.get("epoch"),
+    }
+
+    leaderboard = None
+    if files.get("leaderboard.csv"):
+        with open(files["leaderboard.csv"], newline="", encoding="utf-8") as fh:
+            leaderboard = list(csv.DictReader(fh))
+    leaderboard_md = files["leaderboard.md"].read_text(encoding="utf-8") if files.get("leaderboard.md") else None
+
+    for name, what in OPTIONAL_FILES.items():
+        if layout == "folder" and files.get(name) is None:
+            notes.append(f"{name} missing: no {what}")
+    try:
+        import cv2  # noqa: F401  (preprocess decodes JPEGs with OpenCV; cvpipe.resize falls back to Pillow)
+    except ImportError:
+        notes.append("OpenCV is not installed: JPEGs are decoded with Pillow, so pixels can differ slightly "
+                     "from what preprocess fed the model (install opencv-python-headless)")
+    if layout == "checkpoint":
+        if cm_path is None:
+            notes.append("no confusion matrix image found (run cvpipe evaluate)")
+        notes.append("no leaderboard: a bare checkpoint was loaded, not a promoted model folder (cvpipe compare)")
+
+    # preprocess decodes at >= HASH_MIN_SIDE when it hashes for near-duplicates (split.near_duplicate_distance)
+    from cvpipe.resize import HASH_MIN_SIDE
+
+    split_cfg = (ckpt.get("params") or {}).get("split") or {}
+    hashed = split_cfg.get("near_duplicate_distance", 4) is not None
+    decode_side = prep.get("decode_side") or (max(int(image_size), HASH_MIN_SIDE) if hashed else int(image_size))
+
+    model = ServedModel(
+        arch=arch, decode_side=int(decode_side), classes=list(classes), image_size=int(image_size), resize_mode=str(resize_mode),
+        mean=[float(v) for v in mean], std=[float(v) for v in std], module=module, device=dev,
+        source=str(uri), layout=layout, card=full_card, files=files, notes=notes,
+        leaderboard=leaderboard, leaderboard_md=leaderboard_md,
+    )
+    # warm-up: the first call pays one-off allocation costs, not the first user
+    import torch as _t
+
+    with _t.inference_mode():
+        model.forward(model.to_tensor([np.zeros((model.image_size, model.image_size, 3), np.uint8)]))
+    return model
