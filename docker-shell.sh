@@ -100,10 +100,10 @@ run_stage() {
   args+=($(gpu_flags "$stage"))
   # shellcheck disable=SC2206
   [ -n "${CVPIPE_DOCKER_ARGS:-}" ] && args+=(${CVPIPE_DOCKER_ARGS})
+  if [ -t 0 ] && [ -t 1 ]; then args+=(-it); elif [ "$shell" = 1 ]; then args+=(-i); fi
   if [ "$shell" = 1 ]; then
-    exec "$DOCKER" "${args[@]}" -it --entrypoint bash "$(image_of "$stage")" "$@"
+    exec "$DOCKER" "${args[@]}" --entrypoint bash "$(image_of "$stage")" "$@"
   fi
-  [ -t 0 ] && [ -t 1 ] && args+=(-it)
   "$DOCKER" "${args[@]}" "$(image_of "$stage")" "$@"
 }
 

@@ -207,13 +207,28 @@ def _new_project(root: Path, digits_slice: Path) -> Path:
     return root
 
 
-def _tree_hash(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def _norm(data: bytes, project: Path) -> bytes:
+    """Source URIs are absolute: the same project is /work inside the containers."""
+    return data.replace(str(project).encode() + b"/", b"<project>/").replace(b"/work/", b"<project>/")
+
+
+def _tree_hash(folder: Path, project: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        data = _norm(p.read_bytes(), project)
+        if p.name == "meta.json":  # its fingerprint hashes the index, i.e. the absolute source URIs
+            meta = json.loads(data)
+            meta.pop("fingerprint")
+            data = json.dumps(meta, sort_keys=True).encode()
+        out[p.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 STABLE_TRAIN = ["arch", "epochs_run", "best_epoch", "best_val_acc", "best_val_loss", "final_train_loss",
-                "final_val_acc", "final_val_loss", "device", "amp", "params_m", "dataset_hash"]
+                "final_val_acc", "final_val_loss", "device", "amp", "params_m"]
+# (dataset_hash covers the prepared index, whose source URIs are absolute paths: compared normalized below)
 
 
 def _results(project: Path) -> dict:
@@ -221,14 +236,16 @@ def _results(project: Path) -> dict:
     ev = json.loads((project / "metrics/resnet18/evaluate.json").read_text())
     history = (project / "plots/resnet18/history.csv").read_text().splitlines()
     cols = history[0].split(",")
-    keep = [i for i, c in enumerate(cols) if "time" not in c and "per_s" not in c and "seconds" not in c]
+    keep = [i for i, c in enumerate(cols) if c not in ("img_per_s", "seconds")]
+    assert {"epoch", "train_loss", "val_loss", "val_acc"} <= {cols[i] for i in keep}
     return {
-        "prepared": _tree_hash(project / "data/prepared"),
-        "dataset": json.loads((project / "metrics/dataset.json").read_text()),
+        "prepared": _tree_hash(project / "data/prepared", project),
+        "dataset": {k: v for k, v in json.loads((project / "metrics/dataset.json").read_text()).items()
+                    if k not in ("seconds", "images_per_second")},
         "train": {k: train[k] for k in STABLE_TRAIN},
         "evaluate": {k: v for k, v in ev.items() if k not in ("seconds", "img_per_s")},
         "history": [[row.split(",")[i] for i in keep] for row in history],
-        "predictions": (project / "plots/resnet18/predictions.csv").read_text(),
+        "predictions": _norm((project / "plots/resnet18/predictions.csv").read_bytes(), project),
     }
 
 
