@@ -333,7 +333,7 @@ def test_dvc_repro_through_containers_then_no_op(docker, images, digits_slice, t
     files = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("metrics/", "plots/")) and rel != "dvc.lock":
+        if src.is_file() and not rel.startswith(("metrics/", "plots/", ".dvc/")) and rel != "dvc.lock":
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
     write_params(work, PARAMS)
