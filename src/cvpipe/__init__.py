@@ -1,4 +1,3 @@
 """cvpipe: a reproducible computer-vision fine-tuning pipeline."""
 
 __version__ = "0.1.0"
-# timing probe
