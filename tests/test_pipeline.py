@@ -130,6 +130,10 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     repo.mkdir()
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    # what dvc.yaml's stages run (scripts/stage) and depend on (each stage's Dockerfile, the lock)
+    for rel in ["scripts/stage", "docker-shell.sh", "Pipfile.lock", *(p.relative_to(REPO).as_posix() for p in REPO.glob("*/Dockerfile"))]:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
     write_params(repo, {"ingest.source": str(digits_slice), "train.epochs": 2})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

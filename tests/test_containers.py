@@ -1,0 +1,364 @@
+"""The stage images, built and run for real (Docker engine required; CI starts one).
+
+* every folder with a Dockerfile builds (ingest, preprocess, train, evaluate, and app once it exists);
+* each image: non-root user, ENTRYPOINT ``cvpipe <stage>``, OCI labels, no torch in ingest/preprocess;
+* a stale Pipfile.lock fails the build; .dockerignore keeps data, venvs, caches and keys out;
+* ingest -> preprocess -> train -> evaluate through the containers (docker-shell.sh) gives the
+  same prepared data and metrics as the same params run locally (deterministic, same seed);
+* secrets passed at run time (WANDB_API_KEY, the GOOGLE_APPLICATION_CREDENTIALS key file) appear
+  neither in ``docker history`` nor anywhere in the image filesystem;
+* ``docker-compose run`` (v1; ``docker compose`` v2 when v1 is absent) of the pipeline;
+* ``CVPIPE_RUNNER=docker dvc repro`` runs the chain in containers and a second call is a no-op.
+
+No docker client at all -> skipped, unless CVPIPE_REQUIRE_DOCKER=1 (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvpipe import sample
+
+from conftest import REPO, cvpipe, write_params
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+STAGES = ["ingest", "preprocess", "train", "evaluate"]
+TAG = "test"
+PER_CLASS = 30
+
+
+def _docker_bin() -> str | None:
+    if os.environ.get("DOCKER"):
+        return os.environ["DOCKER"]
+    # the distribution's client talks to the local engine; an older stand-alone one may come first on PATH
+    return "/usr/bin/docker" if Path("/usr/bin/docker").exists() else shutil.which("docker")
+
+
+DOCKER = _docker_bin()
+
+
+def _sh(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, timeout: float = 1800, check: bool = True,
+        input: bytes | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, cwd=cwd, capture_output=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout.decode()[-4000:]}\n{proc.stderr.decode()[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def docker() -> str:
+    if DOCKER is None:
+        if os.environ.get("CVPIPE_REQUIRE_DOCKER") == "1":
+            pytest.fail("CVPIPE_REQUIRE_DOCKER=1 but no docker client found")
+        pytest.skip("no docker client")
+    proc = subprocess.run([DOCKER, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"docker client {DOCKER} cannot reach an engine: {proc.stderr.strip()}")
+    return DOCKER
+
+
+def _stage_dirs() -> list[str]:
+    return sorted(p.parent.name for p in REPO.glob("*/Dockerfile"))
+
+
+def _env(docker: str, **extra) -> dict:
+    return {"DOCKER": docker, "CVPIPE_IMAGE_TAG": TAG, "PYPI_URL": _index_url(), **extra}
+
+
+def _index_url() -> str:
+    return subprocess.run(["sh", str(REPO / "scripts/index_url.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def images(docker) -> dict[str, str]:
+    """Build every stage image (cvpipe-<stage>:test) with docker-shell.sh; returns stage -> image."""
+    t0 = time.monotonic()
+    _sh([str(REPO / "docker-shell.sh"), "all", "--build-only"], env=_env(docker), timeout=3600)
+    print(f"\n[containers] built {_stage_dirs()} in {time.monotonic() - t0:.1f}s")
+    return {s: f"cvpipe-{s}:{TAG}" for s in _stage_dirs()}
+
+
+def _inspect(docker: str, image: str) -> dict:
+    return json.loads(_sh([docker, "image", "inspect", image]).stdout)[0]
+
+
+def test_every_stage_folder_with_a_dockerfile_builds(docker, images):
+    assert set(STAGES) <= set(images)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for stage, image in images.items():
+        info = _inspect(docker, image)
+        cfg = info["Config"]
+        if stage in STAGES:
+            assert cfg["Entrypoint"] == ["cvpipe", stage]
+        else:  # app: its own cvpipe command
+            assert cfg["Entrypoint"][0] == "cvpipe"
+        assert cfg["User"] not in ("", "root", "0", "0:0")
+        labels = cfg["Labels"]
+        assert labels["org.opencontainers.image.title"] == f"cvpipe-{stage}"
+        assert "org.opencontainers.image.source" in labels
+        if head:
+            assert labels["org.opencontainers.image.revision"] == head
+        print(f"[containers] {image}: {info['Size'] / 1e9:.2f} GB")
+
+
+def test_images_run_as_non_root_and_carry_only_their_stage(docker, images):
+    for stage, image in images.items():
+        uid = _sh([docker, "run", "--rm", "--entrypoint", "id", image, "-u"]).stdout.decode().strip()
+        assert uid != "0", image
+        probe = ("import importlib.util as u, json; "
+                 "print(json.dumps({m: u.find_spec(m) is not None for m in ['torch', 'pytest', 'dvc', 'cvpipe', 'gcsfs']}))")
+        have = json.loads(_sh([docker, "run", "--rm", "--entrypoint", "python", image, "-c", probe]).stdout)
+        assert have["cvpipe"] and not have["pytest"] and not have["dvc"], (image, have)  # no dev or pipeline tools
+        assert have["torch"] == (stage not in ("ingest", "preprocess")), (image, have)
+        assert have["gcsfs"] == (stage == "ingest"), (image, have)
+        # the CLI works as the entrypoint
+        assert "Usage" in _sh([docker, "run", "--rm", image, "--help"]).stdout.decode()
+    # the torch images are the CUDA build (they use GPUs under --gpus all) and degrade to CPU here
+    out = _sh([docker, "run", "--rm", "--entrypoint", "python", images["train"], "-c",
+               "import torch; print(torch.version.cuda is not None, torch.cuda.is_available())"]).stdout.decode().split()
+    assert out[0] == "True"
+
+
+def test_train_evaluate_share_the_torch_layer(docker, images):
+    """The ~6 GB torch/CUDA layer is built once: train's and evaluate's (and app's) layer lists share it."""
+    base = _inspect(docker, "python:3.11-slim-bookworm")["RootFS"]["Layers"]
+    torch_images = [s for s in images if s not in ("ingest", "preprocess")]
+    layer_lists = [_inspect(docker, images[s])["RootFS"]["Layers"] for s in torch_images]
+    shared = set(layer_lists[0]).intersection(*map(set, layer_lists[1:]))
+    # base + (venv, user) + torch.txt + the torch install
+    assert len(shared) >= len(base) + 3, (torch_images, len(shared), len(base))
+    assert all(lst[: len(base) + 3] == layer_lists[0][: len(base) + 3] for lst in layer_lists)
+
+
+def test_stale_lock_fails_the_build(docker, tmp_path):
+    ctx = tmp_path / "ctx"
+    (ctx / "ingest").mkdir(parents=True)
+    for name in ("Pipfile", "Pipfile.lock", ".dockerignore", "ingest/Dockerfile"):
+        shutil.copy(REPO / name, ctx / name)
+    shutil.copytree(REPO / "docker", ctx / "docker")
+    args = [docker, "build", "--target", "lock", "-f", str(ctx / "ingest/Dockerfile"), "--build-arg", f"PIP_INDEX_URL={_index_url()}"]
+    _sh(args + ["-t", "cvpipe-locktest:ok", str(ctx)])  # the real lock passes
+    with open(ctx / "Pipfile", "a") as fh:
+        fh.write('\n[ingest-extra]\nrequests = "*"\n')
+    proc = _sh(args + ["-t", "cvpipe-locktest:stale", str(ctx)], check=False)
+    assert proc.returncode != 0
+    assert b"out-of-date" in proc.stdout + proc.stderr
+    _sh([docker, "rmi", "cvpipe-locktest:ok"], check=False)
+
+
+def test_dockerignore_keeps_data_venvs_caches_and_keys_out(docker, tmp_path):
+    ctx = tmp_path / "ctx"
+    files = {
+        "Pipfile": "ok", "pyproject.toml": "ok", "src/cvpipe/x.py": "ok", "docker/lock-requirements.sh": "ok",
+        "data/raw/a.png": "no", "models/resnet18/best.pt": "no", ".venv/bin/python": "no", ".dvc/cache/ab/cd": "no",
+        ".env": "no", "gcp-key-prod.json": "no", "sa.json.key": "no", "src/cvpipe/__pycache__/x.cpython-311.pyc": "no",
+        "src/.env": "no", "wandb/run/x": "no", ".git/HEAD": "no", "notes/secret.txt": "no", ".pytest_cache/x": "no",
+    }
+    for rel, _ in files.items():
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(rel)
+    shutil.copy(REPO / ".dockerignore", ctx / ".dockerignore")
+    (ctx / "Dockerfile.ctx").write_text("FROM python:3.11-slim-bookworm\nCOPY . /ctx\n")
+    _sh([docker, "build", "-q", "-f", str(ctx / "Dockerfile.ctx"), "-t", "cvpipe-ctxtest", str(ctx)])
+    listed = _sh([docker, "run", "--rm", "--entrypoint", "find", "cvpipe-ctxtest", "/ctx", "-type", "f"]).stdout.decode().split()
+    seen = {p.removeprefix("/ctx/") for p in listed}
+    assert {r for r, v in files.items() if v == "ok"} <= seen
+    assert not {r for r, v in files.items() if v == "no"} & seen, seen
+    _sh([docker, "rmi", "cvpipe-ctxtest"], check=False)
+
+
+# ---- the pipeline through the containers -------------------------------------------------------
+
+PARAMS = {
+    "ingest.source": "data/source",  # relative to the project (/work in the containers)
+    "ingest.workers": 2,
+    "preprocess.workers": 2,
+    "train.epochs": 2,
+    "train.warmup_epochs": 1,
+    "train.deterministic": True,
+    "train.seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def digits_slice(tmp_path_factory) -> Path:
+    full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
+    out = tmp_path_factory.mktemp("digits-slice")
+    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
+        (out / cls.name).mkdir()
+        for f in sorted(cls.iterdir())[:PER_CLASS]:
+            shutil.copy(f, out / cls.name / f.name)
+    return out
+
+
+def _new_project(root: Path, digits_slice: Path) -> Path:
+    root.mkdir(parents=True)
+    write_params(root, PARAMS)
+    shutil.copytree(digits_slice, root / "data" / "source")
+    return root
+
+
+def _norm(data: bytes, project: Path) -> bytes:
+    """Source URIs are absolute: the same project is /work inside the containers."""
+    return data.replace(str(project).encode() + b"/", b"<project>/").replace(b"/work/", b"<project>/")
+
+
+def _tree_hash(folder: Path, project: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        data = _norm(p.read_bytes(), project)
+        if p.name == "meta.json":  # its fingerprint hashes the index, i.e. the absolute source URIs
+            meta = json.loads(data)
+            meta.pop("fingerprint")
+            data = json.dumps(meta, sort_keys=True).encode()
+        out[p.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+STABLE_TRAIN = ["arch", "epochs_run", "best_epoch", "best_val_acc", "best_val_loss", "final_train_loss",
+                "final_val_acc", "final_val_loss", "device", "amp", "params_m"]
+# (dataset_hash covers the prepared index, whose source URIs are absolute paths: compared normalized below)
+
+
+def _results(project: Path) -> dict:
+    train = json.loads((project / "metrics/resnet18/train.json").read_text())
+    ev = json.loads((project / "metrics/resnet18/evaluate.json").read_text())
+    history = (project / "plots/resnet18/history.csv").read_text().splitlines()
+    cols = history[0].split(",")
+    keep = [i for i, c in enumerate(cols) if c not in ("img_per_s", "seconds")]
+    assert {"epoch", "train_loss", "val_loss", "val_acc"} <= {cols[i] for i in keep}
+    return {
+        "prepared": _tree_hash(project / "data/prepared", project),
+        "dataset": {k: v for k, v in json.loads((project / "metrics/dataset.json").read_text()).items()
+                    if k not in ("seconds", "images_per_second")},
+        "train": {k: train[k] for k in STABLE_TRAIN},
+        "evaluate": {k: v for k, v in ev.items() if k not in ("seconds", "img_per_s")},
+        "history": [[row.split(",")[i] for i in keep] for row in history],
+        "predictions": _norm((project / "plots/resnet18/predictions.csv").read_bytes(), project),
+    }
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, digits_slice) -> dict:
+    project = _new_project(tmp_path_factory.mktemp("local") / "p", digits_slice)
+    t0 = time.monotonic()
+    for stage in STAGES:
+        cvpipe(stage, "--quiet", cwd=project)
+    print(f"\n[containers] local pipeline: {time.monotonic() - t0:.1f}s")
+    return _results(project)
+
+
+def test_pipeline_in_containers_equals_local_run_and_leaks_no_secret(docker, images, local_run, digits_slice, tmp_path):
+    project = _new_project(tmp_path / "p", digits_slice)
+    wandb_key = "wk" + secrets.token_hex(20)  # 42 chars, the shape of a W&B key
+    gcp_secret = "gcpsecret" + secrets.token_hex(16)
+    key_file = tmp_path / "key" / "sa.json"
+    key_file.parent.mkdir()
+    key_file.write_text(json.dumps({"type": "service_account", "private_key": gcp_secret, "client_email": "x@y.z"}))
+    env = _env(docker, CVPIPE_PROJECT_DIR=str(project), CVPIPE_NO_BUILD="1", WANDB_API_KEY=wandb_key,
+               WANDB_MODE="offline", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
+    t0 = time.monotonic()
+    proc = _sh([str(REPO / "docker-shell.sh"), "all", "--quiet"], env=env, timeout=1800)
+    print(f"\n[containers] pipeline through docker-shell.sh: {time.monotonic() - t0:.1f}s")
+    assert (project / "metrics/resnet18/evaluate.json").exists(), proc.stderr.decode()
+    got = _results(project)
+    for key in ("prepared", "dataset", "train", "evaluate", "history", "predictions"):
+        assert got[key] == local_run[key], key
+    # the container saw the key file read-only at the path it was told
+    out = _sh([str(REPO / "docker-shell.sh"), "ingest", "--shell", "-c",
+               'test -r "$GOOGLE_APPLICATION_CREDENTIALS" && ! test -w "$GOOGLE_APPLICATION_CREDENTIALS" && echo ro'],
+              env=env).stdout.decode()
+    assert out.strip().endswith("ro")
+
+    for image in images.values():
+        hist = _sh([docker, "history", "--no-trunc", image]).stdout.decode()
+        meta = _sh([docker, "image", "inspect", image]).stdout.decode()
+        for secret in (wandb_key, gcp_secret):
+            assert secret not in hist and secret not in meta
+        # every byte of the image's filesystem, streamed through grep
+        cid = _sh([docker, "create", image]).stdout.decode().strip()
+        try:
+            exp = subprocess.Popen([docker, "export", cid], stdout=subprocess.PIPE)
+            grep = subprocess.run(["grep", "-c", "-a", "-F", "-e", wandb_key, "-e", gcp_secret],
+                                  stdin=exp.stdout, capture_output=True, text=True)
+            exp.stdout.close()
+            assert exp.wait() == 0
+            assert grep.stdout.strip() == "0", f"a run-time secret is inside {image}"
+        finally:
+            _sh([docker, "rm", cid], check=False)
+
+
+def _compose_cmd(docker: str) -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    pytest.fail("neither docker-compose (v1) nor the docker compose plugin (v2) is installed")
+
+
+def test_compose_run_of_the_pipeline(docker, images, local_run, digits_slice, tmp_path):
+    project = _new_project(tmp_path / "p", digits_slice)
+    for d in ("data", "models", "metrics", "plots", "wandb", ".cvpipe"):
+        (project / d).mkdir(exist_ok=True)
+    name = f"cvpipetest{secrets.token_hex(3)}"
+    compose = _compose_cmd(docker) + ["-f", str(REPO / "docker-compose.yml"), "-p", name]
+    env = {"CVPIPE_PROJECT_DIR": str(project), "CVPIPE_IMAGE_TAG": TAG, "CVPIPE_UID": str(os.getuid()),
+           "CVPIPE_GID": str(os.getgid()), "WANDB_MODE": "offline"}
+    t0 = time.monotonic()
+    try:
+        # evaluate's depends_on chain runs ingest, preprocess and train first, each after the previous exits 0
+        _sh(compose + ["run", "--rm", "evaluate", "--quiet"], env=env, cwd=REPO, timeout=1800)
+    finally:
+        _sh(compose + ["down", "--remove-orphans"], env=env, cwd=REPO, check=False)
+    print(f"\n[containers] docker-compose run evaluate: {time.monotonic() - t0:.1f}s")
+    got = _results(project)
+    for key in ("prepared", "train", "evaluate", "predictions"):
+        assert got[key] == local_run[key], key
+
+
+def test_dvc_repro_through_containers_then_no_op(docker, images, digits_slice, tmp_path):
+    # a copy of the tracked project (what a clone holds), as its own DVC repo
+    work = tmp_path / "clone"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("metrics/", "plots/", ".dvc/")) and rel != "dvc.lock":
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / rel)
+    write_params(work, PARAMS)
+    shutil.copytree(digits_slice, work / "data" / "source")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    # no cvpipe on PATH: the local runner could not run a stage, only the containers can
+    env = {**_env(docker), "CVPIPE_RUNNER": "docker", "PATH": "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "WANDB_MODE": "offline", "DVC_NO_ANALYTICS": "1"}
+    _sh([dvc, "init", "--no-scm", "-q"], cwd=work, env=env)
+    t0 = time.monotonic()
+    first = _sh([dvc, "repro"], cwd=work, env=env, timeout=1800)
+    print(f"\n[containers] CVPIPE_RUNNER=docker dvc repro: {time.monotonic() - t0:.1f}s")
+    log = (first.stdout + first.stderr).decode()
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log, log
+        assert f"building cvpipe-{stage}:{TAG}" in log, log
+    assert json.loads((work / "metrics/resnet18/evaluate.json").read_text())["n_test"] > 0
+    second = _sh([dvc, "repro"], cwd=work, env=env)
+    log2 = (second.stdout + second.stderr).decode()
+    assert "Running stage" not in log2 and "building" not in log2, log2
+    # a Dockerfile edit makes its stage (and what follows) stale
+    with open(work / "train/Dockerfile", "a") as fh:
+        fh.write("# edited\n")
+    status = _sh([dvc, "status"], cwd=work, env=env).stdout.decode()
+    assert "train/Dockerfile" in status and "ingest:" not in status, status
