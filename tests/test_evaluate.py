@@ -141,7 +141,7 @@ def test_planted_mislabel_shows_in_confusion_matrix_and_gallery(tiny_project):
 
     # EMA weights asked of a checkpoint without them: one line, exit 1
     proc = cvpipe("evaluate", "-q", "-S", "evaluate.weights=ema", cwd=root, check=False)
-    assert proc.returncode == 1 and "no EMA weights" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "no EMA weights" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     # flip TTA runs and is recorded
     cvpipe("evaluate", "-q", "-S", "evaluate.tta_flip=true", "-S", "evaluate.export=false", cwd=root)
     assert json.loads((root / "metrics/test_resnet/evaluate.json").read_text())["tta_flip"] is True
