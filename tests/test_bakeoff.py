@@ -20,7 +20,7 @@ import yaml
 from cvpipe import sample
 from cvpipe.wandb_offline import find_runs, read_run
 
-from conftest import REPO, write_params
+from conftest import REPO, copy_pipeline, write_params
 
 ARCHS = {"test_resnet": {"lr": 0.003}, "test_efficientnet": {"lr": 0.002}}
 pytestmark = pytest.mark.slow
@@ -45,10 +45,7 @@ def bakeoff(tmp_path_factory):
         (src / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[:20]:
             shutil.copy(f, src / cls.name / f.name)
-    repo = tmp / "repo"
-    repo.mkdir()
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    repo = copy_pipeline(tmp / "repo")
     write_params(repo, {
         "ingest.source": str(src), "ingest.workers": 1, "preprocess.workers": 1, "train.epochs": 2, "train.batch_size": 32,
         "train.arch": "test_resnet", "bakeoff.archs": ARCHS, "bakeoff.group": "bakeoff-test", "evaluate.latency_runs": 5,

@@ -18,7 +18,7 @@ from PIL import Image
 from cvpipe import sample
 from cvpipe.wandb_offline import find_runs, read_run
 
-from conftest import REPO, cvpipe, write_params
+from conftest import REPO, copy_pipeline, cvpipe, write_params
 
 PER_CLASS = 30
 
@@ -126,14 +126,7 @@ def _run(cmd, cwd, env):
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     """dvc repro end to end, then: no-op rerun, params diff, metrics, plots, and a train-only change."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    # what dvc.yaml's stages run (scripts/stage) and depend on (each stage's Dockerfile, the lock)
-    for rel in ["scripts/stage", "docker-shell.sh", "Pipfile.lock", *(p.relative_to(REPO).as_posix() for p in REPO.glob("*/Dockerfile"))]:
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
+    repo = copy_pipeline(tmp_path / "repo")
     write_params(repo, {"ingest.source": str(digits_slice), "train.epochs": 2})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

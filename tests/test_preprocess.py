@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, write_params
+from conftest import REPO, copy_pipeline, write_params
 from conftest import cvpipe as _cvpipe
 
 from cvpipe import ingest, preprocess
@@ -380,14 +380,7 @@ def test_dvc_skips_preprocess_when_unchanged_and_on_train_only_changes(tmp_path)
 
     import yaml
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    # what dvc.yaml's stages run (scripts/stage) and depend on (each stage's Dockerfile, the lock)
-    for rel in ["scripts/stage", "docker-shell.sh", "Pipfile.lock", *(p.relative_to(REPO).as_posix() for p in REPO.glob("*/Dockerfile"))]:
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
+    repo = copy_pipeline(tmp_path / "repo")
     src = make_folder(tmp_path / "imgs", {"a": 12, "b": 12})
     write_params(repo, {"ingest.source": str(src), "preprocess.image_size": 16, "wandb.mode": "disabled"})
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
