@@ -236,7 +236,11 @@ STABLE_TRAIN = ["arch", "epochs_run", "best_epoch", "best_val_acc", "best_val_lo
 
 def _results(project: Path) -> dict:
     train = json.loads((project / "metrics/resnet18/train.json").read_text())
-    ev = json.loads((project / "metrics/resnet18/evaluate.json").read_text())
+    # source URIs are absolute (normalized); data_version hashes them (like meta.json's
+    # fingerprint); cost holds this machine's latency/throughput timings
+    ev = json.loads(_norm((project / "metrics/resnet18/evaluate.json").read_bytes(), project))
+    for k in ("data_version", "cost"):
+        ev.pop(k, None)
     history = (project / "plots/resnet18/history.csv").read_text().splitlines()
     cols = history[0].split(",")
     keep = [i for i, c in enumerate(cols) if c not in ("img_per_s", "seconds")]
