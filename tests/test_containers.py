@@ -355,7 +355,7 @@ def test_dvc_repro_through_containers_then_no_op(docker, images, digits_slice, t
     print(f"\n[containers] CVPIPE_RUNNER=docker dvc repro: {time.monotonic() - t0:.1f}s")
     log = (first.stdout + first.stderr).decode()
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in log, log
+        assert f"Running stage '{stage}" in log, log  # train@<arch>, evaluate@<arch> under foreach
         assert f"building cvpipe-{stage}:{TAG}" in log, log
     assert json.loads((work / "metrics/resnet18/evaluate.json").read_text())["n_test"] > 0
     second = _sh([dvc, "repro"], cwd=work, env=env)
