@@ -20,7 +20,7 @@ import yaml
 from cvpipe import sample
 from cvpipe.wandb_offline import find_runs, read_run
 
-from conftest import REPO, copy_pipeline, write_params
+from conftest import copy_pipeline, write_params
 
 ARCHS = {"test_resnet": {"lr": 0.003}, "test_efficientnet": {"lr": 0.002}}
 pytestmark = pytest.mark.slow

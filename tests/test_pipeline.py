@@ -18,7 +18,7 @@ from PIL import Image
 from cvpipe import sample
 from cvpipe.wandb_offline import find_runs, read_run
 
-from conftest import REPO, copy_pipeline, cvpipe, write_params
+from conftest import copy_pipeline, cvpipe, write_params
 
 PER_CLASS = 30
 

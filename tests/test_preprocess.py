@@ -375,7 +375,6 @@ def _dvc(repo: Path, *args: str, check: bool = True):
 
 @pytest.mark.slow
 def test_dvc_skips_preprocess_when_unchanged_and_on_train_only_changes(tmp_path):
-    import shutil
     import subprocess
 
     import yaml
