@@ -83,6 +83,19 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def make_digits_slice(tmp_path_factory, per_class: int) -> Path:
+    """A class-folder copy of the built-in digits sample with *per_class* images per class."""
+    from cvpipe import sample
+
+    full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
+    out = tmp_path_factory.mktemp("digits-slice")
+    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
+        (out / cls.name).mkdir()
+        for f in sorted(cls.iterdir())[:per_class]:
+            shutil.copy(f, out / cls.name / f.name)
+    return out
+
+
 def copy_pipeline(repo: Path) -> Path:
     """Copy what `dvc repro` needs into *repo*: the code, dvc.yaml, and what its stages run
     (scripts/stage, docker-shell.sh) and depend on (each stage's Dockerfile, the lock)."""

@@ -18,13 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cvpipe import sample
 from cvpipe.config import ServeParams
 from cvpipe.errors import StageError
 from cvpipe.serve.app import BackgroundServer, create_app
 from cvpipe.serve.model import load_model
 
-from conftest import cvpipe, write_params
+from conftest import cvpipe, make_digits_slice, write_params
 
 PER_CLASS = 20
 
@@ -32,12 +31,7 @@ PER_CLASS = 20
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A project folder after ingest -> preprocess -> train (2 epochs) -> evaluate on a digits slice."""
-    full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
-    src = tmp_path_factory.mktemp("digits-slice")
-    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
-        (src / cls.name).mkdir()
-        for f in sorted(cls.iterdir())[:PER_CLASS]:
-            shutil.copy(f, src / cls.name / f.name)
+    src = make_digits_slice(tmp_path_factory, PER_CLASS)
     proj = tmp_path_factory.mktemp("served-project")
     write_params(proj, {"ingest.source": str(src), "train.epochs": 2, "train.warmup_epochs": 1, "wandb.mode": "disabled"})
     for stage in ("ingest", "preprocess"):

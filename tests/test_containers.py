@@ -27,9 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from cvpipe import sample
 
-from conftest import REPO, cvpipe, write_params
+from conftest import REPO, cvpipe, write_params, make_digits_slice
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -194,13 +193,7 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def digits_slice(tmp_path_factory) -> Path:
-    full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
-    out = tmp_path_factory.mktemp("digits-slice")
-    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
-        (out / cls.name).mkdir()
-        for f in sorted(cls.iterdir())[:PER_CLASS]:
-            shutil.copy(f, out / cls.name / f.name)
-    return out
+    return make_digits_slice(tmp_path_factory, PER_CLASS)
 
 
 def _new_project(root: Path, digits_slice: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,10 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from cvpipe import sample
 from cvpipe.wandb_offline import find_runs, read_run
 
-from conftest import copy_pipeline, cvpipe, write_params
+from conftest import copy_pipeline, cvpipe, write_params, make_digits_slice
 
 PER_CLASS = 30
 
@@ -26,13 +24,7 @@ PER_CLASS = 30
 @pytest.fixture(scope="module")
 def digits_slice(tmp_path_factory) -> Path:
     """A small class-folder copy of the digits sample: PER_CLASS images per class."""
-    full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
-    out = tmp_path_factory.mktemp("digits-slice")
-    for cls in sorted(p for p in full.iterdir() if p.is_dir()):
-        (out / cls.name).mkdir()
-        for f in sorted(cls.iterdir())[:PER_CLASS]:
-            shutil.copy(f, out / cls.name / f.name)
-    return out
+    return make_digits_slice(tmp_path_factory, PER_CLASS)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -23,6 +23,12 @@ from cvpipe.errors import ParamsError
 DEFAULT_PARAMS_FILE = "params.yaml"
 
 
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
 class _Section(BaseModel):
     """Base for every params section: unknown keys are errors, not silently ignored."""
 
@@ -163,9 +169,7 @@ class TrainParams(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return v
+        return _check_device(v)
 
     @field_validator("arch")
     @classmethod
@@ -258,9 +262,7 @@ class ServeParams(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return v
+        return _check_device(v)
 
 
 class WandbParams(_Section):
