@@ -204,6 +204,28 @@ def test_upload_limit_by_header_and_by_stream(served):
         assert c.post("/predict", files={"file": ("x.png", _png(), "image/png")}).status_code == 200
 
 
+def _read_http_response(sock) -> str:
+    """Read one whole HTTP/1.1 response: headers and body may arrive in separate TCP segments."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return buf.decode("latin-1")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
+
+
 def test_slow_upload_times_out_and_server_stays_up(served):
     app = create_app(served, ServeParams(request_timeout_s=1.0))
     with BackgroundServer(app) as url:
@@ -212,7 +234,7 @@ def test_slow_upload_times_out_and_server_stays_up(served):
             s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                       b"Content-Length: 5000\r\n\r\n--b\r\n")
             t0 = time.monotonic()
-            reply = s.recv(65536).decode("latin-1")
+            reply = _read_http_response(s)
             waited = time.monotonic() - t0
         assert reply.startswith("HTTP/1.1 408"), reply
         assert '"error":"request_timeout"' in reply and 0.8 < waited < 5
