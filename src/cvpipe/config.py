@@ -134,7 +134,12 @@ class TrainParams(_Section):
     pretrained_path: Optional[str] = None
     finetune: Literal["full", "linear_probe", "staged"] = "full"
     freeze_epochs: int = Field(0, ge=0, description="staged: epochs with a frozen backbone before unfreezing")
-    epochs: int = Field(15, ge=1, le=10_000)
+    epochs: int = Field(15, ge=1, le=10_000, description="epochs to run; with time_budget_minutes, the most epochs the budget may plan")
+    time_budget_minutes: Optional[float] = Field(
+        None, gt=0, le=100_000,
+        description="wall-clock budget of one train run (process start to last checkpoint); the epoch count and the "
+        "cosine schedule are sized from the throughput measured in the first steps. null = run train.epochs",
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0, le=10)
     head_lr: Optional[float] = Field(None, gt=0, le=10, description="classifier LR; null = lr")
