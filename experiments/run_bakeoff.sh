@@ -4,37 +4,51 @@
 #
 #   CVPIPE_REAL_DATA=/path/to/shared/data experiments/run_bakeoff.sh [scratch-dir]
 #
-# The scratch copy gets src/, dvc.yaml and experiments/hymenoptera/params.yaml (with
+# The scratch copy gets the repository's files (tracked and untracked-but-not-ignored, without
+# recorded results) and experiments/hymenoptera/params.yaml as its params.yaml (with
 # ingest.source pointed at $CVPIPE_REAL_DATA/hymenoptera_data). W&B runs offline into it.
+# BAKEOFF_RESULTS=DIR writes the results there instead of experiments/hymenoptera/results
+# (tests/test_experiments.py uses it to check that the committed results reproduce).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${CVPIPE_REAL_DATA:?set CVPIPE_REAL_DATA to the folder holding hymenoptera_data}"
 WORK="${1:-$(mktemp -d /tmp/cvpipe-bakeoff-XXXX)}"
 PY="${PYTHON:-python}"
-OUT="$REPO/experiments/hymenoptera"
+SRC="$REPO/experiments/hymenoptera"
+RESULTS="${BAKEOFF_RESULTS:-$SRC/results}"
 mkdir -p "$WORK"
-cp -r "$REPO/src" "$WORK/src"
-cp "$REPO/dvc.yaml" "$WORK/dvc.yaml"
-sed "s#__DATA__#$DATA#" "$OUT/params.yaml" > "$WORK/params.yaml"
+WORK="$(cd "$WORK" && pwd)"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard -- . ':!experiments/*/results' \
+   | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+   | tar --null -T - -cf -) | tar -C "$WORK" -xf -
+sed "s#__DATA__#$DATA#" "$SRC/params.yaml" > "$WORK/params.yaml"
 cd "$WORK"
-export PYTHONPATH="$WORK/src" WANDB_MODE=offline DVC_NO_ANALYTICS=1
+export PYTHONPATH="$WORK/src" WANDB_MODE=offline DVC_NO_ANALYTICS=1 CVPIPE_RUNNER="${CVPIPE_RUNNER:-local}"
+rm -f dvc.lock
 [ -d .git ] || git init -q
 [ -d .dvc ] || "$PY" -m dvc init -q
 start=$(date +%s)
-"$PY" -m dvc repro 2>&1 | tee repro.log | grep -E "^Running stage|evaluated|compared|trained" || true
+if ! "$PY" -m dvc repro > repro.log 2>&1; then
+  tail -n 30 repro.log >&2
+  echo "run_bakeoff: dvc repro failed (full log: $WORK/repro.log)" >&2
+  exit 1
+fi
+grep -E "^Running stage" repro.log || true
 end=$(date +%s)
-mkdir -p "$OUT/results/metrics" "$OUT/results/plots" "$OUT/results/wandb"
-cp reports/leaderboard.md reports/leaderboard.csv reports/pareto.png reports/compare.json "$OUT/results/"
-cp dvc.lock "$OUT/results/dvc.lock"
+OUT="$RESULTS"
+rm -rf "$OUT"
+mkdir -p "$OUT/metrics" "$OUT/plots" "$OUT/wandb"
+cp reports/leaderboard.md reports/leaderboard.csv reports/pareto.png reports/compare.json "$OUT/"
+cp dvc.lock "$OUT/dvc.lock"
 for d in metrics/*/; do
   a=$(basename "$d"); [ -f "$d/evaluate.json" ] || continue
-  mkdir -p "$OUT/results/metrics/$a" "$OUT/results/plots/$a"
-  cp "$d"/train.json "$d"/evaluate.json "$OUT/results/metrics/$a/"
-  cp plots/$a/confusion_matrix.png plots/$a/reliability.png plots/$a/mistakes.png plots/$a/history.csv "$OUT/results/plots/$a/"
+  mkdir -p "$OUT/metrics/$a" "$OUT/plots/$a"
+  cp "$d"/train.json "$d"/evaluate.json "$OUT/metrics/$a/"
+  cp plots/$a/confusion_matrix.png plots/$a/reliability.png plots/$a/mistakes.png plots/$a/history.csv "$OUT/plots/$a/"
 done
-cp models/best/card.json "$OUT/results/card.json"
+cp models/best/card.json "$OUT/card.json"
 # W&B offline run summaries (the run folders themselves stay in $WORK/wandb; `wandb sync` uploads them)
-"$PY" - "$OUT/results/wandb/runs.json" <<'PYEOF'
+"$PY" - "$OUT/wandb/runs.json" <<'PYEOF'
 import json, sys
 from cvpipe.wandb_offline import find_runs, read_run
 runs = []
@@ -45,7 +59,7 @@ for p in find_runs("wandb"):
                  "summary": {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str, bool))}})
 open(sys.argv[1], "w").write(json.dumps(runs, indent=2) + "\n")
 PYEOF
-"$PY" - "$OUT/results/machine.json" "$((end - start))" <<'PYEOF'
+"$PY" - "$OUT/machine.json" "$((end - start))" <<'PYEOF'
 import json, os, platform, sys, torch
 info = {"cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(), "cuda": torch.cuda.is_available(),
@@ -56,4 +70,4 @@ except (OSError, StopIteration):
     pass
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 PYEOF
-echo "results in $OUT/results (scratch repo: $WORK)"
+echo "results in $OUT (scratch repo: $WORK)"
