@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 
 from cvpipe import augment, checkpoint as ckpt_lib, distributed, finetune, storage, tracking
+from cvpipe.budget import TimeBudget, planned_warmup
 from cvpipe.config import Params
 from cvpipe.console import info, progress, set_quiet, warn
 from cvpipe.dataset import PreparedDataset, Split
@@ -168,6 +170,62 @@ def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
         "history": storage.join(params.paths.plots, name, "history.csv"),
     }
 
+
+
+def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, normalize, criterion, mixup, rt: Runtime,
+                         steps: int = 6) -> tuple[float, float]:
+    """(seconds per training step, seconds per image of an eval forward pass), timed on a throw-away copy.
+
+    Real batches through the real augmentation, normalization, autocast and optimizer, after
+    one untimed warm-up step (allocator, oneDNN/cuDNN kernel choice, torch.compile); the
+    model being trained, its optimizer and the training RNG streams are not touched.
+    """
+    import copy
+
+    import torch
+
+    rng = ckpt_lib.rng_state()  # restored after: timing must not shift the run's random streams
+    probe = copy.deepcopy(model)
+    opt = finetune.build_optimizer(probe, tp)
+    loader = make_loader(train_ds, rank_batch, True, workers, tp.seed, rt.device.type == "cuda",
+                         drop_last=len(train_ds) >= rank_batch)
+    step_model = torch.compile(probe) if tp.compile else probe
+    finetune.train_mode(probe)
+    times: list[float] = []
+    eval_per_image = 0.0
+    batches = iter(loader)
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        x = normalize(images)
+        y = labels.to(rt.device)
+        target = y
+        if mixup is not None and len(y) % 2 == 0:
+            x, target = mixup(x, y)
+        with _autocast(rt):
+            loss = criterion(step_model(x).float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+        if i == steps:
+            probe.eval()
+            t0 = time.perf_counter()
+            with torch.inference_mode(), _autocast(rt):
+                probe(x)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            eval_per_image = (time.perf_counter() - t0) / len(y)
+    del probe, opt, step_model, loader
+    ckpt_lib.set_rng_state(rng)
+    return float(np.median(times)), eval_per_image
 
 
 def _eval_sums(model, loader, normalize: BatchNormalizer, rt: Runtime, criterion) -> list[float]:
@@ -317,6 +375,30 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
     steps_per_epoch = len(train_loader)
     updates_per_epoch = math.ceil(steps_per_epoch / tp.accum_steps)
 
+    # ---- time budget: size epochs + warmup from measured step times, before the schedule exists
+    budget: Optional[TimeBudget] = None
+    budget_info: dict[str, Any] = {}
+    if tp.time_budget_minutes is not None:
+        saved = (state or {}).get("budget") or {}
+        budget = TimeBudget(tp.time_budget_minutes, tp.epochs, spent_before_s=float(saved.get("spent_s", 0.0)))
+        if saved:
+            planned = int(saved["planned_epochs"])
+            budget.replans = 1  # a resumed plan only shrinks
+            budget_info = dict(saved.get("info", {}))
+        else:
+            step_s, eval_s = measure_step_seconds(model, tp, train_ds, rank_batch, workers, normalize, criterion, mixup, rt)
+            n_val = len(val_loader.dataset) if val_loader is not None else 0
+            est = step_s * steps_per_epoch + eval_s * n_val * (2 if ema is not None else 1)
+            est = distributed.all_sum([est], dist)[0] / dist.world_size  # one plan on every rank
+            planned = budget.fit(0, est)
+            if tp.finetune == "staged":
+                planned = min(max(planned, tp.freeze_epochs + 1), tp.epochs)
+            budget_info = {"minutes": tp.time_budget_minutes, "estimated_epoch_s": round(est, 3),
+                           "step_s": round(step_s, 5), "initial_plan": planned}
+            info(f"time budget {tp.time_budget_minutes:g} min: ~{est:.2f}s per epoch measured -> {planned} epochs"
+                 f"{' (train.epochs caps it)' if planned == tp.epochs else ''}")
+        tp = tp.model_copy(update={"epochs": planned, "warmup_epochs": planned_warmup(planned, params.train.warmup_epochs)})
+
     def build_phase(epoch: int):
         """Freeze/unfreeze for ``epoch``, then a fresh optimizer, scheduler and (DDP/compile) wrapper."""
         finetune.set_backbone_frozen(model, finetune.backbone_frozen_for_epoch(tp, epoch))
@@ -422,13 +504,18 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
             "world_size": dist.world_size,
             "wandb_run_id": tracker.id if dist.is_main else None,
             "rng": rngs,
+            "budget": {"planned_epochs": tp.epochs, "spent_s": budget.spent_s(), "info": budget_info} if budget else None,
         }
 
     started = time.perf_counter()
     stopped_early = False
     try:
         with progress("img") as bar:
-            for epoch in range(start_epoch, tp.epochs):
+            epoch_started = time.perf_counter()
+            epoch_walls: list[float] = []
+            for epoch in itertools.count(start_epoch):
+                if epoch >= tp.epochs:
+                    break
                 if finetune.phase_of_epoch(tp, epoch) != phase:
                     info(f"epoch {epoch + 1}: unfreezing the backbone (fresh optimizer and warmup)")
                     phase, phase_start, optimizer, scheduler, train_model = build_phase(epoch)
@@ -539,6 +626,28 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
                     save_checkpoint(last_path, st)
                     _write_history(out["history"], history)
                 distributed.barrier(dist)
+                now = time.perf_counter()
+                epoch_walls.append(now - epoch_started)
+                epoch_started = now
+                if budget is not None and not finished and not stopped_early:
+                    wall = distributed.all_sum([float(np.mean(epoch_walls[-3:]))], dist)[0] / dist.world_size
+                    new_plan = budget.replan(tp.epochs, epoch + 1, wall)
+                    if tp.finetune == "staged" and epoch < tp.freeze_epochs:
+                        new_plan = max(new_plan, tp.freeze_epochs + 1)
+                    if new_plan != tp.epochs:
+                        info(f"time budget: {wall:.2f}s per epoch measured, {tp.epochs} -> {new_plan} epochs")
+                        tp = tp.model_copy(update={"epochs": new_plan, "warmup_epochs": planned_warmup(new_plan, params.train.warmup_epochs)})
+                        if new_plan > epoch + 1:  # the same phase, re-timed: its schedule continues where it is
+                            p0, p1 = finetune.phase_epochs(tp, phase)
+                            scheduler = finetune.build_scheduler(optimizer, tp, p1 - p0, updates_per_epoch)
+                            scheduler.step_update(num_updates=phase_updates)
+                        elif dist.is_main:  # the deadline is here: the last checkpoint becomes the finished one
+                            finished = True
+                            st = checkpoint_state(epoch + 1, rngs, True)
+                            save_checkpoint(last_path, st)
+                            if improved:
+                                save_checkpoint(storage.join(out["model_dir"], "best.pt"), st)
+                            warn(f"time budget reached after epoch {epoch + 1}: the cosine schedule did not complete")
                 if stopped_early:
                     info(f"early stop after epoch {epoch + 1}: {monitor} did not improve for {bad_epochs} epochs")
                     break
@@ -570,6 +679,9 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
         "dataset_hash": fingerprint,
         "wandb_run_id": tracker.id,
     }
+    if budget is not None:
+        summary["time_budget"] = {**budget_info, "planned_epochs": tp.epochs, "warmup_epochs": tp.warmup_epochs,
+                                  "spent_s": round(budget.spent_s(), 2), "budget_s": round(budget.minutes * 60, 2)}
     if ema is not None:
         summary["best_ema_val_acc"] = max(h["ema_val_acc"] for h in history)
         summary["final_ema_val_acc"] = history[-1]["ema_val_acc"]
