@@ -20,7 +20,7 @@ import typer
 
 from cvpipe import __version__
 from cvpipe.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
-from cvpipe.console import console, set_quiet
+from cvpipe.console import console, info, set_quiet
 from cvpipe.errors import CvpipeError, ParamsError, StageError
 
 app = typer.Typer(
@@ -151,6 +151,18 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="Override train.device: auto, cpu, cuda, cuda:N, mps."),
     resume: bool = typer.Option(False, "--resume", help="Continue models/<arch>/last.pt (and its W&B run) even if params changed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (runs torchrun --nproc_per_node N)."),
+    find_lr: bool = typer.Option(
+        False, "--find-lr",
+        help="Run a learning-rate range test instead of training: plots/<arch>/lr_finder.png, metrics/<arch>/lr_finder.json "
+        "and a suggested train.lr (where the smoothed loss falls fastest).",
+    ),
+    write_lr: bool = typer.Option(
+        False, "--write-lr",
+        help="With --find-lr: write the suggestion into --params (bakeoff.archs.<arch>.lr when the arch is listed there, else train.lr).",
+    ),
+    lr_min: float = typer.Option(1e-5, "--lr-min", help="With --find-lr: first LR of the range test."),
+    lr_max: float = typer.Option(1.0, "--lr-max", help="With --find-lr: last LR (the test stops earlier when the loss diverges)."),
+    lr_steps: int = typer.Option(100, "--lr-steps", min=20, help="With --find-lr: updates over the LR range."),
     params: Path = ParamsOpt,
     set_: Optional[list[str]] = SetOpt,
     quiet: bool = QuietOpt,
@@ -159,9 +171,20 @@ def train(
     """Fine-tune (or train from scratch) a timm model; save best/last checkpoints; log to W&B."""
     def go():
         flags = {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
+        if write_lr and not find_lr:
+            raise ParamsError("--write-lr: only with --find-lr")
         p = _load(params, set_, flags)
         # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
         p = p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, flags))
+        if find_lr:
+            from cvpipe import lr_finder
+
+            result = lr_finder.run(p, lr_min=lr_min, lr_max=lr_max, steps=lr_steps)
+            if write_lr:
+                key = lr_finder.write_lr(params, p.train.arch, result["suggested"])
+                _load(params, None, {})  # the edited file must still validate
+                info(f"wrote {key} = {result['suggested']:.2g} to {params}")
+            return
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             _relaunch_torchrun(nproc, p)
             return
