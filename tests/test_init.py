@@ -172,8 +172,10 @@ def test_split_keeps_train_val_folders():
     r = recipe.split_rule(PHOTOS)
     assert r["strategy"].value == "predefined" and r["test_from"].value == "val"
     assert recipe.estimated_train_images(PHOTOS) == 201  # what preprocess makes of 245 train/ images
-    partial = replace(PHOTOS, split_counts={"train": 100})
-    assert recipe.split_rule(partial)["strategy"].value == "stratified"
+    for partial in ({"train": 300}, {"train": 245, "val": 100}):  # no held-out folder; files outside the folders
+        assert recipe.split_rule(replace(PHOTOS, split_counts=partial))["strategy"].value == "stratified"
+    both = replace(PHOTOS, split_counts={"train": 245, "val": 100, "test": 53})
+    assert "test_from" not in recipe.split_rule(both) and recipe.estimated_train_images(both) == 245
 
 
 def test_device_and_amp_stay_auto_and_say_what_they_resolve_to():
@@ -208,7 +210,7 @@ def test_init_on_hymenoptera_writes_a_valid_commented_recipe(real_data, tmp_path
     assert [next(iter(a)) for a in p.augment.train][0] == "HorizontalFlip"
     augment.build(p.augment)
     text = out.read_text()
-    assert "# Data: " in text and "2 classes" in text and "split folders: train 245, val 153" in text
+    assert "# Data: " in text and "2 classes" in text and "folders or a split column): train 245, val 153" in text
     assert "# the source is split already (train 245 / val 153)" in text
     assert "# native shorter side median 374 px" in text
     # complete: every section and key of the schema is written out

@@ -102,7 +102,7 @@ def _root(
 @app.command()
 def init(
     source: list[str] = typer.Argument(
-        ..., metavar="SOURCE...",
+        ..., metavar="SOURCE", show_default=False,
         help="What ingest.source accepts: a class-folder path (train/ val/ test/ layouts too), gs://bucket/prefix, "
         "an http(s) .zip/.tar(.gz) URL, a CSV/JSONL manifest of uri,label rows, or sample://digits. Several are combined.",
     ),

@@ -233,7 +233,7 @@ def _header(profile: DataProfile, machine: MachineProfile, command: str) -> list
         f"# Data: {profile.source}",
         f"#   {profile.num_images:,} images in {profile.num_classes} classes: {min(counts.values()):,} to "
         f"{max(counts.values()):,} per class (imbalance max/min {profile.imbalance_ratio:.2f})",
-        f"#   split folders: {folders}; {profile.unlabelled} file(s) outside class folders (ingest quarantines them)",
+        f"#   given split (train/ val/ test/ folders or a split column): {folders}; {profile.unlabelled} file(s) outside class folders (ingest quarantines them)",
         f"#   {profile.scanned:,} scanned (header + content hash): shorter side median {sh.median} px (p10 {sh.p10}, "
         f"p90 {sh.p90}), longer side median {lo.median} px (p10 {lo.p10}, p90 {lo.p90})",
         f"#   {profile.duplicates} exact duplicate(s), {profile.unreadable} unreadable file(s) among them",
@@ -307,7 +307,7 @@ def _print_summary(target: Path, profile: DataProfile, machine: MachineProfile, 
     scan.add_row("classes", f"{profile.num_classes} ({', '.join(f'{k} {v}' for k, v in list(profile.class_counts.items())[:8])}"
                  f"{', ...' if profile.num_classes > 8 else ''})")
     scan.add_row("images", f"{profile.num_images:,} (imbalance max/min {profile.imbalance_ratio:.2f})")
-    scan.add_row("split folders", ", ".join(f"{k} {v}" for k, v in profile.split_counts.items()) or "none")
+    scan.add_row("given split", ", ".join(f"{k} {v}" for k, v in profile.split_counts.items()) or "none")
     scan.add_row("resolution", f"shorter side median {profile.shorter_side.median} px, longer {profile.longer_side.median} px")
     scan.add_row("scanned", f"{profile.scanned:,}: {profile.duplicates} exact duplicates, {profile.unreadable} unreadable")
     scan.add_row("machine", f"{machine.describe()}, amp {machine.amp}")

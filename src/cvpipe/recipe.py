@@ -107,8 +107,10 @@ class DataProfile:
 
     @property
     def has_split_hint(self) -> bool:
-        """Every labelled file sits in a train/val/test folder (or manifest split), some in train."""
-        return self.split_counts.get("train", 0) > 0 and sum(self.split_counts.values()) == self.num_images
+        """Every labelled file has a split (train/ val/ test/ folders or a manifest's split column): train and val or test."""
+        given = self.split_counts
+        held_out = given.get("val", 0) + given.get("test", 0)
+        return given.get("train", 0) > 0 and held_out > 0 and sum(given.values()) == self.num_images
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,6 @@ def estimated_train_images(profile: DataProfile) -> int:
     has_val, has_test = profile.split_counts.get("val", 0) > 0, profile.split_counts.get("test", 0) > 0
     if has_val and has_test:
         return train
-    if not has_val and not has_test:
-        return max(1, int(train * fr.train))
     return max(1, int(train * (1 - fr.val / (fr.train + fr.val))))  # val (or test) carved from train/
 
 
@@ -346,7 +346,7 @@ def class_balance(profile: DataProfile) -> Choice[str]:
 def split_rule(profile: DataProfile) -> dict[str, Choice[Any]]:
     """Keep a split the source already has; otherwise a stratified 70/15/15."""
     if not profile.has_split_hint:
-        why = "no train/ val/ folders" if not profile.split_counts else "split folders cover only part of the files"
+        why = "no train/ val/ folders" if not profile.split_counts else "the given split has no val/test part or misses files"
         return {"strategy": Choice("stratified", f"{why}: seeded stratified 70/15/15")}
     folders = " / ".join(f"{k} {v}" for k, v in sorted(profile.split_counts.items()))
     out: dict[str, Choice[Any]] = {"strategy": Choice("predefined", f"the source is split already ({folders}): kept")}
