@@ -246,6 +246,8 @@ def batch_size(train_images: int, machine: MachineProfile, size: int) -> Choice[
         hw = f"CPU at {size} px"
     cap = max(8, _power_of_two_at_most(train_images / 8))
     bs = max(8, min(hw_bs, cap))
+    if train_images < 64:
+        return Choice(bs, f"only ~{train_images} training images: the smallest batch, 8")
     if bs < hw_bs:
         return Choice(bs, f"~{train_images} training images: at most 1/8 of them per batch, so >= 8 updates per epoch")
     return Choice(bs, f"{hw}: {hw_bs} per batch")
