@@ -9,6 +9,7 @@ failed. Errors print one line; ``--debug`` (or ``CVPIPE_DEBUG=1``) shows the tra
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import traceback
@@ -96,6 +97,57 @@ def _root(
     if version:
         console.print(f"cvpipe {__version__}")
         raise typer.Exit(0)
+
+
+@app.command()
+def init(
+    source: list[str] = typer.Argument(
+        ..., metavar="SOURCE", show_default=False,
+        help="What ingest.source accepts: a class-folder path (train/ val/ test/ layouts too), gs://bucket/prefix, "
+        "an http(s) .zip/.tar(.gz) URL, a CSV/JSONL manifest of uri,label rows, or sample://digits. Several are combined.",
+    ),
+    params: Path = typer.Option(
+        Path(DEFAULT_PARAMS_FILE), "--params", "-p", dir_okay=False,
+        help="params.yaml to write (complete: every section, each choice with its reason as a comment).",
+    ),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", metavar="MIN",
+        help="Minutes of training per architecture (train.time_budget_minutes): epochs are planned from measured "
+        "throughput and train.epochs becomes a generous cap. Default: no budget, epochs from the dataset size.",
+    ),
+    max_archs: int = typer.Option(3, "--max-archs", min=1, help="Most architectures in the bake-off (bakeoff.archs)."),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="timm architecture to put first in the bake-off (required with --pretrained-path: the weights' architecture)."
+    ),
+    pretrained: bool = typer.Option(
+        False, "--pretrained", help="Fine-tune timm hub weights (train.pretrained; the train machine needs network): pretrained LR rule."
+    ),
+    pretrained_path: Optional[str] = typer.Option(
+        None, "--pretrained-path", metavar="PATH",
+        help="Fine-tune these .safetensors/.pth weights (local or gs://; give --arch): pretrained LR rule, layer decay, 10x head LR.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing params file (otherwise exit 2, file untouched)."),
+    scan_limit: int = typer.Option(
+        2000, "--scan-limit", min=1,
+        help="Files whose bytes are read (header for the resolution, hash for duplicates), spread over the listing; every file is counted.",
+    ),
+    no_flip: bool = typer.Option(False, "--no-flip", help="No horizontal flips: for text, digits, signs, anything a mirror changes."),
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Scan a dataset and this machine, write a params.yaml whose first `dvc repro` is a strong baseline."""
+    def go():
+        from cvpipe import init as stage
+        from cvpipe.recipe import RecipeOptions
+
+        options = RecipeOptions(
+            time_budget_minutes=time_budget, max_archs=max_archs, arch=arch, pretrained=pretrained,
+            pretrained_path=pretrained_path, no_flip=no_flip,
+        )
+        command = " ".join(["cvpipe", *(shlex.quote(a) for a in sys.argv[1:])])
+        stage.run(list(source), params, options, command=command, force=force, scan_limit=scan_limit)
+
+    _stage(quiet, debug, go)
 
 
 @app.command()

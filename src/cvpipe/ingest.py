@@ -38,7 +38,7 @@ from cvpipe.config import IngestParams, Params
 from cvpipe.console import console, info, is_quiet, progress
 from cvpipe.errors import StageError
 from cvpipe.images import ImageRejected, decode_image
-from cvpipe.sources import SourceItem, SourceOptions, check_source, filesystem_for, iter_source
+from cvpipe.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
 
 MANIFEST_COLUMNS = [
     "id",
@@ -495,14 +495,7 @@ def run(params: Params) -> IngestReport:
     report = IngestReport()
 
     stats: dict[str, int] = {}
-    items: list[SourceItem] = []
-    seen: set[str] = set()
-    for src in p.sources:
-        for it in iter_source(src, src_opts, stats):
-            if it.uri not in seen:  # the same file named by two sources counts once
-                seen.add(it.uri)
-                items.append(it)
-    items.sort(key=lambda it: it.uri)
+    items = list_sources(p.sources, src_opts, stats)
     if not items:
         raise StageError(f"no files found in ingest.source {p.source!r}")
     report.listed = len(items)

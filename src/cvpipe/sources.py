@@ -507,6 +507,20 @@ def iter_source(
     yield from iter_local_folder(path)
 
 
+def list_sources(
+    sources: list[str], opts: Optional[SourceOptions] = None, stats: Optional[dict[str, int]] = None
+) -> list[SourceItem]:
+    """Every item of every source, sorted by URI; a file named by two sources counts once."""
+    items: list[SourceItem] = []
+    seen: set[str] = set()
+    for src in sources:
+        for it in iter_source(src, opts, stats):
+            if it.uri not in seen:
+                seen.add(it.uri)
+                items.append(it)
+    return sorted(items, key=lambda it: it.uri)
+
+
 def check_source(source: str) -> None:
     """Fail early (exit 2, nothing written) on a source that cannot be read at all."""
     if source.startswith("sample://"):
