@@ -20,11 +20,11 @@ import math
 import time
 from dataclasses import dataclass
 
+from cvpipe.recipe import WARMUP_FRACTION  # the recipe's warmup share, applied to the planned epochs
+
 # seconds kept free after the last epoch: final metrics, W&B finish and artifact, exit
 _RESERVE_MIN_S = 2.0
 _RESERVE_FRACTION = 0.02
-# under a budget the warmup is at least this share of the planned epochs
-WARMUP_FRACTION = 0.05
 
 _IMPORTED_AT = time.time()
 
@@ -43,7 +43,7 @@ def planned_warmup(epochs: int, min_warmup: int) -> int:
     """``train.warmup_epochs`` or 5 % of the planned epochs, whichever is larger; always < epochs."""
     if epochs <= 1:
         return 0
-    return min(epochs - 1, max(min_warmup, round(WARMUP_FRACTION * epochs)))
+    return min(epochs - 1, max(min_warmup, int(WARMUP_FRACTION * epochs + 0.5)))
 
 
 @dataclass

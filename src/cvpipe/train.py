@@ -395,7 +395,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
                 planned = min(max(planned, tp.freeze_epochs + 1), tp.epochs)
             budget_info = {"minutes": tp.time_budget_minutes, "estimated_epoch_s": round(est, 3),
                            "step_s": round(step_s, 5), "initial_plan": planned}
-            info(f"time budget {tp.time_budget_minutes:g} min: ~{est:.2f}s per epoch measured -> {planned} epochs"
+            info(f"time budget {tp.time_budget_minutes:.3g} min: ~{est:.2f}s per epoch measured -> {planned} epochs"
                  f"{' (train.epochs caps it)' if planned == tp.epochs else ''}")
         tp = tp.model_copy(update={"epochs": planned, "warmup_epochs": planned_warmup(planned, params.train.warmup_epochs)})
 
