@@ -12,7 +12,7 @@ import pytest
 from conftest import cvpipe, make_digits_slice, write_params
 
 from cvpipe import budget as budget_mod
-from cvpipe.budget import TimeBudget, planned_warmup
+from cvpipe.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
 
 
 class Clock:
@@ -54,6 +54,23 @@ def test_first_replan_may_grow_later_ones_only_shrink(clock):
     assert b.replan(shrunk, 40, 8.0) == 40  # out of time: stop after this epoch
 
 
+def test_growth_allowed_only_during_warmup_and_the_flat_top_of_the_cosine(clock):
+    assert may_grow(done_in_phase=2, phase_epochs=40, warmup=2)  # end of warmup
+    assert may_grow(5, 40, 2)  # 3 of 38 decay epochs: LR still >= 97.5 % of the peak
+    assert not may_grow(6, 40, 2)
+    b = TimeBudget(minutes=10, max_epochs=1000)
+    b.replans = 3
+    clock.now += 60
+    assert b.replan(20, 3, 5.0, may_grow=True) == 3 + int((600 - 60 - 12) // 5)
+    assert b.replan(20, 3, 5.0, may_grow=False) == 20
+
+
+def test_epoch_estimate_skips_the_first_epoch():
+    assert epoch_estimate([9.0]) == 9.0
+    assert epoch_estimate([9.0, 2.0]) == 2.0
+    assert epoch_estimate([9.0, 2.0, 3.0, 2.5, 2.0, 2.0, 2.1, 8.0]) == 2.1  # the last five after the first
+
+
 def test_resumed_budget_counts_time_already_spent(clock):
     b = TimeBudget(minutes=10, max_epochs=1000, spent_before_s=300)
     assert b.fit(5, 10.0) == 5 + int((600 - 300 - 12) // 10)
@@ -81,9 +98,10 @@ def digits_prepared(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_time_budget_is_honoured_with_a_completed_schedule(tmp_path, digits_prepared):
-    """A 40 s budget: the whole `cvpipe train` process (startup included) ends within 15 %
-    of it, the planned epochs all ran, and the cosine LR reached its floor."""
-    budget_s = 40.0
+    """A 1-minute budget: the whole `cvpipe train` process (startup included) ends within 15 %
+    of it, the planned epochs all ran, and the cosine LR reached its floor. (The plan stops
+    before the deadline minus a small reserve, so a run ends up to one epoch early: ~1.8 s here.)"""
+    budget_s = 60.0
     write_params(tmp_path, {
         "paths.prepared": str(digits_prepared), "train.arch": "resnet18", "train.epochs": 10_000,
         "train.time_budget_minutes": budget_s / 60, "train.batch_size": 64, "train.lr": 0.002,
@@ -94,14 +112,14 @@ def test_time_budget_is_honoured_with_a_completed_schedule(tmp_path, digits_prep
     wall = time.monotonic() - t0
     summary = json.loads((tmp_path / "metrics/resnet18/train.json").read_text())
     tb = summary["time_budget"]
-    assert abs(wall - budget_s) <= 0.15 * budget_s, (wall, tb, proc.stdout)
+    assert abs(wall - budget_s) <= 0.15 * budget_s, (wall, tb, proc.stderr[-2000:])
     assert summary["epochs_run"] == summary["epochs"] == tb["planned_epochs"] >= 5, tb
     assert not summary["stopped_early"]
     with open(tmp_path / "plots/resnet18/history.csv", newline="") as fh:
         lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
     assert max(lrs) == pytest.approx(0.002, rel=0.2)
     assert lrs[-1] < 0.02 * max(lrs), lrs  # the cosine ran to its end, not cut off
-    assert "time budget 0.667 min" in proc.stdout + proc.stderr
+    assert "time budget 1 min" in proc.stdout + proc.stderr
 
 
 def test_time_budget_is_validated(tmp_path):

@@ -109,7 +109,7 @@ def record_checkpoints(monkeypatch) -> list[dict]:
     real = train_mod.save_checkpoint
 
     def spy(path, state):
-        if str(path).endswith("last.pt"):
+        if str(path).endswith(("last.pt", "best.pt")):  # one save per epoch: best.pt (then linked) or last.pt
             saved.append(copy.deepcopy(state))
         real(path, state)
 

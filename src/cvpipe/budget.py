@@ -6,9 +6,10 @@ stage times a few real steps on a throw-away copy of the model (:func:`cvpipe.tr
 does the measuring), and :class:`TimeBudget` turns the seconds per epoch into an epoch
 count and a warmup length, so timm's cosine schedule is built for the run that fits and
 completes instead of being cut off. After every epoch the plan is checked against the
-measured epoch time: the first check may grow or shrink it (the estimate from a handful
-of steps is rough), later checks only shrink it, since growing a cosine that is already
-decaying would raise the LR again.
+measured epoch time (the median of the epochs after the first, which carries one-time
+costs). While the LR is still warming up or on the flat top of the cosine (the first 10 %
+of its decay, LR >= 97.5 % of the peak) the plan may grow or shrink; after that it only
+shrinks, because stretching a cosine that is visibly decaying would raise the LR again.
 
 No library does this: timm, Lightning (``max_time``) and HF Trainer stop a run when time is
 up, which leaves the schedule unfinished; here the schedule is sized to the time instead.
@@ -25,6 +26,8 @@ from cvpipe.recipe import WARMUP_FRACTION  # the recipe's warmup share, applied 
 # seconds kept free after the last epoch: final metrics, W&B finish and artifact, exit
 _RESERVE_MIN_S = 2.0
 _RESERVE_FRACTION = 0.02
+# the plan may still grow until this share of the cosine decay has run (LR >= 97.5 % of the peak)
+GROW_WHILE_DECAY_BELOW = 0.1
 
 _IMPORTED_AT = time.time()
 
@@ -71,10 +74,29 @@ class TimeBudget:
         extra = math.floor(max(self.remaining_s(), 0.0) / max(epoch_seconds, 1e-6))
         return max(1, min(self.max_epochs, epochs_done + extra))
 
-    def replan(self, current: int, epochs_done: int, epoch_seconds: float) -> int:
-        """The epoch plan after ``epochs_done`` epochs of ``epoch_seconds`` each (the first call may grow it)."""
+    def replan(self, current: int, epochs_done: int, epoch_seconds: float, may_grow: bool = False) -> int:
+        """The epoch plan after ``epochs_done`` epochs of ``epoch_seconds`` each.
+
+        The first call, and any call with ``may_grow`` (see :func:`may_grow`), may grow the plan;
+        the others only shrink it.
+        """
         fitted = self.fit(epochs_done, epoch_seconds)
         self.replans += 1
-        if self.replans == 1:
+        if self.replans == 1 or may_grow:
             return max(fitted, epochs_done)
         return max(min(current, fitted), epochs_done)
+
+
+def may_grow(done_in_phase: int, phase_epochs: int, warmup: int) -> bool:
+    """True while the LR warms up or sits on the cosine's flat top (the first 10 % of its decay)."""
+    decay_epochs = max(phase_epochs - warmup, 1)
+    return (done_in_phase - warmup) / decay_epochs <= GROW_WHILE_DECAY_BELOW
+
+
+def epoch_estimate(walls: list[float]) -> float:
+    """Seconds per epoch from the measured epoch walls: the median of the last five after the first
+    (the first carries one-time costs: kernel selection, first checkpoint, loader start), else the first."""
+    import statistics
+
+    later = walls[1:] or walls
+    return float(statistics.median(later[-5:]))

@@ -102,6 +102,43 @@ def write_json(uri: PathLike, obj: Any, indent: int = 2) -> None:
     write_text(uri, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
 
 
+def copy_file(src: PathLike, dst: PathLike) -> None:
+    """Atomically make *dst* a copy of *src*: a hard link when both are local on one filesystem
+    (no bytes written; safe because every writer here replaces files by rename, never in place),
+    else a durable byte copy, or the object store's server-side copy."""
+    if is_remote(src) or is_remote(dst):
+        if protocol(src) == protocol(dst):
+            fs, s_path = get_fs(src)
+            fs.copy(s_path, get_fs(dst)[1])
+        else:
+            write_bytes(dst, read_bytes(src))
+        return
+    target = Path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove(uri: PathLike) -> None:
+    """Delete a file, local or remote; a missing one is not an error."""
+    fs, path = get_fs(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_json(uri: PathLike) -> Any:
     fs, path = get_fs(uri)
     with fs.open(path, "r", encoding="utf-8") as fh:

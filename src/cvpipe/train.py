@@ -37,7 +37,7 @@ from typing import Any, Optional
 import numpy as np
 
 from cvpipe import augment, checkpoint as ckpt_lib, distributed, finetune, storage, tracking
-from cvpipe.budget import TimeBudget, planned_warmup
+from cvpipe.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
 from cvpipe.config import Params
 from cvpipe.console import info, progress, set_quiet, warn
 from cvpipe.dataset import PreparedDataset, Split
@@ -173,12 +173,14 @@ def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
 
 
 def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, normalize, criterion, mixup, rt: Runtime,
-                         steps: int = 6) -> tuple[float, float]:
-    """(seconds per training step, seconds per image of an eval forward pass), timed on a throw-away copy.
+                         probe_path: Optional[str] = None, steps: int = 6) -> tuple[float, float, float]:
+    """(seconds per training step, seconds per image of an eval forward pass, seconds per checkpoint save),
+    timed on a throw-away copy.
 
     Real batches through the real augmentation, normalization, autocast and optimizer, after
-    one untimed warm-up step (allocator, oneDNN/cuDNN kernel choice, torch.compile); the
-    model being trained, its optimizer and the training RNG streams are not touched.
+    one untimed warm-up step (allocator, oneDNN/cuDNN kernel choice, torch.compile), and one
+    real save of the model and optimizer state to *probe_path* (removed after); the model
+    being trained, its optimizer and the training RNG streams are not touched.
     """
     import copy
 
@@ -223,9 +225,15 @@ def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, nor
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             eval_per_image = (time.perf_counter() - t0) / len(y)
+    save_s = 0.0
+    if probe_path is not None:
+        t0 = time.perf_counter()
+        save_checkpoint(probe_path, {"model": probe.state_dict(), "optimizer": opt.state_dict()})
+        save_s = time.perf_counter() - t0
+        storage.remove(probe_path)
     del probe, opt, step_model, loader
     ckpt_lib.set_rng_state(rng)
-    return float(np.median(times)), eval_per_image
+    return float(np.median(times)), eval_per_image, save_s
 
 
 def _eval_sums(model, loader, normalize: BatchNormalizer, rt: Runtime, criterion) -> list[float]:
@@ -386,15 +394,19 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
             budget.replans = 1  # a resumed plan only shrinks
             budget_info = dict(saved.get("info", {}))
         else:
-            step_s, eval_s = measure_step_seconds(model, tp, train_ds, rank_batch, workers, normalize, criterion, mixup, rt)
+            probe_path = storage.join(out["model_dir"], ".budget-probe.pt") if dist.is_main else None
+            step_s, eval_s, save_s = measure_step_seconds(model, tp, train_ds, rank_batch, workers, normalize, criterion,
+                                                          mixup, rt, probe_path)
             n_val = len(val_loader.dataset) if val_loader is not None else 0
-            est = step_s * steps_per_epoch + eval_s * n_val * (2 if ema is not None else 1)
-            est = distributed.all_sum([est], dist)[0] / dist.world_size  # one plan on every rank
+            compute = step_s * steps_per_epoch + eval_s * n_val * (2 if ema is not None else 1)
+            # one plan on every rank: compute averaged over ranks, plus rank 0's checkpoint save
+            compute, save_s = distributed.all_sum([compute / dist.world_size, save_s], dist)
+            est = compute + save_s  # one serialization per epoch: best.pt and last.pt share it (save_epoch)
             planned = budget.fit(0, est)
             if tp.finetune == "staged":
                 planned = min(max(planned, tp.freeze_epochs + 1), tp.epochs)
             budget_info = {"minutes": tp.time_budget_minutes, "estimated_epoch_s": round(est, 3),
-                           "step_s": round(step_s, 5), "initial_plan": planned}
+                           "step_s": round(step_s, 5), "checkpoint_save_s": round(save_s, 3), "initial_plan": planned}
             info(f"time budget {tp.time_budget_minutes:.3g} min: ~{est:.2f}s per epoch measured -> {planned} epochs"
                  f"{' (train.epochs caps it)' if planned == tp.epochs else ''}")
         tp = tp.model_copy(update={"epochs": planned, "warmup_epochs": planned_warmup(planned, params.train.warmup_epochs)})
@@ -506,6 +518,17 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
             "rng": rngs,
             "budget": {"planned_epochs": tp.epochs, "spent_s": budget.spent_s(), "info": budget_info} if budget else None,
         }
+
+    best_path = storage.join(out["model_dir"], "best.pt")
+
+    def save_epoch(st: dict[str, Any], improved: bool) -> None:
+        """best.pt first when the epoch improved, so last.pt is never newer than best.pt; the second
+        file is then the same bytes (a hard link locally), not a second serialization and write."""
+        if improved:
+            save_checkpoint(best_path, st)
+            storage.copy_file(best_path, last_path)
+        else:
+            save_checkpoint(last_path, st)
 
     started = time.perf_counter()
     stopped_early = False
@@ -620,18 +643,17 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
                     if rt.device.type == "cuda":
                         log["perf/gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
                     tracker.log(log)
-                    st = checkpoint_state(epoch + 1, rngs, finished)
-                    if improved:
-                        save_checkpoint(storage.join(out["model_dir"], "best.pt"), st)
-                    save_checkpoint(last_path, st)
+                    save_epoch(checkpoint_state(epoch + 1, rngs, finished), improved)
                     _write_history(out["history"], history)
                 distributed.barrier(dist)
                 now = time.perf_counter()
                 epoch_walls.append(now - epoch_started)
                 epoch_started = now
                 if budget is not None and not finished and not stopped_early:
-                    wall = distributed.all_sum([float(np.mean(epoch_walls[-3:]))], dist)[0] / dist.world_size
-                    new_plan = budget.replan(tp.epochs, epoch + 1, wall)
+                    wall = distributed.all_sum([epoch_estimate(epoch_walls)], dist)[0] / dist.world_size
+                    p0, p1 = finetune.phase_epochs(tp, phase)
+                    grow = may_grow(epoch + 1 - p0, p1 - p0, tp.warmup_epochs)
+                    new_plan = budget.replan(tp.epochs, epoch + 1, wall, may_grow=grow)
                     if tp.finetune == "staged" and epoch < tp.freeze_epochs:
                         new_plan = max(new_plan, tp.freeze_epochs + 1)
                     if new_plan != tp.epochs:
@@ -643,10 +665,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
                             scheduler.step_update(num_updates=phase_updates)
                         elif dist.is_main:  # the deadline is here: the last checkpoint becomes the finished one
                             finished = True
-                            st = checkpoint_state(epoch + 1, rngs, True)
-                            save_checkpoint(last_path, st)
-                            if improved:
-                                save_checkpoint(storage.join(out["model_dir"], "best.pt"), st)
+                            save_epoch(checkpoint_state(epoch + 1, rngs, True), improved)
                             warn(f"time budget reached after epoch {epoch + 1}: the cosine schedule did not complete")
                 if stopped_early:
                     info(f"early stop after epoch {epoch + 1}: {monitor} did not improve for {bad_epochs} epochs")
