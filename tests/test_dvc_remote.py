@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from cvpipe import sample
 from servers import gcs_emulator
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -396,7 +395,6 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
     assert len(hs) == len(hd) == 8
     import json
 
-    sj = json.loads((single / "metrics" / ARCH / "train.json").read_text())
     dj = json.loads((ddp / "metrics" / ARCH / "train.json").read_text())
     assert dj["world_size"] == 2
     assert abs(float(hs[-1]["val_acc"]) - float(hd[-1]["val_acc"])) <= 0.1
@@ -411,7 +409,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
 @pytest.mark.slow
 def test_cli_nproc_shortcut(tmp_path, tiny_prepared):
     setup_project(tmp_path, tiny_prepared, epochs=1)
-    proc = cvpipe("train", "-q", "--nproc", "2", cwd=tmp_path)
+    cvpipe("train", "-q", "--nproc", "2", cwd=tmp_path)
     import json
 
     assert json.loads((tmp_path / "metrics" / ARCH / "train.json").read_text())["world_size"] == 2

@@ -77,8 +77,6 @@ def to_onnx(model, example) -> bytes:
     import tempfile
     import warnings
 
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="cvpipe-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():

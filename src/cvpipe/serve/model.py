@@ -36,7 +36,6 @@ So a stored training image fed to the server gives the very array evaluate saw.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
