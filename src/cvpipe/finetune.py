@@ -274,6 +274,15 @@ def make_mixup(tp: TrainParams, num_classes: int):
     )
 
 
+def loss_class_weights(tp: TrainParams, labels, num_classes: int, device) -> Optional["torch.Tensor"]:  # noqa: F821
+    """Inverse-frequency weights for the loss with ``class_balance: loss``; None otherwise."""
+    if tp.class_balance != "loss":
+        return None
+    import torch
+
+    return torch.as_tensor(inverse_frequency(labels, num_classes), dtype=torch.float32, device=device)
+
+
 def make_criterion(tp: TrainParams, class_weights: Optional["torch.Tensor"] = None):  # noqa: F821
     import torch
     from timm.loss import SoftTargetCrossEntropy

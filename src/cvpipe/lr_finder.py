@@ -71,7 +71,7 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
     """Run the range test for ``params.train`` on the prepared train split; returns what lr_finder.json holds."""
     import torch
 
-    from cvpipe.train import ArrayDataset, BatchNormalizer, _autocast, default_workers, make_loader
+    from cvpipe.train import ArrayDataset, BatchNormalizer, batch_loss, cycle, default_workers, make_loader
 
     if not 0 < lr_min < lr_max:
         raise ParamsError(f"--lr-min/--lr-max: need 0 < lr_min < lr_max (got {lr_min}, {lr_max})")
@@ -91,10 +91,7 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
         model.to(memory_format=torch.channels_last)
     finetune.set_backbone_frozen(model, tp.finetune == "linear_probe")
     normalize = BatchNormalizer(**{k: data_config(model)[k] for k in ("mean", "std")}, rt=rt)
-    weights = None
-    if tp.class_balance == "loss":
-        weights = torch.as_tensor(finetune.inverse_frequency(split.labels, ds.num_classes), dtype=torch.float32, device=rt.device)
-    criterion = finetune.make_criterion(tp, weights)
+    criterion = finetune.make_criterion(tp, finetune.loss_class_weights(tp, split.labels, ds.num_classes, rt.device))
     mixup = finetune.make_mixup(tp, ds.num_classes)
     optimizer = finetune.build_optimizer(model, tp)
     finetune.train_mode(model)
@@ -103,23 +100,14 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
     lrs: list[float] = []
     losses: list[float] = []
     best, avg = math.inf, 0.0
-    batches = iter(loader)
+    batches = cycle(loader)
     with progress("step") as bar:
         task = bar.add_task(f"LR range test {tp.arch}", total=steps)
         for lr in schedule:
             for g in optimizer.param_groups:
                 g["lr"] = float(lr) * g.get("lr_scale", 1.0)
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                images, labels = next(batches)
-            x, y = normalize(images), labels.to(rt.device)
-            target = y
-            if mixup is not None and len(y) % 2 == 0:
-                x, target = mixup(x, y)
-            with _autocast(rt):
-                loss = criterion(model(x).float(), target)
+            images, labels = next(batches)
+            loss = batch_loss(model, images, labels, normalize, criterion, mixup, rt)
             value = float(loss.detach())
             if not math.isfinite(value):
                 break

@@ -172,6 +172,22 @@ def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
 
 
 
+def cycle(loader):
+    """The loader's batches without end: a new (reshuffled) pass whenever one ends."""
+    while True:
+        yield from loader
+
+
+def batch_loss(model, images, labels, normalize: BatchNormalizer, criterion, mixup, rt: Runtime):
+    """Loss of one batch as training computes it: on-device normalization, Mixup/CutMix on whole pairs, autocast."""
+    x, y = normalize(images), labels.to(rt.device)
+    target = y
+    if mixup is not None and len(y) % 2 == 0:
+        x, target = mixup(x, y)
+    with _autocast(rt):
+        return criterion(model(x).float(), target)
+
+
 def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, normalize, criterion, mixup, rt: Runtime,
                          probe_path: Optional[str] = None, steps: int = 6) -> tuple[float, float, float]:
     """(seconds per training step, seconds per image of an eval forward pass, seconds per checkpoint save),
@@ -195,21 +211,11 @@ def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, nor
     finetune.train_mode(probe)
     times: list[float] = []
     eval_per_image = 0.0
-    batches = iter(loader)
+    batches = cycle(loader)
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            images, labels = next(batches)
-        x = normalize(images)
-        y = labels.to(rt.device)
-        target = y
-        if mixup is not None and len(y) % 2 == 0:
-            x, target = mixup(x, y)
-        with _autocast(rt):
-            loss = criterion(step_model(x).float(), target)
+        images, labels = next(batches)
+        loss = batch_loss(step_model, images, labels, normalize, criterion, mixup, rt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,10 +227,10 @@ def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, nor
             probe.eval()
             t0 = time.perf_counter()
             with torch.inference_mode(), _autocast(rt):
-                probe(x)
+                probe(normalize(images))
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
-            eval_per_image = (time.perf_counter() - t0) / len(y)
+            eval_per_image = (time.perf_counter() - t0) / len(labels)
     save_s = 0.0
     if probe_path is not None:
         t0 = time.perf_counter()
@@ -373,10 +379,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
         if state and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
 
-    class_weights = None
-    if tp.class_balance == "loss":
-        class_weights = torch.as_tensor(finetune.inverse_frequency(train_split.labels, ds.num_classes), dtype=torch.float32, device=rt.device)
-    criterion = finetune.make_criterion(tp, class_weights)
+    criterion = finetune.make_criterion(tp, finetune.loss_class_weights(tp, train_split.labels, ds.num_classes, rt.device))
     eval_criterion = torch.nn.CrossEntropyLoss()
     mixup = finetune.make_mixup(tp, ds.num_classes)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.use_scaler else None
