@@ -23,3 +23,15 @@ def test_remove_is_quiet_about_missing_files(tmp_path):
     storage.remove(f)
     storage.remove(f)
     assert not f.exists()
+
+
+def test_copy_file_falls_back_to_a_byte_copy_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    src, dst = tmp_path / "best.pt", tmp_path / "last.pt"
+    storage.write_bytes(src, b"x" * 3_000_000)
+    storage.copy_file(src, dst)
+    assert dst.read_bytes() == src.read_bytes() and os.stat(src).st_ino != os.stat(dst).st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

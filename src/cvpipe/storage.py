@@ -58,6 +58,19 @@ def _tmp_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _replacing(target: Path) -> Iterator[Path]:
+    """A temp sibling of *target* to fill; it replaces *target* (rename) on success and is removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
 def atomic_open(uri: PathLike, mode: str = "wb", durable: bool = True, **kwargs: Any) -> Iterator[IO]:
     """Open *uri* for writing so that it appears complete or not at all.
 
@@ -73,19 +86,11 @@ def atomic_open(uri: PathLike, mode: str = "wb", durable: bool = True, **kwargs:
         with fs.open(path, mode, **kwargs) as fh:
             yield fh
         return
-    target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target)
-    try:
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _replacing(Path(uri)) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def write_bytes(uri: PathLike, data: bytes, durable: bool = True) -> None:
@@ -113,21 +118,12 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
         else:
             write_bytes(dst, read_bytes(src))
         return
-    target = Path(dst)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target)
     try:
-        try:
+        with _replacing(Path(dst)) as tmp:
             os.link(src, tmp)
-        except OSError:  # another filesystem, or one without hard links
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except OSError:  # another filesystem, or one without hard links
+        with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def remove(uri: PathLike) -> None:
