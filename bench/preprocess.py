@@ -2,10 +2,13 @@
 
     python bench/preprocess.py [--data ../shared/data/hymenoptera_data] [--size 128] [--batch-size 64] [--workers 2]
 
-1. **Resize**: images/s of cvpipe's decode+resize (+perceptual hash) pass
-   (:func:`cvpipe.resize.resize_all`: JPEG draft decode, ``preprocess.workers``
-   processes writing into a memory-mapped uint8 array) against a naive loop
-   (PIL open, convert RGB, resize), over the same files, page cache warm for both.
+1. **Resize**: images/s of cvpipe's decode+resize (+perceptual hash) pass, the
+   way ``cvpipe preprocess`` runs it (:func:`cvpipe.resize.resize_all` over
+   ``cvpipe ingest``'s output and its manifest: reduced-scale JPEG decode,
+   ``preprocess.workers`` processes writing into a memory-mapped uint8 array)
+   against a naive loop (PIL open, convert RGB, resize) over the same stored
+   files, page cache warm for both. Ingest runs first, untimed, in its own
+   process (as the stage does).
 2. **Loader**: images/s of the training loader cvpipe uses (``cvpipe.train.ArrayDataset``
    over the memory-mapped array, the default ``augment.train`` from params.yaml,
    uint8 batches) against torchvision ``ImageFolder`` + PIL + ``transforms``
@@ -77,11 +80,24 @@ def naive_resize(files: list[Path], size: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
-def cvpipe_resize(root: Path, files: list[Path], size: int, workers: int, out: Path) -> float:
-    rels = [str(f.relative_to(root)) for f in files]
+def ingest(data: Path, raw: Path) -> list[dict[str, str]]:
+    """``cvpipe ingest`` of ``data`` into ``raw`` (a separate process, like the stage); returns the manifest rows."""
+    import csv
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "cvpipe", "ingest", "--quiet", "--source", str(data), "--out", str(raw),
+                    "-S", f"ingest.state_dir={raw.parent / 'ingest-state'}", "-S", f"paths.metrics={raw.parent / 'metrics'}"],
+                   check=True, cwd=REPO)
+    with open(raw / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def cvpipe_resize(raw: Path, rows: list[dict[str, str]], size: int, workers: int, out: Path) -> float:
+    """The preprocess stage's resize pass, with the manifest's paths and sizes as the stage passes them."""
     t0 = time.perf_counter()
-    resize_all(str(root), rels, out, size, "shorter_side_center_crop", workers, want_hash=True)
-    return len(files) / (time.perf_counter() - t0)
+    resize_all(str(raw), [r["path"] for r in rows], out, size, "shorter_side_center_crop", workers, want_hash=True,
+               shapes=[(int(r["width"]), int(r["height"])) for r in rows])
+    return len(rows) / (time.perf_counter() - t0)
 
 
 def throughput(loader, min_seconds: float) -> tuple[float, int]:
@@ -165,8 +181,6 @@ def main() -> int:
         print(f"error: {root} is not a folder (set --data or CVPIPE_REAL_DATA)", file=sys.stderr)
         return 2
     files = sorted(p for p in root.glob("*/*/*") if p.suffix.lower() in EXTS)
-    classes = sorted({p.parent.name for p in files})
-    labels = np.asarray([classes.index(p.parent.name) for p in files], dtype=np.int64)
     aug_params = load_params(args.params).augment
     for f in files:  # warm the page cache so both sides read from memory
         f.read_bytes()
@@ -175,11 +189,19 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="cvpipe-bench-") as tmp:
         out = Path(tmp) / "images.npy"
+        raw = Path(tmp) / "raw"
+        rows = ingest(root, raw)
+        stored = [raw / r["path"] for r in rows]
+        for f in stored:  # warm the page cache
+            f.read_bytes()
+        print(f"ingest stored {len(rows)} images in {raw}", flush=True)
+        classes = sorted({r["label"] for r in rows})
+        labels = np.asarray([classes.index(r["label"]) for r in rows], dtype=np.int64)
         # interleaved repeats, best of each: the machine is shared, a neighbour's burst hits one pass only
         naive_runs, ours_runs = [], []
         for _ in range(args.repeats):
-            naive_runs.append(naive_resize(files, args.size))
-            ours_runs.append(cvpipe_resize(root, files, args.size, args.workers, out))
+            naive_runs.append(naive_resize(stored, args.size))
+            ours_runs.append(cvpipe_resize(raw, rows, args.size, args.workers, out))
         naive, ours = max(naive_runs), max(ours_runs)
         from cvpipe.resize import _pool_context
 
@@ -191,17 +213,17 @@ def main() -> int:
         info = machine()  # imports torch: only after the resize passes, so their pool may start by fork
         info["load_avg_1m_at_start"] = load_at_start
         print(f"machine {info['cores']} cores ({info['cpu']}), load average at start {load_at_start}", flush=True)
-        access = random_access_us(out, files)
+        access = random_access_us(out, stored)
         print(f"access  one random sample: prepared row {access['prepared_row_us']} us, "
               f"JPEG decode {access['jpeg_decode_us']} us", flush=True)
         (base, base_epochs), n_base = imagefolder_loader(root, args.size, args.batch_size, args.workers, args.min_seconds)
         print(f"loader  ImageFolder + PIL + transforms: {base:8.1f} img/s ({base_epochs} epochs of {n_base})", flush=True)
         fast, fast_epochs = cvpipe_loader(out, labels, aug_params, args.batch_size, args.workers, args.min_seconds)
-        print(f"loader  cvpipe memmap + augment.train: {fast:8.1f} img/s ({fast_epochs} epochs of {len(files)}) "
+        print(f"loader  cvpipe memmap + augment.train: {fast:8.1f} img/s ({fast_epochs} epochs of {len(rows)}) "
               f"-> {fast / base:.2f}x", flush=True)
 
     result = {
-        "images": len(files),
+        "images": len(rows),
         "image_size": args.size,
         "batch_size": args.batch_size,
         "workers": args.workers,

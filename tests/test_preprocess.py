@@ -159,6 +159,7 @@ def test_phash_is_stable_under_resize_and_recompression(tmp_path):
     img.resize((150, 100)).save(buf, "JPEG", quality=50)
     copy = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     other = Image.fromarray(np.random.default_rng(4).integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((300, 200))
+    img, copy, other = np.asarray(img), np.asarray(copy), np.asarray(other)
     d_copy = bin(phash(img) ^ phash(copy)).count("1")
     d_other = bin(phash(img) ^ phash(other)).count("1")
     assert d_copy <= 4 < d_other
@@ -329,6 +330,7 @@ def test_stratified_keeps_planted_near_duplicates_in_one_split(project, real_dat
 
 
 def test_fast_jpeg_decode_matches_the_pillow_path_used_by_the_app():
+    from cvpipe.images import fit_array
     from cvpipe.resize import decode_for_size, scale_factor
 
     rng = np.random.default_rng(1)
@@ -337,14 +339,19 @@ def test_fast_jpeg_decode_matches_the_pillow_path_used_by_the_app():
     img.save(buf, "JPEG", quality=90)
     data = buf.getvalue()
     fast = decode_for_size(data, 128)
-    slow = open_for_size(data, 128)
-    assert scale_factor(1600, 1200, 128) == 8 and fast.size == (200, 150) and min(fast.size) >= 128
-    a = np.asarray(fit_image(fast, 128), dtype=np.int16)
-    b = np.asarray(fit_image(slow, 128), dtype=np.int16)
-    assert np.abs(a - b).mean() < 2.0  # same libjpeg DCT scaling, same fit_image
+    slow = np.asarray(open_for_size(data, 128))
+    assert scale_factor(1600, 1200, 128) == 8 and fast.shape == (150, 200, 3) and fast.dtype == np.uint8
+    a = fit_array(fast, 128).astype(np.int16)
+    b = fit_array(slow, 128).astype(np.int16)
+    assert np.abs(a - b).mean() < 2.0  # same libjpeg DCT scaling, same fit_array
+    # the manifest's (width, height) gives the same pixels without parsing the header
+    assert np.array_equal(decode_for_size(data, 128, (1600, 1200)), fast)
+    # a wrong shape (claiming a bigger image) would decode 1/8 instead of 1/2: caught, decoded right
+    assert scale_factor(1600, 1200, 400) == 2 and scale_factor(6400, 4800, 400) == 8
+    assert decode_for_size(data, 400, (6400, 4800)).shape == (600, 800, 3)
     png = io.BytesIO()
     img.save(png, "PNG")
-    assert decode_for_size(png.getvalue(), 128).size == (1600, 1200)  # non-JPEG: Pillow path
+    assert decode_for_size(png.getvalue(), 128).shape == (1200, 1600, 3)  # non-JPEG: Pillow path
 
 
 def test_phash_equals_imagehash_on_the_same_thumbnail():
@@ -354,7 +361,7 @@ def test_phash_equals_imagehash_on_the_same_thumbnail():
     for _ in range(10):
         im = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
         ref = int(np.packbits(imagehash.phash(im).hash.flatten()).view(">u8")[0])
-        assert phash(im) == ref
+        assert phash(np.asarray(im.convert("L"))) == ref
 
 
 # ----------------------------------------------------------------------------- DVC skip behaviour

@@ -250,31 +250,50 @@ def decode_image(
     )
 
 
-def fit_image(img: Image.Image, size: int, mode: str = "shorter_side_center_crop") -> Image.Image:
-    """Resize an RGB image to ``size x size`` (the one resize used everywhere: preprocess, app).
+def _resized(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``arr`` resized to ``width x height``: area averaging when shrinking, bilinear when growing."""
+    import cv2
 
-    * ``shorter_side_center_crop``: scale the shorter side to *size*, crop the centre;
+    h, w = arr.shape[:2]
+    if (w, h) == (width, height):
+        return np.ascontiguousarray(arr)
+    interp = cv2.INTER_AREA if width <= w and height <= h else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(arr), (width, height), interpolation=interp)
+
+
+def fit_array(arr: np.ndarray, size: int, mode: str = "shorter_side_center_crop") -> np.ndarray:
+    """Resize an (H, W, 3) uint8 RGB array to ``(size, size, 3)``: the one resize used everywhere.
+
+    Preprocess and the app both call this, so training and serving see the same pixels.
+
+    * ``shorter_side_center_crop``: the centred square of the shorter side, scaled to *size*;
     * ``pad_to_square``: scale the longer side to *size*, pad with black;
     * ``stretch``: scale both sides to *size*, ignoring the aspect ratio.
+
+    OpenCV's ``INTER_AREA`` (exact area averaging, antialiased) does the shrinking:
+    about 2x faster than Pillow's bilinear with ``reducing_gap`` here, the same
+    quality class. Only the region that survives a crop is resized.
     """
-    w, h = img.size
+    h, w = arr.shape[:2]
     if mode == "stretch":
-        return img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+        return _resized(arr, size, size)
     if mode == "shorter_side_center_crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        # resize only the region that survives the crop
-        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-        return img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return _resized(arr[top : top + side, left : left + side], size, size)
     if mode == "pad_to_square":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        canvas = Image.new("RGB", (size, size), (0, 0, 0))
-        canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+        canvas = np.zeros((size, size, 3), dtype=np.uint8)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        canvas[top : top + nh, left : left + nw] = _resized(arr, nw, nh)
         return canvas
     raise ValueError(f"unknown resize mode {mode!r}")
+
+
+def fit_image(img: Image.Image, size: int, mode: str = "shorter_side_center_crop") -> Image.Image:
+    """:func:`fit_array` for a PIL image (RGB), returning a PIL image."""
+    return Image.fromarray(fit_array(np.asarray(img if img.mode == "RGB" else img.convert("RGB")), size, mode))
 
 
 def open_for_size(path_or_bytes, size: int) -> Image.Image:
@@ -284,8 +303,8 @@ def open_for_size(path_or_bytes, size: int) -> Image.Image:
     (DCT scaling), which is several times faster for large photos. Pillow picks
     the smallest scale whose result is still at least ``size`` on *both* sides,
     so every resize mode (crop, pad, stretch) still downsamples and quality is
-    unaffected. Non-JPEG images decode at full size (``fit_image`` then uses
-    ``reduce`` before resampling).
+    unaffected. Non-JPEG images decode at full size (``fit_array`` then
+    area-averages them down).
     """
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
     img = Image.open(src)

@@ -125,7 +125,8 @@ def run(params: Params) -> dict[str, Any]:
         task = bar.add_task("decode+resize", total=len(rows))
         t0 = time.perf_counter()
         hashes = resize_all(raw_dir, [r["path"] for r in rows], staging, size, pp.resize_mode, workers, want_hash,
-                            on_progress=lambda k: bar.advance(task, k))
+                            on_progress=lambda k: bar.advance(task, k),
+                            shapes=[(int(r["width"]), int(r["height"])) for r in rows])
         resize_seconds = time.perf_counter() - t0
 
         groups = near_duplicate_groups(hashes, sp.near_duplicate_distance)

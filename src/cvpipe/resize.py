@@ -1,20 +1,23 @@
-"""Fast decode for preprocessing: JPEGs decoded at reduced scale by OpenCV, then the shared ``fit_image``.
+"""Fast decode for preprocessing: JPEGs decoded at reduced scale by OpenCV, then the shared ``fit_array``.
 
 Decoding dominates preprocessing time. libjpeg can decode at 1/2, 1/4 or 1/8
 scale (DCT scaling, the same mechanism as Pillow's draft mode); OpenCV's
 ``IMREAD_REDUCED_COLOR_*`` reaches it with less per-call overhead than Pillow's
 chunked decoder (about 1.3x faster on the hymenoptera photos). The scale is the
 smallest that keeps the *shorter* side >= the target size, so every resize mode
-still downsamples. The resize itself stays :func:`cvpipe.images.fit_image`, the
+still downsamples. The resize itself is :func:`cvpipe.images.fit_array`, the
 one resize the app uses too, so training and serving see the same pixels.
+Pixels stay NumPy arrays from decode to the output row (no PIL round trips).
 
 OpenCV applies EXIF orientation like Pillow's ``exif_transpose`` (stored
 images are upright anyway: ingest re-encodes EXIF-rotated files); non-JPEG
 images and anything OpenCV cannot read go through Pillow (:func:`cvpipe.images.open_for_size`).
 
 :func:`resize_all` runs decode + resize + perceptual hash over worker
-processes. This module imports only NumPy, Pillow and (lazily) OpenCV, so
-workers start fast.
+processes. This module imports OpenCV at import time, before any pool forks,
+so forked workers start with it loaded (importing it costs each worker ~40 ms,
+a tenth of a 400-image pass; its only thread at import is OpenBLAS's server,
+fork-safe like NumPy's).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from cvpipe.errors import StageError
-from cvpipe.images import fit_image, open_for_size
+from cvpipe.images import fit_array, open_for_size
 from cvpipe.splits import phash
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -42,8 +46,6 @@ def _reduced_flag(factor: int) -> tuple[int, bool]:
     OpenCV >= 4.11 decodes straight to RGB (``IMREAD_COLOR_RGB``), which saves a
     full-image channel-swap copy (about 10% of the decode here).
     """
-    import cv2
-
     reduced = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor]
     rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
@@ -60,23 +62,30 @@ def scale_factor(width: int, height: int, size: int) -> int:
     return factor
 
 
-def decode_for_size(data: bytes, size: int) -> Image.Image:
-    """Upright RGB image from encoded bytes, decoded at the coarsest scale that still covers ``size``."""
+def decode_for_size(data: bytes, size: int, shape: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Upright RGB (H, W, 3) uint8 array from encoded bytes, decoded at the coarsest scale that covers ``size``.
+
+    ``shape`` is the image's (width, height) when already known (ingest's
+    manifest has it), which saves parsing the header again; only the shorter
+    side matters, so EXIF rotation does not change the scale.
+    """
     if data[:3] == _JPEG_MAGIC:
         try:
-            import cv2
-
-            with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
-                w, h = header.size
-            # OpenCV applies EXIF orientation itself (stored images are upright anyway); the
-            # scale only needs the shorter side, which rotation does not change
-            flags, is_rgb = _reduced_flag(scale_factor(w, h, size))
+            trusted = shape is not None
+            if shape is None:
+                with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
+                    shape = header.size
+            # OpenCV applies EXIF orientation itself (stored images are upright anyway)
+            factor = scale_factor(shape[0], shape[1], size)
+            flags, is_rgb = _reduced_flag(factor)
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
             if arr is not None and arr.ndim == 3:
-                return Image.fromarray(arr if is_rgb else np.ascontiguousarray(arr[..., ::-1]))  # BGR -> RGB
-        except (ImportError, OSError, ValueError):
+                if trusted and factor > 1 and min(arr.shape[:2]) < size:  # the given shape was wrong
+                    return decode_for_size(data, size)
+                return arr if is_rgb else np.ascontiguousarray(arr[..., ::-1])  # BGR -> RGB
+        except (OSError, ValueError):
             pass
-    return open_for_size(data, size)
+    return np.asarray(open_for_size(data, size))
 
 
 # ----------------------------------------------------------------------------- parallel resize
@@ -93,23 +102,27 @@ def _open_out(out_path: str) -> np.ndarray:
     return arr
 
 
-def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str]], size: int, mode: str,
-                  want_hash: bool) -> list[tuple[int, int]]:
-    """Decode, resize and (optionally) hash ``rows`` of (output index, path) into the memmap.
+def _resize_chunk(base_dir: str, out_path: str, rows: Sequence[tuple[int, str, Optional[tuple[int, int]]]],
+                  size: int, mode: str, want_hash: bool) -> list[tuple[int, int]]:
+    """Decode, resize and (optionally) hash ``rows`` of (output index, path, (width, height) or None) into the memmap.
 
     Returns ``(index, 64-bit perceptual hash)`` pairs (hash 0 when not asked for).
     """
     arr = _open_out(out_path)
     hashes = []
-    for i, rel in rows:
+    for i, rel, shape in rows:
         path = os.path.join(base_dir, rel)
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
             # the hash needs a little detail: decode at >= HASH_MIN_SIDE even for tiny targets
-            img = decode_for_size(data, max(size, HASH_MIN_SIDE) if want_hash else size)
-            arr[i] = np.asarray(fit_image(img, size, mode), dtype=np.uint8)
-            hashes.append((i, phash(img) if want_hash else 0))
+            img = decode_for_size(data, max(size, HASH_MIN_SIDE) if want_hash else size, shape)
+            fitted = fit_array(img, size, mode)
+            arr[i] = fitted
+            if want_hash:  # hash what training sees (the fitted image): a 4x area-average away from 32x32
+                hashes.append((i, phash(fitted if size >= HASH_MIN_SIDE else fit_array(img, HASH_MIN_SIDE, mode))))
+            else:
+                hashes.append((i, 0))
         except (OSError, ValueError, SyntaxError) as exc:
             raise StageError(f"cannot read {path}: {exc} (rerun `cvpipe ingest`)") from None
     # no msync: the mapping is shared, so the parent sees these pages through the page cache
@@ -123,7 +136,7 @@ def _thread_count() -> int:
         return 1 << 30  # unknown: never fork
 
 
-_BASELINE_THREADS = _thread_count()  # at import: the interpreter plus NumPy's BLAS pool (fork-safe)
+_BASELINE_THREADS = _thread_count()  # at import: the interpreter plus NumPy's and OpenCV's BLAS servers (fork-safe)
 
 
 def _pool_context():
@@ -131,8 +144,8 @@ def _pool_context():
 
     Forking while other threads hold locks can deadlock the children (seen with
     OpenCV's pool after an augmentation ran, when a child then called into
-    OpenCV's threading). Workers also never touch OpenCV's thread pool
-    (``imdecode`` only, colour swap in NumPy), so the fork path stays safe.
+    OpenCV's threading). Workers run OpenCV single-threaded
+    (:func:`_worker_init`), so they never start OpenCV's pool either.
     """
     import multiprocessing as mp
 
@@ -142,9 +155,18 @@ def _pool_context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+def _worker_init() -> None:
+    """One OpenCV thread per worker: the pool already runs one process per core."""
+    cv2.setNumThreads(1)
+
+
 def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: int, mode: str, workers: int,
-               want_hash: bool = True, on_progress=None) -> np.ndarray:
+               want_hash: bool = True, on_progress=None,
+               shapes: Optional[Sequence[tuple[int, int]]] = None) -> np.ndarray:
     """Resize every image in ``rels`` (relative to ``base_dir``) into a new ``(N, size, size, 3)`` uint8 .npy.
+
+    ``shapes`` are the images' (width, height) if known (from ingest's manifest),
+    so JPEG headers are not parsed a second time.
 
     Runs over ``workers`` processes (each writes its rows straight into the
     shared memory-mapped file, so no pixels travel between processes).
@@ -154,7 +176,7 @@ def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: i
     out = np.lib.format.open_memmap(str(out_path), mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     out.flush()
     del out
-    rows = list(enumerate(rels))
+    rows = [(i, rel, shapes[i] if shapes is not None else None) for i, rel in enumerate(rels)]
     hashes = np.zeros(n, dtype=np.uint64)
     step = on_progress or (lambda k: None)
     if workers <= 1 or n < 64:
@@ -166,7 +188,7 @@ def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: i
         return hashes
     chunk = max(8, min(64, n // (workers * 8)))
     chunks = [rows[s : s + chunk] for s in range(0, n, chunk)]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init) as pool:
         futures = [pool.submit(_resize_chunk, base_dir, str(out_path), c, size, mode, want_hash) for c in chunks]
         for f, c in zip(futures, chunks):
             for i, h in f.result():

@@ -25,7 +25,7 @@ Preprocessing is never re-typed; an upload takes the path a training image took:
    bomb refusal before decoding, EXIF orientation, RGB conversion);
 2. ``DecodedImage.encoded`` gives the bytes ingest would have stored (the original
    when it is a clean JPEG/PNG, else ingest's normalized re-encode);
-3. :func:`cvpipe.resize.decode_for_size` + :func:`cvpipe.images.fit_image` with the
+3. :func:`cvpipe.resize.decode_for_size` + :func:`cvpipe.images.fit_array` with the
    saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
    reduced DCT scale);
 4. ``(x - 255*mean) / (255*std)`` with the saved mean/std, as evaluate's ``BatchNormalizer``.
@@ -46,7 +46,7 @@ import numpy as np
 
 from cvpipe import storage
 from cvpipe.errors import StageError
-from cvpipe.images import DecodedImage, decode_image, fit_image
+from cvpipe.images import DecodedImage, decode_image, fit_array
 
 OPTIONAL_FILES = {
     "preprocess.json": "preprocessing (taken from the checkpoint instead)",
@@ -112,8 +112,7 @@ class ServedModel:
         from cvpipe.resize import decode_for_size
 
         stored, _ = decoded.encoded(original)
-        img = decode_for_size(stored, self.decode_side)
-        return np.asarray(fit_image(img, self.image_size, self.resize_mode), dtype=np.uint8)
+        return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
 
     def to_tensor(self, arrays: list[np.ndarray]):
         import torch
@@ -306,11 +305,6 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     for name, what in OPTIONAL_FILES.items():
         if layout == "folder" and files.get(name) is None:
             notes.append(f"{name} missing: no {what}")
-    try:
-        import cv2  # noqa: F401  (preprocess decodes JPEGs with OpenCV; cvpipe.resize falls back to Pillow)
-    except ImportError:
-        notes.append("OpenCV is not installed: JPEGs are decoded with Pillow, so pixels can differ slightly "
-                     "from what preprocess fed the model (install opencv-python-headless)")
     if layout == "checkpoint":
         if cm_path is None:
             notes.append("no confusion matrix image found (run cvpipe evaluate)")
