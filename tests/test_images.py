@@ -60,3 +60,48 @@ def test_trailing_bytes_after_eoi_are_fine():
 def test_real_photos_have_no_false_positives(real_data):
     for path in sorted((real_data / "hymenoptera_data").rglob("*.jp*g")):
         assert jpeg_structure_error(path.read_bytes()) is None, path
+
+
+# ----------------------------------------------------------------------------- OpenCV fast path == Pillow
+
+
+def _outcome(data: bytes) -> tuple:
+    try:
+        d = decode_image(data, min_size=8)
+    except ImageRejected as rej:
+        return ("rejected", rej.reason)
+    return ("accepted", d.format, d.source_mode, d.width, d.height, d.clean, d.encoded(data)[0] == data)
+
+
+def test_clean_jpeg_takes_the_opencv_path_and_keeps_its_bytes():
+    data = _jpeg()
+    d = decode_image(data)
+    assert d.clean and d.image is None and (d.width, d.height) == (320, 240)
+    assert d.encoded(data) == (data, "jpg")
+
+
+def test_jpeg_cut_short_is_truncated_on_both_paths(monkeypatch):
+    from cvpipe import images
+
+    data = _jpeg()
+    cut = data[: len(data) * 2 // 3]  # libjpeg would pad it with grey; Pillow raises
+    fast = _outcome(cut)
+    monkeypatch.setattr(images, "_clean_jpeg_decodes", lambda *a: False)
+    assert fast == _outcome(cut) == ("rejected", images.TRUNCATED)
+
+
+def test_fast_path_gives_pillows_outcome_on_every_real_file(real_data, monkeypatch):
+    """The OpenCV fast path only speeds up success: every real photo and every bad input ends the same."""
+    from cvpipe import images
+
+    paths = sorted(p for p in (real_data / "hymenoptera_data").rglob("*") if p.is_file())
+    paths += sorted(p for p in (real_data / "bad_inputs").iterdir() if p.is_file())
+    datas = [p.read_bytes() for p in paths]
+    took_fast_path = []
+    real = images._clean_jpeg_decodes
+    monkeypatch.setattr(images, "_clean_jpeg_decodes", lambda *a: took_fast_path.append(real(*a)) or took_fast_path[-1])
+    fast = [_outcome(d) for d in datas]
+    monkeypatch.setattr(images, "_clean_jpeg_decodes", lambda *a: False)
+    slow = [_outcome(d) for d in datas]
+    assert [p.name for p, a, b in zip(paths, fast, slow) if a != b] == []
+    assert sum(took_fast_path) >= 390  # the fast path did the work for the real photos
