@@ -251,7 +251,7 @@ def _clean_jpeg_decodes(data: bytes, img: Image.Image) -> bool:
     """True when an RGB, upright JPEG fully decodes with OpenCV and its structure is sound.
 
     The fast path for what most datasets are made of. The whole image is still
-    decoded at full resolution (OpenCV's libjpeg-turbo call, ~1.4x faster than
+    decoded at full resolution (OpenCV's libjpeg-turbo call, ~1.2x faster than
     Pillow's chunked decoder here), so any fatal libjpeg error is caught; the
     marker walk catches the garbage libjpeg would conceal and a missing
     end-of-image marker (a cut-short file, which libjpeg silently pads where
