@@ -19,7 +19,7 @@ from cvpipe import ingest, preprocess
 from cvpipe.config import load_params
 from cvpipe.dataset import PreparedDataset
 from cvpipe.errors import StageError
-from cvpipe.images import fit_image, open_for_size
+from cvpipe.images import fit_array, open_for_size
 from cvpipe.splits import near_duplicate_groups, phash, predefined_split, straddling_groups, stratified_split
 
 
@@ -86,10 +86,10 @@ def hymenoptera_files(real_data: Path):
 
 
 @pytest.mark.parametrize("mode", ["shorter_side_center_crop", "pad_to_square", "stretch"])
-def test_fit_image_modes_give_square_uint8(mode):
+def test_fit_array_modes_give_square_uint8(mode):
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 30, 100))  # a blue strip on the left edge
-    out = np.asarray(fit_image(img, 32, mode))
+    out = fit_array(np.asarray(img), 32, mode)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     if mode == "shorter_side_center_crop":
         assert (out[..., 0] > 200).all()  # the blue left strip is cropped away
@@ -105,7 +105,7 @@ def test_open_for_size_uses_jpeg_draft_and_keeps_enough_pixels():
     img = open_for_size(buf.getvalue(), 128)
     assert img.mode == "RGB"
     assert min(img.size) >= 128 and img.size[0] < 2000  # decoded reduced, still >= the target
-    assert np.asarray(fit_image(img, 128)).shape == (128, 128, 3)
+    assert fit_array(np.asarray(img), 128).shape == (128, 128, 3)
 
 
 # ----------------------------------------------------------------------------- splits (unit)
@@ -330,7 +330,6 @@ def test_stratified_keeps_planted_near_duplicates_in_one_split(project, real_dat
 
 
 def test_fast_jpeg_decode_matches_the_pillow_path_used_by_the_app():
-    from cvpipe.images import fit_array
     from cvpipe.resize import decode_for_size, scale_factor
 
     rng = np.random.default_rng(1)

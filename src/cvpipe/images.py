@@ -334,11 +334,6 @@ def fit_array(arr: np.ndarray, size: int, mode: str = "shorter_side_center_crop"
     raise ValueError(f"unknown resize mode {mode!r}")
 
 
-def fit_image(img: Image.Image, size: int, mode: str = "shorter_side_center_crop") -> Image.Image:
-    """:func:`fit_array` for a PIL image (RGB), returning a PIL image."""
-    return Image.fromarray(fit_array(np.asarray(img if img.mode == "RGB" else img.convert("RGB")), size, mode))
-
-
 def open_for_size(path_or_bytes, size: int) -> Image.Image:
     """Open an already-validated image as upright RGB, letting JPEG decode at reduced scale.
 
