@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from cvpipe.images import CORRUPT, ImageRejected, decode_image, jpeg_structure_error
+from cvpipe.images import CORRUPT, ImageRejected, decode_image, jpeg_structure
 
 
 def _jpeg(progressive: bool = False, restart: bool = False) -> bytes:
@@ -23,7 +23,7 @@ def _jpeg(progressive: bool = False, restart: bool = False) -> bytes:
 @pytest.mark.parametrize("progressive,restart", [(False, False), (True, False), (False, True)])
 def test_valid_jpegs_pass_the_structure_check(progressive, restart):
     data = _jpeg(progressive, restart)
-    assert jpeg_structure_error(data) is None
+    assert jpeg_structure(data)[0] is None
     assert decode_image(data).width == 320
 
 
@@ -31,7 +31,7 @@ def test_garbage_in_scan_data_is_rejected():
     data = bytearray(_jpeg())
     mid = len(data) // 2
     data[mid : mid + 512] = bytes((i * 37) & 0xFF for i in range(512))  # as in bad_inputs
-    assert "inside scan data" in (jpeg_structure_error(bytes(data)) or "")
+    assert "inside scan data" in (jpeg_structure(bytes(data))[0] or "")
     with pytest.raises(ImageRejected) as err:
         decode_image(bytes(data))
     assert err.value.reason == CORRUPT
@@ -50,16 +50,16 @@ def test_restart_markers_out_of_sequence_are_rejected():
     first = data.find(b"\xff\xd0")
     assert first > 0
     swapped = data[:first] + b"\xff\xd3" + data[first + 2 :]
-    assert "out of sequence" in (jpeg_structure_error(swapped) or "")
+    assert "out of sequence" in (jpeg_structure(swapped)[0] or "")
 
 
 def test_trailing_bytes_after_eoi_are_fine():
-    assert jpeg_structure_error(_jpeg() + b"\x00camera trailer\xff\x12") is None
+    assert jpeg_structure(_jpeg() + b"\x00camera trailer\xff\x12") == (None, True)
 
 
 def test_real_photos_have_no_false_positives(real_data):
     for path in sorted((real_data / "hymenoptera_data").rglob("*.jp*g")):
-        assert jpeg_structure_error(path.read_bytes()) is None, path
+        assert jpeg_structure(path.read_bytes()) == (None, True), path
 
 
 # ----------------------------------------------------------------------------- OpenCV fast path == Pillow

@@ -34,7 +34,7 @@ BAD_INPUTS_EXPECTED = {
     "animated_4frames.gif": "ok:P",
     "bilevel_1bit.png": "ok:1",
     "cmyk.jpg": "ok:CMYK",
-    "corrupted_middle_bytes.jpg": "corrupt",  # garbage in scan data: see images.jpeg_structure_error
+    "corrupted_middle_bytes.jpg": "corrupt",  # garbage in scan data: see images.jpeg_structure
     "decompression_bomb_14000x14000.png": "decompression_bomb",
     "exif_orientation_3.jpg": "ok:RGB",
     "exif_orientation_6.jpg": "ok:RGB",

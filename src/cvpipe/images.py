@@ -88,16 +88,12 @@ def _looks_like_text(data: bytes) -> bool:
     return printable / len(head) > 0.95
 
 
-def jpeg_structure_error(data: bytes) -> Optional[str]:
-    """Walk a JPEG's marker segments and entropy-coded scans; describe the first structural defect.
+def jpeg_structure(data: bytes) -> tuple[Optional[str], bool]:
+    """Walk a JPEG's marker segments and entropy-coded scans:
+    ``(first structural defect or None, whether the end-of-image marker was reached)``.
 
-    (See :func:`_jpeg_walk`; a file cut short is not reported here, the decoder does that.)
-    """
-    return _jpeg_walk(data)[0]
-
-
-def _jpeg_walk(data: bytes) -> tuple[Optional[str], bool]:
-    """``(first structural defect or None, whether the end-of-image marker was reached)``.
+    A file cut short is not a defect here (Pillow's decoder reports it); it just
+    never reaches the end-of-image marker.
 
     libjpeg *recovers* from garbage inside scan data (it prints "Corrupt JPEG
     data: ..." and keeps going, filling the damage with grey), and Pillow does not
@@ -223,12 +219,13 @@ def decode_image(
     # 48-bit PNGs open as mode "RGB" but are stored 16 bits per channel: not "clean"
     raw_modes = {t[3][0] if isinstance(t[3], tuple) else t[3] for t in (img.tile or []) if len(t) > 3}
     wide = any(isinstance(m, str) and "16" in m for m in raw_modes)
-    if fmt == "JPEG" and source_mode == "RGB" and frames == 1 and _clean_jpeg_decodes(data, img):
+    walk = jpeg_structure(data) if fmt in ("JPEG", "MPO") else None  # once, for both paths
+    if fmt == "JPEG" and source_mode == "RGB" and frames == 1 and _clean_jpeg_decodes(data, img, walk):
         # the common case, checked without Pillow's slower decoder; the bytes are stored as they are
         rgb, exif_orientation = None, 1
         w, h = width, height
     else:
-        rgb, exif_orientation = _decode_with_pillow(img, data, fmt, frames, background)
+        rgb, exif_orientation = _decode_with_pillow(img, frames, background, walk)
         w, h = rgb.size
     if min(w, h) < min_size:
         raise ImageRejected(TOO_SMALL, f"{w}x{h} is below min_size={min_size}")
@@ -247,7 +244,7 @@ def decode_image(
     )
 
 
-def _clean_jpeg_decodes(data: bytes, img: Image.Image) -> bool:
+def _clean_jpeg_decodes(data: bytes, img: Image.Image, walk: tuple[Optional[str], bool]) -> bool:
     """True when an RGB, upright JPEG fully decodes with OpenCV and its structure is sound.
 
     The fast path for what most datasets are made of. The whole image is still
@@ -263,16 +260,20 @@ def _clean_jpeg_decodes(data: bytes, img: Image.Image) -> bool:
             return False
     except Exception:  # a malformed EXIF block: Pillow's path decides what it means
         return False
-    problem, complete = _jpeg_walk(data)
+    problem, complete = walk  # jpeg_structure(data)
     if problem is not None or not complete:
         return False
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     return arr is not None and arr.shape[:2] == (img.size[1], img.size[0])
 
 
-def _decode_with_pillow(img: Image.Image, data: bytes, fmt: str, frames: int,
-                        background: tuple[int, int, int]) -> tuple[Image.Image, Optional[int]]:
-    """Full decode by Pillow: ``(upright RGB image, EXIF orientation)``, or :class:`ImageRejected`."""
+def _decode_with_pillow(img: Image.Image, frames: int, background: tuple[int, int, int],
+                        walk: Optional[tuple[Optional[str], bool]]) -> tuple[Image.Image, Optional[int]]:
+    """Full decode by Pillow: ``(upright RGB image, EXIF orientation)``, or :class:`ImageRejected`.
+
+    ``walk`` is :func:`jpeg_structure` of a JPEG's bytes (None for other formats):
+    a structural defect is reported after the decode, so a truncation Pillow finds wins.
+    """
     try:
         if frames > 1:
             img.seek(0)
@@ -288,10 +289,8 @@ def _decode_with_pillow(img: Image.Image, data: bytes, fmt: str, frames: int,
         msg = str(exc)
         reason = TRUNCATED if ("truncat" in msg.lower() or isinstance(exc, EOFError)) else CORRUPT
         raise ImageRejected(reason, msg) from None
-    if fmt in ("JPEG", "MPO"):
-        problem = jpeg_structure_error(data)
-        if problem:
-            raise ImageRejected(CORRUPT, f"damaged JPEG data ({problem}); libjpeg would conceal it")
+    if walk is not None and walk[0]:
+        raise ImageRejected(CORRUPT, f"damaged JPEG data ({walk[0]}); libjpeg would conceal it")
     return rgb, exif_orientation
 
 
