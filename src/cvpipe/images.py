@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,8 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Pillow refuses to *load* past its own bomb limit; we check against our own
-# limit before decoding, so let Pillow's guard sit well above any sane value.
+# Pillow refuses to *load* past its own bomb limit (and warns below it); we check against
+# our own limit before decoding, so Pillow's guard is off.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -195,9 +194,9 @@ def decode_image(
     if data.startswith(b"version https://git-lfs"):
         raise ImageRejected(LFS_POINTER, "a Git LFS pointer, not the file it points to")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        # no DecompressionBombWarning to silence: MAX_IMAGE_PIXELS is None (and warnings.catch_warnings
+        # is not thread-safe; ingest decodes in threads)
+        img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         kind = "text/HTML content" if _looks_like_text(data) else "unrecognized content"
         raise ImageRejected(NOT_IMAGE, kind) from None

@@ -15,18 +15,18 @@ its final name, and a rerun reuses images already stored.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
-import itertools
 import json
 import os
 import queue
 import shutil
 import threading
 import time
-from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Optional
@@ -94,24 +94,12 @@ class IngestReport:
 def _process(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
     """Read (unless *data* was fetched already), hash, decode-check and store one file.
 
-    Runs in a worker process. Never raises: any failure is an outcome with a reason.
+    Runs in a decode thread. Never raises: any failure is an outcome with a reason.
     """
     try:
         return _process_inner(item, data, raw_dir, p)
     except Exception as exc:  # a decoder bug must not stop the run: quarantine the file
         return Outcome(item, reason=UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
-
-
-def _process_batch(batch: list[tuple[SourceItem, Optional[bytes]]], raw_dir: str,
-                   p: dict[str, Any]) -> list[tuple[Outcome, int]]:
-    """:func:`_process` for a batch of ``(item, fetched bytes or None)``, one worker task per batch.
-
-    Returns each outcome with the bytes it consumed (for the progress bar). Per-task
-    costs (pickling, two queue hops, the future) are paid in the parent, which shares
-    the cores with the workers: per file they were ~0.7 ms of parent CPU, a third
-    of the decode itself, so local files travel in batches.
-    """
-    return [(_process(it, data, raw_dir, p), it.size if data is None else len(data)) for it, data in batch]
 
 
 def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
@@ -196,7 +184,7 @@ def _write_csv(path: str, columns: list[str], rows: Iterable[dict[str, Any]]) ->
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
-    storage.write_text(path, buf.getvalue())
+    storage.write_text(path, buf.getvalue(), only_if_changed=True)
 
 
 def read_manifest(raw_dir: str) -> list[dict[str, str]]:
@@ -209,20 +197,39 @@ def read_manifest(raw_dir: str) -> list[dict[str, str]]:
 
 
 def _prune_unreferenced(raw_dir: Path, keep: set[str]) -> int:
-    """Remove stored images no longer in the manifest, and leftovers of killed runs."""
+    """Remove stored images no longer in the manifest, and leftovers of killed runs.
+
+    The store is two levels deep (``images/<sha[:2]>/<file>``); scandir with plain strings
+    keeps this pass at a few milliseconds per thousand files.
+    """
     removed = 0
-    images = raw_dir / "images"
-    if not images.exists():
+    images = os.path.join(raw_dir, "images")
+    try:
+        with os.scandir(images) as top:
+            entries = list(top)
+    except FileNotFoundError:
         return 0
-    for path in images.rglob("*"):
-        if path.is_file():
-            rel = path.relative_to(raw_dir).as_posix()
-            if rel not in keep:
-                path.unlink()
-                removed += 1
-    for d in sorted(images.iterdir()) if images.exists() else []:
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+    shards = []
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            shards.append(e)
+        else:  # nothing of ours lives directly under images/
+            os.unlink(e.path)
+            removed += 1
+    for shard in shards:
+        left = 0
+        with os.scandir(shard.path) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)  # nothing of ours nests deeper
+                    removed += 1
+                elif f"images/{shard.name}/{e.name}" in keep:
+                    left += 1
+                else:
+                    os.unlink(e.path)
+                    removed += 1
+        if not left:
+            os.rmdir(shard.path)
     return removed
 
 
@@ -250,6 +257,9 @@ class IngestState:
         self.path, self.key = path, key
         self.entries: dict[str, dict[str, Any]] = {}
         self._fh: Optional[IO[str]] = None
+        self._lines = 0  # entry lines in the file: more than len(entries) when a URI was redone
+        self._torn = False
+        self._appended = 0
         if path.exists():
             self._load()
 
@@ -269,9 +279,11 @@ class IngestState:
             try:
                 e = json.loads(line)
             except ValueError:
-                continue  # torn by a kill
+                self._torn = True  # by a kill
+                continue
             if isinstance(e, dict) and "uri" in e:
                 self.entries[e["uri"]] = e
+                self._lines += 1
 
     def lookup(self, item: SourceItem) -> Optional[dict[str, Any]]:
         e = self.entries.get(item.uri)
@@ -309,6 +321,7 @@ class IngestState:
         else:
             e["reason"], e["detail"] = o.reason, o.detail
         self.entries[o.item.uri] = e
+        self._appended += 1
         assert self._fh is not None
         self._fh.write(json.dumps(e, ensure_ascii=False) + "\n")
         self._fh.flush()
@@ -317,9 +330,13 @@ class IngestState:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        kept = [u for u in sorted(keep) if u in self.entries]
+        if not (self._appended or self._torn) and self._lines == len(self.entries) == len(kept):
+            return  # already compact: an unchanged rerun writes nothing
         lines = [json.dumps({"params_key": self.key})]
-        lines += [json.dumps(self.entries[u], ensure_ascii=False) for u in sorted(keep) if u in self.entries]
-        storage.write_text(self.path, "\n".join(lines) + "\n")
+        lines += [json.dumps(self.entries[u], ensure_ascii=False) for u in kept]
+        # not fsynced: the journal is a cache; a torn or lost one only means files are decoded again
+        storage.write_text(self.path, "\n".join(lines) + "\n", durable=False)
 
 
 def _outcome_from_entry(item: SourceItem, e: dict[str, Any]) -> Outcome:
@@ -350,40 +367,36 @@ def fetch_many(fs: Any, urls: list[str], concurrency: int) -> list[Any]:
 _DONE = object()
 
 
-def _producer(remote: list[SourceItem], opts: SourceOptions, concurrency: int, q: "queue.Queue", stop: threading.Event) -> None:
-    """Fetch remote objects in concurrent batches and hand (item, bytes|exception) to the decoder."""
+def _fetch_remote(remote: list[SourceItem], opts: SourceOptions, concurrency: int, out: "queue.Queue[tuple[Any, Any]]",
+                  stop: threading.Event) -> None:
+    """Fetch remote objects in concurrent batches into *out* as ``(item, bytes | exception)``.
+
+    *out* is bounded, so fetched bytes wait in memory only until a decode thread is free;
+    ``(None, _DONE)`` (or ``(None, exception)`` if the listing's filesystem itself broke) ends it.
+    """
+    end: Any = _DONE
     try:
         by_proto: dict[str, list[SourceItem]] = defaultdict(list)
         for it in remote:
             by_proto[storage.protocol(it.remote)].append(it)  # type: ignore[arg-type]
         batch = max(2 * concurrency, 64)
-        for proto, group in by_proto.items():
+        for group in by_proto.values():
             try:
                 fs = filesystem_for(group[0].remote, opts)  # type: ignore[arg-type]
             except Exception as exc:
                 for it in group:
-                    q.put((it, exc))
+                    out.put((it, exc))
                 continue
             for i in range(0, len(group), batch):
                 if stop.is_set():
                     return
                 chunk = group[i : i + batch]
                 for it, res in zip(chunk, fetch_many(fs, [it.remote for it in chunk], concurrency)):  # type: ignore[misc]
-                    q.put((it, res))
-    except Exception as exc:  # pragma: no cover - never leave the consumer waiting
-        q.put((None, exc))
+                    out.put((it, res))
+    except BaseException as exc:  # pragma: no cover - never leave the decode threads waiting
+        end = exc
     finally:
-        q.put((None, _DONE))
-
-
-def _make_pool(workers: int):
-    if workers == 1:
-        return ThreadPoolExecutor(max_workers=1)
-    import multiprocessing as mp
-
-    # fork is fastest, but not once gcsfs/aiohttp threads exist in this process
-    method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "forkserver"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+        out.put((None, end))
 
 
 class _BytesRate(ProgressColumn):
@@ -404,91 +417,100 @@ def _process_items(
     todo: list[SourceItem], raw_dir: str, p: IngestParams, src_opts: SourceOptions, state: IngestState,
     report: IngestReport, on_done: Callable[[Outcome, int], None],
 ) -> list[Outcome]:
-    """Transfer (remote: concurrently; local: in the workers) and decode every item of *todo*."""
+    """Transfer (remote: concurrently; local: by the decode threads) and decode every item of *todo*.
+
+    ``ingest.workers`` decode *threads*, not processes: the per-file work is almost all C that
+    releases the GIL (file I/O, SHA-256, libjpeg-turbo, Pillow's decoders); the Python left
+    (header parse, marker walk, bookkeeping) is a few percent. Processes paid for that with
+    forks, pickled items and outcomes, and a parent competing with the workers for the cores.
+    Each thread pulls its next file itself (local files largest first, so the run ends on
+    small ones and no thread finishes long after the other; then fetched objects) and records
+    the outcome (journal, counters, progress) under one lock: no thread wakes per file to
+    hand work around.
+    """
     if not todo:
         return []
     opts = p.model_dump(mode="json")
-    local = [it for it in todo if not it.remote]
+    local = deque(sorted((it for it in todo if not it.remote), key=lambda it: -it.size))
     remote = [it for it in todo if it.remote]
     workers = _worker_count(p.workers)
-    limit = workers * 4 + 2 * p.transfer_concurrency
-    q: queue.Queue = queue.Queue(maxsize=max(256, 4 * p.transfer_concurrency))
+    report.transferred += len(local)
+    report.bytes_transferred += sum(it.size for it in local)
+    fetched: "queue.Queue[tuple[Any, Any]]" = queue.Queue(maxsize=workers * 4 + 2 * p.transfer_concurrency)
+    lock = threading.Lock()
     stop = threading.Event()
     results: list[Outcome] = []
-    pool = _make_pool(workers)
-    producer = None
-    if remote:
-        producer = threading.Thread(
-            target=_producer, args=(remote, src_opts, p.transfer_concurrency, q, stop), daemon=True
-        )
-        producer.start()
-    producer_done = not remote
-    local_iter = iter(local)
-    local_done = not local
-    inflight: set[Any] = set()
-    # local files go to the workers in batches, few enough that per-task overhead is small;
-    # batches shrink towards the end (guided scheduling) so no worker idles while one finishes
-    unsent = len(local)
+    failures: list[BaseException] = []
 
-    def finish(o: Outcome, nbytes: int) -> None:
-        state.record(o)
-        results.append(o)
-        on_done(o, nbytes)
+    def finish(o: Outcome, consumed: Optional[int]) -> None:
+        with lock:
+            if consumed is not None:  # None: a failed fetch, nothing was read or decoded
+                report.decoded += 1
+                if o.item.remote:
+                    report.transferred += 1
+                    report.bytes_transferred += consumed
+            state.record(o)
+            results.append(o)
+            on_done(o, consumed or 0)
 
-    def take(entry: tuple[Any, Any]) -> None:
-        nonlocal producer_done
-        it, res = entry
-        if res is _DONE:
-            producer_done = True
-        elif it is None:
-            raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
-        elif isinstance(res, BaseException):
-            finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(res).__name__}: {res}"), 0)
-        else:
-            report.transferred += 1
-            report.bytes_transferred += len(res)
-            report.decoded += 1
-            inflight.add(pool.submit(_process_batch, [(it, bytes(res))], raw_dir, opts))
-
-    try:
+    def next_job() -> Optional[tuple[SourceItem, Any]]:
+        try:
+            return local.popleft(), None
+        except IndexError:
+            pass
+        if not remote:
+            return None
         while True:
-            while len(inflight) < limit:  # feed: fetched remote bytes first, then local files
-                try:
-                    take(q.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                chunk = list(itertools.islice(local_iter, max(1, min(16, unsent // (workers * 4)))))
-                unsent -= len(chunk)
-                if not chunk:
-                    local_done = True
-                    break
-                report.transferred += len(chunk)
-                report.bytes_transferred += sum(it.size for it in chunk)
-                report.decoded += len(chunk)
-                inflight.add(pool.submit(_process_batch, [(it, None) for it in chunk], raw_dir, opts))
-            if inflight:
-                done, _ = wait(inflight, timeout=0.05, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    inflight.discard(fut)
-                    for o, nbytes in fut.result():
-                        finish(o, nbytes)
-            elif local_done and producer_done:
+            try:
+                it, res = fetched.get(timeout=0.1)
                 break
-            else:
-                try:
-                    take(q.get(timeout=0.05))
-                except queue.Empty:
-                    pass
+            except queue.Empty:
+                if stop.is_set():
+                    return None
+        if it is None:
+            fetched.put((it, res))  # the end marker stays for the other threads
+            if res is not _DONE:
+                raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
+            return None
+        return it, res
+
+    def decode_loop() -> None:
+        try:
+            while not stop.is_set():
+                job = next_job()
+                if job is None:
+                    return
+                it, data = job
+                if isinstance(data, BaseException):
+                    finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(data).__name__}: {data}"), None)
+                    continue
+                if data is not None:
+                    data = bytes(data)
+                # _process turns every failure of the file into an outcome
+                finish(_process(it, data, raw_dir, opts), it.size if data is None else len(data))
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=decode_loop, name=f"cvpipe-ingest-{i}", daemon=True) for i in range(workers)]
+    if remote:
+        threads.append(threading.Thread(target=_fetch_remote, args=(remote, src_opts, p.transfer_concurrency, fetched, stop),
+                                        name="cvpipe-ingest-fetch", daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
     finally:
         stop.set()
-        if producer is not None:
-            while producer.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    producer.join(0.05)
-        pool.shutdown(wait=True, cancel_futures=True)
+        while any(t.is_alive() for t in threads):  # interrupted: unblock a fetcher waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                fetched.get_nowait()
+            for t in threads:
+                t.join(0.05)
+    if failures:
+        exc = failures[0]
+        raise exc if isinstance(exc, StageError) else StageError(f"ingest failed: {type(exc).__name__}: {exc}")
     return results
 
 
@@ -552,7 +574,7 @@ def run(params: Params) -> IngestReport:
         resolved = _resolve_duplicates_copy(outcomes.values())
         # an accepted image whose stored file is gone (deleted by hand, or by `dvc repro`
         # without persist) is fetched and stored again
-        missing = [o.item for o in resolved if o.record and not (raw_dir / o.record["path"]).exists()]
+        missing = [o.item for o in resolved if o.record and not os.path.exists(os.path.join(raw_dir, o.record["path"]))]
         if missing:
             bar.update(task, total=len(items) + len(missing))
             for o in _process_items(missing, str(raw_dir), p, src_opts, state, report, on_done):

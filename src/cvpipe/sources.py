@@ -83,12 +83,19 @@ def _skip_dir(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_DIRS
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk_files(root: Path) -> Iterator[tuple[str, str]]:
+    """``(path, posix path relative to root)`` of every file under *root*, sorted, hidden folders skipped.
+
+    Plain strings, not Path objects: a listing of 100k files should cost the stat calls, not pathlib.
+    """
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         # hidden and OS-metadata folders (.git, __MACOSX) are not data
         dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
+        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        base = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
-            yield Path(dirpath, name)
+            yield os.path.join(dirpath, name), base + name
 
 
 def _is_split_layout(top_dirs: Iterable[str]) -> bool:
@@ -140,12 +147,12 @@ def iter_local_folder(root: Path, uri_prefix: Optional[str] = None) -> Iterator[
     root = root.resolve()
     prefix = uri_prefix if uri_prefix is not None else root.as_posix()
     files = []
-    for path in _walk_files(root):
+    for path, rel in _walk_files(root):
         try:
-            fp, size = _stat_fp(str(path))
+            fp, size = _stat_fp(path)
         except OSError:
             fp, size = "", 0
-        files.append((path.relative_to(root).as_posix(), str(path), None, fp, size))
+        files.append((rel, path, None, fp, size))
     yield from _items_from_tree(files, prefix)
 
 
@@ -375,9 +382,9 @@ def iter_archive(url: str, opts: SourceOptions, stats: Optional[dict[str, int]] 
     folder, fp = fetch_archive(url, opts, stats)
     root = _unwrap(folder)
     files = []
-    for path in _walk_files(root):
-        size = path.stat().st_size
-        files.append((path.relative_to(root).as_posix(), str(path), None, f"{fp}|{size}" if fp else "", size))
+    for path, rel in _walk_files(root):
+        size = os.stat(path).st_size
+        files.append((rel, path, None, f"{fp}|{size}" if fp else "", size))
     yield from _items_from_tree(files, f"{url}!")
 
 
