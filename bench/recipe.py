@@ -12,7 +12,9 @@ pretrained weights can be downloaded here), two scratch git+DVC repositories, si
                          the same loop, the same time budget): SGD, momentum 0.9, weight decay
                          2e-5, LR rule 0.1 x batch/256 (batch 128), 5 warmup epochs, cosine to
                          0, label smoothing 0.1, RandomResizedCrop scale 0.08-1 / ratio 3/4-4/3,
-                         horizontal flip 0.5, colour jitter 0.4, at most 300 epochs. The image
+                         horizontal flip 0.5, colour jitter 0.4, no dropout, no EMA, at most 300
+                         epochs, and the checkpoint with the best validation top-1 is the one
+                         tested (train.py's ``model_best``). The image
                          size stays the recipe's (timm would use the model's 224 px, which on a
                          CPU would only cost the baseline more epochs within the budget): the
                          comparison is of hyper-parameters, not of resolution.
@@ -54,7 +56,10 @@ def timm_defaults(image_size: int) -> dict:
         "train.batch_size": batch, "train.lr": 0.1 * batch / 256,  # --lr-base 0.1 --lr-base-size 256, linear for SGD
         "train.scheduler": "cosine", "train.warmup_epochs": 5, "train.min_lr": 0.0, "train.epochs": 300,
         "train.label_smoothing": 0.1, "train.mixup_alpha": 0.0, "train.cutmix_alpha": 0.0, "train.ema": False,
+        "train.drop_rate": 0.0, "train.drop_path_rate": 0.0,
         "train.layer_decay": None, "train.head_lr": None, "train.class_balance": "none",
+        # train.py keeps model_best by validation top-1 (--eval-metric top1), no EMA (--model-ema off)
+        "train.monitor": "val_acc", "evaluate.checkpoint": "best", "evaluate.weights": "model",
         "augment.train": [
             {"RandomResizedCrop": {"size": [image_size, image_size], "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]}},
             {"HorizontalFlip": {"p": 0.5}},

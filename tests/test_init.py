@@ -58,7 +58,8 @@ def test_digits_recipe_is_32px_unflipped_and_unweighted():
     assert "mirrored digits" in r["augment.train"].reason
     assert r["train.class_balance"].value == "none"
     assert r["split.strategy"].value == "stratified"
-    assert r["train.batch_size"].value == 64 and r["train.lr"].value == 0.002
+    assert r["train.batch_size"].value == 64 and r["train.lr"].value == 0.1
+    assert r["train.optimizer"].value == "sgd" and r["train.weight_decay"].value == 5e-4
     _buildable(augs)
 
 
@@ -115,7 +116,10 @@ def test_gpu_recipe_scales_size_batch_and_crops():
     r = recipe.build_recipe(BIG_PHOTOS, GPU, RecipeOptions())
     assert r["preprocess.image_size"].value == 320
     assert r["train.batch_size"].value == 256
-    assert r["train.lr"].value == recipe.default_lr(256, pretrained=False) == 0.004
+    # convnext_tiny leads the GPU shortlist: AdamW from scratch; the classic CNNs after it get SGD overrides
+    assert r["train.lr"].value == recipe.default_lr(256, False, "convnext_tiny") == 0.004
+    assert r["train.optimizer"].value == "adamw"
+    assert r["bakeoff.archs"].value["resnet50"] == {"optimizer": "sgd", "lr": 0.4, "weight_decay": 5e-4}
     crop = [a for a in r["augment.train"].value if "RandomResizedCrop" in a][0]["RandomResizedCrop"]
     assert crop["scale"] == [0.35, 1.0] and crop["size"] == [320, 320]
     assert _names(r["augment.train"].value) == ["HorizontalFlip", "RandomResizedCrop", "ColorJitter"]
@@ -129,10 +133,44 @@ def test_small_photo_sets_get_gentle_affine_not_resized_crops():
     _buildable(r["augment.train"].value)
 
 
-@pytest.mark.parametrize("bs, pretrained, lr", [(64, False, 0.002), (16, False, 0.001), (256, False, 0.004),
-                                                (64, True, 0.0005), (256, True, 0.001), (32, False, 0.00141)])
-def test_default_lr_rule(bs, pretrained, lr):
-    assert recipe.default_lr(bs, pretrained) == pytest.approx(lr)
+@pytest.mark.parametrize("bs, pretrained, arch, lr", [
+    (64, False, "resnet18", 0.1), (16, False, "resnet18", 0.025), (256, False, "resnet50", 0.4),  # SGD, linear
+    (64, False, "convnext_atto", 0.002), (16, False, "vit_small_patch16_224", 0.001),  # AdamW, sqrt
+    (64, True, "resnet18", 0.0005), (256, True, "convnext_tiny", 0.001), (32, True, "resnet18", 0.000354),
+])
+def test_default_lr_rule(bs, pretrained, arch, lr):
+    assert recipe.default_lr(bs, pretrained, arch) == pytest.approx(lr)
+
+
+def test_optimizer_follows_the_architecture_family_and_bakeoff_entries_override_it():
+    r = recipe.build_recipe(PHOTOS, CPU, RecipeOptions())
+    assert (r["train.optimizer"].value, r["train.lr"].value, r["train.weight_decay"].value) == ("sgd", 0.025, 5e-4)
+    archs = r["bakeoff.archs"].value
+    assert archs["resnet18"] == {} and archs["mobilenetv3_large_100"] == {}
+    assert archs["convnext_atto"] == {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05}
+    assert "AdamW" in dict((p.value, p.reason) for p in r["bakeoff.archs"].parts)["convnext_atto"]
+    first = recipe.build_recipe(PHOTOS, CPU, RecipeOptions(arch="convnext_atto", max_archs=2))
+    assert first["train.optimizer"].value == "adamw" and first["train.lr"].value == 0.001
+    assert first["bakeoff.archs"].value["resnet18"] == {"optimizer": "sgd", "lr": 0.025, "weight_decay": 5e-4}
+    at_224 = replace(BIG_PHOTOS, shorter_side=SizeStats(230, 230, 230), longer_side=SizeStats(300, 300, 300))
+    vit = recipe.build_recipe(at_224, GPU, RecipeOptions(max_archs=4, arch="resnet50"))
+    assert vit["train.optimizer"].value == "sgd" and vit["bakeoff.archs"].value[recipe.VIT_ARCH]["optimizer"] == "adamw"
+    tuned = recipe.build_recipe(PHOTOS, CPU, RecipeOptions(pretrained=True))
+    assert tuned["train.optimizer"].value == "adamw" and all(v == {} for v in tuned["bakeoff.archs"].value.values())
+    assert recipe.wants_adamw("convnextv2_nano") and recipe.wants_adamw("deit3_small_patch16_224")
+    assert not recipe.wants_adamw("resnet50") and not recipe.wants_adamw("efficientnet_b2")
+
+
+def test_ema_and_the_tested_checkpoint_follow_the_split_sizes():
+    small = recipe.build_recipe(PHOTOS, CPU, RecipeOptions())  # 201 train / 44 val images
+    assert small["train.ema"].value is True and small["train.ema_decay"].value == 0.995  # 200 updates, the floor
+    assert small["train.monitor"].value == "ema_val_acc"
+    assert (small["evaluate.checkpoint"].value, small["evaluate.weights"].value) == ("last", "ema")
+    assert "44 val images" in small["evaluate.checkpoint"].reason
+    big = recipe.build_recipe(BIG_PHOTOS, GPU, RecipeOptions())  # 28,000 train / 6,000 val images, batch 256
+    assert big["train.ema_decay"].value == pytest.approx(1 - 1 / 1100, abs=1e-5)  # 10 epochs of 110 updates
+    assert (big["evaluate.checkpoint"].value, big["evaluate.weights"].value) == ("best", "auto")
+    assert recipe.estimated_val_images(PHOTOS) == 44 and recipe.estimated_val_images(BIG_PHOTOS) == 6000
 
 
 def test_pretrained_uses_layer_decay_head_lr_and_fewer_epochs():

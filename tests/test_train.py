@@ -289,6 +289,17 @@ def test_full_trains_everything_with_ema_mixup_sampler_accum_clip(tmp_path, tiny
     assert saved[0]["num_updates"] == 2
 
 
+def test_dropout_and_stochastic_depth_reach_the_model_and_unsupported_ones_exit_2():
+    plain = finetune.create_model(TrainParams(arch="resnet18"), 3)
+    reg = finetune.create_model(TrainParams(arch="resnet18", drop_rate=0.3, drop_path_rate=0.1), 3)
+    assert plain.drop_rate == 0 and reg.drop_rate == 0.3
+    assert reg.layer4[1].drop_path is not None and plain.layer4[1].drop_path is None
+    with pytest.raises(ParamsError, match="train.drop_path_rate: vgg11 does not take drop_path_rate"):
+        finetune.create_model(TrainParams(arch="vgg11", drop_path_rate=0.1), 3)
+    with pytest.raises(Exception, match="drop_rate"):
+        TrainParams(drop_rate=1.0)
+
+
 def test_class_weighted_loss_and_inverse_frequency():
     w = finetune.inverse_frequency(np.array([0, 0, 0, 1]), 3)
     assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])

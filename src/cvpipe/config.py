@@ -151,6 +151,8 @@ class TrainParams(_Section):
     warmup_epochs: int = Field(1, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier (timm's drop_rate)")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm's drop_path_rate), where the architecture has it")
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
     mixup_prob: float = Field(1.0, ge=0, le=1)

@@ -234,30 +234,40 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def create_model(tp: TrainParams, num_classes: int):
-    """The timm model with its head sized to ``num_classes`` and the requested weights."""
+    """The timm model with its head sized to ``num_classes``, its regularizers and the requested weights."""
     import timm
 
     from cvpipe.models import check_arch, create
 
     check_arch(tp.arch)
-    if tp.pretrained_path:
-        model = create(tp.arch, num_classes=num_classes)
-        model.cvpipe_pretrained_report = load_pretrained_path(model, tp.pretrained_path)
-        return model
-    if tp.pretrained:
+    # passed only when set: not every architecture takes drop_path_rate
+    kwargs = {k: v for k, v in (("drop_rate", tp.drop_rate), ("drop_path_rate", tp.drop_path_rate)) if v}
+    try:
+        if tp.pretrained_path:
+            model = create(tp.arch, num_classes=num_classes, **kwargs)
+            model.cvpipe_pretrained_report = load_pretrained_path(model, tp.pretrained_path)
+            return model
+        if not tp.pretrained:
+            return create(tp.arch, num_classes=num_classes, **kwargs)
         if not _hub_reachable():
             raise StageError(
                 f"train.pretrained: cannot reach the timm/Hugging Face hub to download {tp.arch} weights (offline?); "
                 "download them elsewhere and set train.pretrained_path to the .safetensors/.pth file"
             )
         try:
-            return timm.create_model(tp.arch, pretrained=True, num_classes=num_classes)
+            return timm.create_model(tp.arch, pretrained=True, num_classes=num_classes, **kwargs)
+        except TypeError:
+            raise
         except Exception as exc:
             raise StageError(
                 f"train.pretrained: downloading {tp.arch} weights failed ({type(exc).__name__}: {exc}); "
                 "set train.pretrained_path to a local .safetensors/.pth file instead"
             ) from None
-    return create(tp.arch, num_classes=num_classes)
+    except TypeError as exc:
+        if not kwargs:
+            raise
+        names = " / ".join(f"train.{k}" for k in kwargs)
+        raise ParamsError(f"{names}: {tp.arch} does not take {', '.join(kwargs)} ({exc})") from None
 
 
 # --------------------------------------------------------------------------- losses, mixup, EMA
