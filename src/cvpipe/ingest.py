@@ -423,8 +423,8 @@ def _process_items(
     releases the GIL (file I/O, SHA-256, libjpeg-turbo, Pillow's decoders); the Python left
     (header parse, marker walk, bookkeeping) is a few percent. Processes paid for that with
     forks, pickled items and outcomes, and a parent competing with the workers for the cores.
-    Each thread pulls its next file itself (local files largest first, so the run ends on
-    small ones and no thread finishes long after the other; then fetched objects) and records
+    Each thread pulls its next file itself (fetched objects as they arrive, local files largest
+    first, so the run ends on small ones and no thread finishes long after the other) and records
     the outcome (journal, counters, progress) under one lock: no thread wakes per file to
     hand work around.
     """
@@ -453,26 +453,31 @@ def _process_items(
             results.append(o)
             on_done(o, consumed or 0)
 
-    def next_job() -> Optional[tuple[SourceItem, Any]]:
-        try:
-            return local.popleft(), None
-        except IndexError:
-            pass
-        if not remote:
-            return None
+    def fetched_item(block: bool) -> Optional[tuple[SourceItem, Any]]:
+        """The next fetched object, or None when there is none now (*block*: none will come)."""
         while True:
             try:
-                it, res = fetched.get(timeout=0.1)
-                break
+                it, res = fetched.get(timeout=0.1) if block else fetched.get_nowait()
             except queue.Empty:
-                if stop.is_set():
-                    return None
-        if it is None:
+                if block and not stop.is_set():
+                    continue
+                return None
+            if it is not None:
+                return it, res
             fetched.put((it, res))  # the end marker stays for the other threads
             if res is not _DONE:
                 raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
             return None
-        return it, res
+
+    def next_job() -> Optional[tuple[SourceItem, Any]]:
+        """Fetched bytes first (the fetcher waits while its queue is full), then local files, then wait for fetches."""
+        job = fetched_item(block=False) if remote else None
+        if job is not None:
+            return job
+        try:
+            return local.popleft(), None
+        except IndexError:
+            return fetched_item(block=True) if remote else None
 
     def decode_loop() -> None:
         try:
