@@ -78,7 +78,7 @@ def test_ece_hand_checked():
 
 @pytest.fixture
 def tiny_project(tmp_path, monkeypatch):
-    """4 digit classes x 30 images at 32 px, timm's test_resnet trained for 8 epochs."""
+    """4 digit classes x 30 images at 32 px, timm's test_resnet trained for 8 epochs (AdamW, no EMA)."""
     from sklearn.datasets import load_digits
 
     monkeypatch.chdir(tmp_path)
@@ -94,6 +94,9 @@ def tiny_project(tmp_path, monkeypatch):
             Image.fromarray(img).convert("RGB").save(tmp_path / "src" / str(c) / f"{i}.png")
     write_params(tmp_path, {"ingest.source": str(tmp_path / "src"), "ingest.workers": 1, "preprocess.workers": 1,
                             "train.arch": "test_resnet", "train.epochs": 8, "train.batch_size": 16, "train.lr": 0.005,
+                            "train.optimizer": "adamw", "train.weight_decay": 0.05,
+                            # no EMA: the test below asks for EMA weights of a checkpoint without them
+                            "train.ema": False, "train.monitor": "val_acc", "evaluate.weights": "model",
                             "evaluate.latency_runs": 3, "evaluate.gallery_size": 4, "wandb.mode": "disabled"})
     for stage in ("ingest", "preprocess", "train"):
         cvpipe(stage, "-q", cwd=tmp_path)
