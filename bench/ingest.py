@@ -120,6 +120,9 @@ def main() -> None:
                     help="local runs of each side, interleaved; the best is kept (a run is ~1 s, and a "
                          "neighbour's burst on a 2-core machine hits single runs)")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--work-dir", default=None,
+                    help="where both sides write (default: the system temp folder); e.g. /dev/shm to take the "
+                         "filesystem's write costs out of the comparison")
     args = ap.parse_args()
     data_root = Path(os.environ.get("CVPIPE_REAL_DATA", ROOT.parent / "shared" / "data")) / "hymenoptera_data"
     if not data_root.is_dir():
@@ -127,26 +130,29 @@ def main() -> None:
     set_quiet(True)
     files = sorted(p for p in data_root.rglob("*") if p.is_file())
     total_bytes = sum(p.stat().st_size for p in files)
-    tmp = Path(tempfile.mkdtemp(prefix="cvpipe-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="cvpipe-bench-", dir=args.work_dir))
     os.environ["CVPIPE_CACHE"] = str(tmp / "cache")
     result: dict = {}
     try:
         # (b) local
         base_local, ing_local, base_cpu, ing_cpu, ceiling = [], [], [], [], []
         jpegs = [b for b in (p.read_bytes() for p in files) if b[:2] == b"\xff\xd8"]
-        for _ in range(args.local_repeat):
+        # every run writes into a fresh folder, and the runs' outputs are deleted only after the
+        # last one: deleting the previous run's ~400 files right before the next run makes ext4
+        # check each freed inode's deletion time when it allocates new ones (perf: the kernel's
+        # recently_deleted under ext4_create and ext4_mkdir), a cost of this loop, not of either side
+        for k in range(args.local_repeat):
             ceiling.append(decode_speedup(jpegs, os.cpu_count() or 1))
-            out = tmp / "plain"
-            shutil.rmtree(out, ignore_errors=True)
+            out = tmp / f"plain-{k}"
             out.mkdir()
             c = cpu_seconds()
             base_local.append(baseline_local(files, out))
             base_cpu.append(cpu_seconds() - c)
             c = cpu_seconds()
-            secs, rep = run_ingest(tmp / "local", str(data_root))
+            secs, rep = run_ingest(tmp / f"local-{k}", str(data_root))
             ing_cpu.append(cpu_seconds() - c)
             ing_local.append(secs)
-        rerun_secs, rerun = run_ingest_rerun(tmp / "local", str(data_root))
+        rerun_secs, rerun = run_ingest_rerun(tmp / f"local-{args.local_repeat - 1}", str(data_root))
         result["local"] = {
             "files": len(files), "bytes": total_bytes,
             "baseline_s": round(min(base_local), 3), "baseline_files_per_s": round(len(files) / min(base_local), 1),
@@ -193,7 +199,7 @@ def main() -> None:
     result["machine"] = {
         "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2), "work_dir": str(tmp.parent),
     }
     result["gs_ratio"] = round(gs_ratio, 2)
     result["local_ratio"] = round(local_ratio, 2)
