@@ -1,6 +1,6 @@
 """Recipe bench: `cvpipe init` + `dvc repro` against the same loop with timm train.py's defaults.
 
-    CVPIPE_REAL_DATA=../shared/data python bench/recipe.py [--digits-budget 1.5 --hymenoptera-budget 3] [--seeds 3]
+    CVPIPE_REAL_DATA=../shared/data python bench/recipe.py [--digits-budget 1.5 --hymenoptera-budget 3] [--seeds 3] [--first-seed 45]
 
 For each dataset (the built-in digits sample, and hymenoptera_data from scratch since no
 pretrained weights can be downloaded here), two scratch git+DVC repositories, side by side:
@@ -105,7 +105,7 @@ def set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def one(name: str, source: str, budget: float, work: Path, seeds: int = 1) -> dict:
+def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first_seed: int | None = None) -> dict:
     recipe = scratch_repo(work / f"{name}-recipe")
     run([sys.executable, "-m", "cvpipe", "init", source, "--time-budget", str(budget), "--max-archs", "1"], recipe)
     params = yaml.safe_load((recipe / "params.yaml").read_text())
@@ -114,11 +114,12 @@ def one(name: str, source: str, budget: float, work: Path, seeds: int = 1) -> di
     shutil.copy(recipe / "params.yaml", base / "params.yaml")
     set_params(base / "params.yaml", timm_defaults(params["preprocess"]["image_size"]))
     out: dict = {"arch": arch, "image_size": params["preprocess"]["image_size"], "time_budget_minutes": budget}
-    first_seed = int(params["train"].get("seed", 42))  # 42: the TrainParams default
+    if first_seed is None:
+        first_seed = int(params["train"].get("seed", 42))  # 42: the TrainParams default
     for label, repo in (("recipe", recipe), ("imagenet_defaults", base)):
         runs = []
         for k in range(seeds):  # further seeds rerun only train, evaluate and compare (same split)
-            if k:
+            if k or first_seed != params["train"].get("seed", 42):
                 set_params(repo / "params.yaml", {"train.seed": first_seed + k})
             wall = run([sys.executable, "-m", "dvc", "repro"], repo)
             ev = json.loads((repo / "metrics" / arch / "evaluate.json").read_text())
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--hymenoptera-budget", type=float, default=3.0, help="train.time_budget_minutes for hymenoptera_data")
     ap.add_argument("--seeds", type=int, default=1,
                     help="training seeds per side (train.seed, seed+1, ...; the split stays fixed); accuracies are averaged")
+    ap.add_argument("--first-seed", type=int, default=None,
+                    help="train.seed of the first run (default: the one cvpipe init writes, 42); to add seeds to an earlier run")
     ap.add_argument("--datasets", default="digits,hymenoptera", help="comma-separated subset of digits,hymenoptera")
     ap.add_argument("--keep", action="store_true", help="keep the scratch repositories")
     args = ap.parse_args()
@@ -162,7 +165,7 @@ def main() -> None:
     try:
         sources = {"digits": ("sample://digits", args.digits_budget),
                    "hymenoptera": (str(Path(data) / "hymenoptera_data"), args.hymenoptera_budget)}
-        results = {name: one(name, *sources[name], work, args.seeds) for name in args.datasets.split(",")}
+        results = {name: one(name, *sources[name], work, args.seeds, args.first_seed) for name in args.datasets.split(",")}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

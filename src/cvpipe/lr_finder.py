@@ -10,7 +10,8 @@ other classic rule, a tenth of the minimum's LR, is reported too but not used: w
 steps over five decades the smoothing lags the loss by about half a decade (beta 0.98:
 ~50 steps), so the minimum moves with the smoothing and the range, while the steepest
 point barely does. On the digits, the steepest point sits within 1.5x of the best LR of a
-training grid (tests/test_lr_finder.py); a tenth of the minimum missed it by 8x.
+training grid (tests/test_lr_finder.py; Nesterov SGD: 0.069 against 0.1; AdamW: 2.5e-3
+against 3e-3, where a tenth of the minimum missed it by 8x).
 
 It is written here rather than taken from a library because none fits: fastai's needs its
 Learner, Lightning's its Trainer, ``torch-lr-finder`` is unmaintained; the test itself is a
