@@ -8,7 +8,7 @@
 (b) local ingest files/s against a plain sequential loop doing the same work
     (read, full decode, RGB conversion, SHA-256, copy). ``local_ratio`` (target >= 1.7).
 
-Usage: CVPIPE_REAL_DATA=../shared/data python bench/ingest.py [--delay-ms 30] [--repeat 2] [--local-repeat 9]
+Usage: CVPIPE_REAL_DATA=../shared/data python bench/ingest.py [--delay-ms 30] [--repeat 2] [--local-repeat 9] [--work-dir DIR]
 """
 
 from __future__ import annotations
