@@ -44,14 +44,9 @@ EXTS = (".jpg", ".jpeg", ".png")
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cvpipe.runtime import cpu_model
+
+    cpu = cpu_model() or "unknown"
     import albumentations
     import PIL
     import torch

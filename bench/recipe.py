@@ -139,9 +139,9 @@ def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first
 def machine() -> dict:
     import torch
 
-    from cvpipe.runtime import cpu_supports_bf16
+    from cvpipe.runtime import cpu_model, cpu_supports_bf16
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.machine())
+    cpu = cpu_model() or platform.machine()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(), "cpu_bf16": cpu_supports_bf16(), "python": platform.python_version()}
 

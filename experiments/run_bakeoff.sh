@@ -64,10 +64,10 @@ import json, os, platform, sys, torch
 info = {"cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(), "cuda": torch.cuda.is_available(),
         "dvc_repro_seconds": int(sys.argv[2])}
-try:
-    info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-except (OSError, StopIteration):
-    pass
+from cvpipe.runtime import cpu_model
+model = cpu_model()
+if model:
+    info["cpu_model"] = model
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 PYEOF
 echo "results in $OUT (scratch repo: $WORK)"

@@ -28,15 +28,6 @@ RESULTS = REPO / "experiments" / "hymenoptera" / "results"
 METRICS = ["accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"]
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name as run_bakeoff.sh records it in machine.json."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def _leaderboard(folder: Path) -> dict[str, dict[str, str]]:
     with open(folder / "leaderboard.csv", newline="") as fh:
         return {row["arch"]: row for row in csv.DictReader(fh)}
@@ -65,7 +56,7 @@ def test_committed_results_are_complete_and_labelled():
 def test_bakeoff_reproduces_from_dvc_repro(tmp_path, real_data):
     import torch
 
-    from cvpipe.runtime import cpu_supports_bf16
+    from cvpipe.runtime import cpu_model, cpu_supports_bf16
 
     out = tmp_path / "results"
     env = {**os.environ, "CVPIPE_REAL_DATA": str(real_data), "BAKEOFF_RESULTS": str(out), "PYTHON": sys.executable,
@@ -78,7 +69,7 @@ def test_bakeoff_reproduces_from_dvc_repro(tmp_path, real_data):
     machine = json.loads((RESULTS / "machine.json").read_text())
     amp = json.loads((RESULTS / "metrics" / next(iter(recorded)) / "train.json").read_text())["amp"]
     same_machine = (machine["torch_threads"] == torch.get_num_threads() and (amp == "bf16") == cpu_supports_bf16()
-                    and machine.get("cpu_model") == _cpu_model())
+                    and machine.get("cpu_model") == cpu_model())
     for arch in recorded:
         for m in METRICS:
             a, b = float(recorded[arch][m]), float(rerun[arch][m])

@@ -26,6 +26,18 @@ class Runtime:
         return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo ("AMD EPYC", "Intel(R) Xeon(R) ..."), None where there is none.
+
+    Float results on a CPU depend on it (oneDNN picks kernels per ISA), so recorded results name it.
+    """
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     import torch
