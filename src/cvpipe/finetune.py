@@ -242,32 +242,37 @@ def create_model(tp: TrainParams, num_classes: int):
     check_arch(tp.arch)
     # passed only when set: not every architecture takes drop_path_rate
     kwargs = {k: v for k, v in (("drop_rate", tp.drop_rate), ("drop_path_rate", tp.drop_path_rate)) if v}
-    try:
-        if tp.pretrained_path:
-            model = create(tp.arch, num_classes=num_classes, **kwargs)
-            model.cvpipe_pretrained_report = load_pretrained_path(model, tp.pretrained_path)
-            return model
-        if not tp.pretrained:
-            return create(tp.arch, num_classes=num_classes, **kwargs)
-        if not _hub_reachable():
-            raise StageError(
-                f"train.pretrained: cannot reach the timm/Hugging Face hub to download {tp.arch} weights (offline?); "
-                "download them elsewhere and set train.pretrained_path to the .safetensors/.pth file"
-            )
+
+    def build(factory, **extra):
+        """*factory* with the regularizers; an architecture that does not take one is a params error."""
         try:
-            return timm.create_model(tp.arch, pretrained=True, num_classes=num_classes, **kwargs)
-        except TypeError:
-            raise
-        except Exception as exc:
-            raise StageError(
-                f"train.pretrained: downloading {tp.arch} weights failed ({type(exc).__name__}: {exc}); "
-                "set train.pretrained_path to a local .safetensors/.pth file instead"
-            ) from None
-    except TypeError as exc:
-        if not kwargs:
-            raise
-        names = " / ".join(f"train.{k}" for k in kwargs)
-        raise ParamsError(f"{names}: {tp.arch} does not take {', '.join(kwargs)} ({exc})") from None
+            return factory(**extra, num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            if not kwargs:
+                raise
+            names = " / ".join(f"train.{k}" for k in kwargs)
+            raise ParamsError(f"{names}: {tp.arch} does not take {', '.join(kwargs)} ({exc})") from None
+
+    if tp.pretrained_path:
+        model = build(create, arch=tp.arch)
+        model.cvpipe_pretrained_report = load_pretrained_path(model, tp.pretrained_path)
+        return model
+    if not tp.pretrained:
+        return build(create, arch=tp.arch)
+    if not _hub_reachable():
+        raise StageError(
+            f"train.pretrained: cannot reach the timm/Hugging Face hub to download {tp.arch} weights (offline?); "
+            "download them elsewhere and set train.pretrained_path to the .safetensors/.pth file"
+        )
+    try:
+        return build(timm.create_model, model_name=tp.arch, pretrained=True)
+    except ParamsError:
+        raise
+    except Exception as exc:
+        raise StageError(
+            f"train.pretrained: downloading {tp.arch} weights failed ({type(exc).__name__}: {exc}); "
+            "set train.pretrained_path to a local .safetensors/.pth file instead"
+        ) from None
 
 
 # --------------------------------------------------------------------------- losses, mixup, EMA
