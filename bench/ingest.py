@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from PIL import Image, ImageOps  # noqa: E402
-
-from cvpipe.config import load_params  # noqa: E402
-from cvpipe.console import set_quiet  # noqa: E402
-from cvpipe.ingest import run as ingest_run  # noqa: E402
 from servers import delay_proxy, gcs_emulator, upload_tree  # noqa: E402
+
+from cvpipe.core.config import load_params  # noqa: E402
+from cvpipe.core.console import set_quiet  # noqa: E402
+from cvpipe.ingest.stage import run as ingest_run  # noqa: E402
 
 
 def plain_work(data: bytes, out_dir: Path) -> None:
@@ -104,7 +104,7 @@ def run_ingest(work: Path, source: str, **ingest) -> tuple[float, object]:
     work.mkdir(parents=True)
     overrides = [f"ingest.source={source}", f"paths.raw={work / 'raw'}", f"paths.metrics={work / 'metrics'}",
                  f"ingest.state_dir={work / 'state'}"] + [f"ingest.{k}={v}" for k, v in ingest.items()]
-    from cvpipe.config import parse_override
+    from cvpipe.core.config import parse_override
 
     params = load_params(ROOT / "params.yaml", dict(parse_override(o) for o in overrides))
     t = time.perf_counter()
@@ -208,7 +208,7 @@ def main() -> None:
 
 
 def run_ingest_rerun(work: Path, source: str) -> tuple[float, object]:
-    from cvpipe.config import parse_override
+    from cvpipe.core.config import parse_override
 
     overrides = [f"ingest.source={source}", f"paths.raw={work / 'raw'}", f"paths.metrics={work / 'metrics'}",
                  f"ingest.state_dir={work / 'state'}"]

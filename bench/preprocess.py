@@ -3,13 +3,13 @@
     python bench/preprocess.py [--data ../shared/data/hymenoptera_data] [--size 128] [--batch-size 64] [--workers 2]
 
 1. **Resize**: images/s of cvpipe's decode+resize (+perceptual hash) pass, the
-   way ``cvpipe preprocess`` runs it (:func:`cvpipe.resize.resize_all` over
+   way ``cvpipe preprocess`` runs it (:func:`cvpipe.data.resize.resize_all` over
    ``cvpipe ingest``'s output and its manifest: reduced-scale JPEG decode,
    ``preprocess.workers`` processes writing into a memory-mapped uint8 array)
    against a naive loop (PIL open, convert RGB, resize) over the same stored
    files, page cache warm for both. Ingest runs first, untimed, in its own
    process (as the stage does).
-2. **Loader**: images/s of the training loader cvpipe uses (``cvpipe.train.ArrayDataset``
+2. **Loader**: images/s of the training loader cvpipe uses (``cvpipe.train.stage.ArrayDataset``
    over the memory-mapped array, the default ``augment.train`` from params.yaml,
    uint8 batches) against torchvision ``ImageFolder`` + PIL + ``transforms``
    (Resize, CenterCrop, RandomAffine of the same ranges, ToTensor) over the raw
@@ -36,15 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])  # worker processes
 
-from cvpipe import augment  # noqa: E402
-from cvpipe.config import load_params  # noqa: E402
-from cvpipe.resize import resize_all  # noqa: E402
+from cvpipe.core.config import load_params  # noqa: E402
+from cvpipe.data import augment  # noqa: E402
+from cvpipe.data.resize import resize_all  # noqa: E402
 
 EXTS = (".jpg", ".jpeg", ".png")
 
 
 def machine() -> dict:
-    from cvpipe.runtime import cpu_model
+    from cvpipe.torchkit.runtime import cpu_model
 
     cpu = cpu_model() or "unknown"
     import albumentations
@@ -110,8 +110,8 @@ def throughput(loader, min_seconds: float) -> tuple[float, int]:
 
 
 def cvpipe_loader(images_npy: Path, labels: np.ndarray, aug_params, batch: int, workers: int, min_s: float):
-    from cvpipe.dataset import Split
-    from cvpipe.train import ArrayDataset, make_loader
+    from cvpipe.data.prepared import Split
+    from cvpipe.torchkit.loaders import ArrayDataset, make_loader
 
     arr = np.load(images_npy, mmap_mode="r")
     pipeline = augment.build(aug_params, seed=0)
@@ -198,7 +198,7 @@ def main() -> int:
             naive_runs.append(naive_resize(stored, args.size))
             ours_runs.append(cvpipe_resize(raw, rows, args.size, args.workers, out))
         naive, ours = max(naive_runs), max(ours_runs)
-        from cvpipe.resize import _pool_context
+        from cvpipe.data.resize import _pool_context
 
         start_method = _pool_context().get_start_method()
         print(f"resize  naive loop (PIL open, RGB, resize), 1 process: {naive:8.1f} img/s "

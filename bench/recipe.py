@@ -139,7 +139,7 @@ def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first
 def machine() -> dict:
     import torch
 
-    from cvpipe.runtime import cpu_model, cpu_supports_bf16
+    from cvpipe.torchkit.runtime import cpu_model, cpu_supports_bf16
 
     cpu = cpu_model() or platform.machine()
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

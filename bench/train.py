@@ -160,7 +160,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from cvpipe.runtime import cpu_supports_bf16
+    from cvpipe.torchkit.runtime import cpu_supports_bf16
 
     src = Path(a.data) / "hymenoptera_data"
     if not src.is_dir():

@@ -64,7 +64,7 @@ import json, os, platform, sys, torch
 info = {"cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(), "cuda": torch.cuda.is_available(),
         "dvc_repro_seconds": int(sys.argv[2])}
-from cvpipe.runtime import cpu_model
+from cvpipe.torchkit.runtime import cpu_model
 model = cpu_model()
 if model:
     info["cpu_model"] = model

@@ -85,7 +85,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 def make_digits_slice(tmp_path_factory, per_class: int) -> Path:
     """A class-folder copy of the built-in digits sample with *per_class* images per class."""
-    from cvpipe import sample
+    from cvpipe.data import sample
 
     full = sample.materialize("digits", tmp_path_factory.mktemp("digits-full") / "digits")
     out = tmp_path_factory.mktemp("digits-slice")

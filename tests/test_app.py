@@ -15,15 +15,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import cvpipe, make_digits_slice, write_params
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cvpipe.config import ServeParams
-from cvpipe.errors import StageError
+from cvpipe.core.config import ServeParams
+from cvpipe.core.errors import StageError
 from cvpipe.serve.app import BackgroundServer, create_app
 from cvpipe.serve.model import load_model
-
-from conftest import cvpipe, make_digits_slice, write_params
 
 PER_CLASS = 20
 
@@ -98,7 +97,7 @@ def test_healthz_docs_and_model_card(client, trained):
 
 def test_predict_is_the_evaluation_preprocessing_and_model(client, served, trained):
     """A stored test image posted to /predict gives the array preprocess wrote and the probabilities evaluate saw."""
-    from cvpipe.dataset import PreparedDataset
+    from cvpipe.data.prepared import PreparedDataset
 
     test = PreparedDataset(str(trained / "data/prepared")).split("test")
     paths = _manifest(trained)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, write_params
 from conftest import cvpipe as _cvpipe
 
-from cvpipe import augment
-from cvpipe.config import AugmentParams, load_params
-from cvpipe.errors import ParamsError
+from cvpipe.core.config import AugmentParams, load_params
+from cvpipe.core.errors import ParamsError
+from cvpipe.data import augment
 
 DECLARED = [
     {"HorizontalFlip": {"p": 0.5}},

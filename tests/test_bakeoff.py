@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cvpipe import sample
-from cvpipe.wandb_offline import find_runs, read_run
-
 from conftest import copy_pipeline, write_params
+from wandb_offline import find_runs, read_run
+
+from cvpipe.data import sample
 
 ARCHS = {"test_resnet": {"lr": 0.003}, "test_efficientnet": {"lr": 0.002}}
 pytestmark = pytest.mark.slow
@@ -87,7 +86,7 @@ def test_dvc_repro_matrix_evaluates_each_arch_and_compares(bakeoff):
     pre = json.loads((best / "preprocess.json").read_text())
     assert pre["image_size"] == 32 and len(pre["mean"]) == 3
     # per-arch overrides reached training: the checkpoint's resolved params carry them
-    from cvpipe.models import load_checkpoint
+    from cvpipe.torchkit.models import load_checkpoint
 
     for arch, ov in ARCHS.items():
         assert load_checkpoint(repo / f"models/{arch}/best.pt")["params"]["train"]["lr"] == ov["lr"]
@@ -118,7 +117,7 @@ def test_offline_wandb_runs_of_a_bakeoff(bakeoff):
             assert r.group == "bakeoff-test" and arch in r.tags and r.exit_code == 0
         # the latest runs of this arch hold the metrics now on disk
         assert train_runs[-1].summary["best_val_acc"] == pytest.approx(tr["best_val_acc"])
-        from cvpipe.models import load_checkpoint
+        from cvpipe.torchkit.models import load_checkpoint
 
         lr = load_checkpoint(repo / f"models/{arch}/best.pt")["params"]["train"]["lr"]
         assert train_runs[-1].config["train"]["lr"] == lr and train_runs[-1].config["arch"] == arch

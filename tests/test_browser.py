@@ -17,13 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import cvpipe, write_params
 from PIL import Image
 
-from cvpipe.config import ServeParams
+from cvpipe.core.config import ServeParams
 from cvpipe.serve.app import BackgroundServer, create_app
 from cvpipe.serve.model import load_model
-
-from conftest import cvpipe, write_params
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

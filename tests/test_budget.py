@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cvpipe, make_digits_slice, write_params
 
-from cvpipe import budget as budget_mod
-from cvpipe.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
+from cvpipe.train import budget as budget_mod
+from cvpipe.train.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
 
 
 class Clock:

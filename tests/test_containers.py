@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-
-from conftest import REPO, cvpipe, write_params, make_digits_slice
+from conftest import REPO, cvpipe, make_digits_slice, write_params
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

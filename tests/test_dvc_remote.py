@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cvpipe import sample
+from conftest import REPO
 from servers import gcs_emulator
 
-from conftest import REPO
+from cvpipe.data import sample
 
 BUCKET = "cvpipe-dvc-test"
 DVC = str(Path(sys.executable).with_name("dvc"))

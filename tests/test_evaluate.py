@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cvpipe, write_params
 from PIL import Image
 
-from conftest import cvpipe, write_params
-
-from cvpipe.metrics import calibration, classification_metrics
+from cvpipe.evaluate.metrics import calibration, classification_metrics
 
 CLASSES = ["a", "b", "c"]
 # 6 test images; rows are softmax outputs. argmax: a, b, b, c, c, a

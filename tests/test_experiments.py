@@ -56,7 +56,7 @@ def test_committed_results_are_complete_and_labelled():
 def test_bakeoff_reproduces_from_dvc_repro(tmp_path, real_data):
     import torch
 
-    from cvpipe.runtime import cpu_model, cpu_supports_bf16
+    from cvpipe.torchkit.runtime import cpu_model, cpu_supports_bf16
 
     out = tmp_path / "results"
     env = {**os.environ, "CVPIPE_REAL_DATA": str(real_data), "BAKEOFF_RESULTS": str(out), "PYTHON": sys.executable,

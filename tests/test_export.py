@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cvpipe import export
-from cvpipe.models import create, data_config
+from cvpipe.evaluate import export
+from cvpipe.torchkit.models import create, data_config
 
 
 def _real_batch(real_data: Path, size: int, mean, std, n: int = 8) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_torchscript_and_onnx_parity_on_real_images(arch, real_data, tmp_path):
     pre = json.loads((tmp_path / "preprocess.json").read_text())
     assert pre["image_size"] == size and pre["mean"] == pytest.approx(cfg["mean"]) and pre["std"] == pytest.approx(cfg["std"])
     assert json.loads((tmp_path / "classes.json").read_text()) == ["ants", "bees"]
-    from cvpipe.models import load_checkpoint, model_from_checkpoint
+    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
 
     back = load_checkpoint(tmp_path / "model.pt")
     assert back["arch"] == arch and back["weights"] == "model"

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from cvpipe.images import CORRUPT, ImageRejected, decode_image, jpeg_structure
+from cvpipe.data.images import CORRUPT, ImageRejected, decode_image, jpeg_structure
 
 
 def _jpeg(progressive: bool = False, restart: bool = False) -> bytes:
@@ -81,7 +81,7 @@ def test_clean_jpeg_takes_the_opencv_path_and_keeps_its_bytes():
 
 
 def test_jpeg_cut_short_is_truncated_on_both_paths(monkeypatch):
-    from cvpipe import images
+    from cvpipe.data import images
 
     data = _jpeg()
     cut = data[: len(data) * 2 // 3]  # libjpeg would pad it with grey; Pillow raises
@@ -92,7 +92,7 @@ def test_jpeg_cut_short_is_truncated_on_both_paths(monkeypatch):
 
 def test_fast_path_gives_pillows_outcome_on_every_real_file(real_data, monkeypatch):
     """The OpenCV fast path only speeds up success: every real photo and every bad input ends the same."""
-    from cvpipe import images
+    from cvpipe.data import images
 
     paths = sorted(p for p in (real_data / "hymenoptera_data").rglob("*") if p.is_file())
     paths += sorted(p for p in (real_data / "bad_inputs").iterdir() if p.is_file())

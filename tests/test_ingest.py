@@ -15,14 +15,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from cvpipe import storage
-from cvpipe.config import load_params
-from cvpipe.errors import StageError
-from cvpipe.ingest import run as ingest_run
 from conftest import cvpipe, write_params
+from PIL import Image
 from servers import gcs_emulator, http_server, upload_tree
+
+from cvpipe.core import storage
+from cvpipe.core.config import load_params
+from cvpipe.core.errors import StageError
+from cvpipe.ingest.stage import run as ingest_run
 
 # What must become of each of the 40 files in bad_inputs (all in one class folder).
 # "ok:<source mode>" = in the manifest as a valid RGB image; anything else = quarantine reason.

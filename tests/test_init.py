@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cvpipe import augment, recipe
-from cvpipe.config import Params, load_params
-from cvpipe.recipe import DataProfile, MachineProfile, RecipeOptions, SizeStats
-
 from conftest import copy_pipeline, cvpipe
+
+from cvpipe.core.config import Params, load_params
+from cvpipe.data import augment
+from cvpipe.init import recipe
+from cvpipe.init.recipe import DataProfile, MachineProfile, RecipeOptions, SizeStats
 
 CPU = MachineProfile(cpu_cores=2, ram_gib=16, accelerator="cpu", bf16=True, amp="bf16")
 GPU = MachineProfile(cpu_cores=16, ram_gib=128, accelerator="cuda", gpu_name="NVIDIA H200", gpu_mem_gib=139.8,
@@ -231,7 +231,7 @@ def _params_of(path: Path) -> dict:
 
 @pytest.mark.realdata
 def test_init_on_hymenoptera_writes_a_valid_commented_recipe(real_data, tmp_path):
-    from cvpipe.init import machine_profile
+    from cvpipe.init.stage import machine_profile
 
     out = tmp_path / "params.yaml"
     proc = cvpipe("init", str(real_data / "hymenoptera_data"), "--params", str(out), cwd=tmp_path)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import cvpipe, write_params
 
-from cvpipe import lr_finder
-from cvpipe.config import load_params
+from cvpipe.core.config import load_params
+from cvpipe.train import lr_finder
 
 # The grid the suggestion is checked against: half-decade steps around SGD's usual range (the digits
 # recipe trains resnet18 from scratch with Nesterov SGD).
@@ -91,7 +90,7 @@ def test_suggestion_within_3x_of_the_best_lr_of_a_grid(tmp_path, digits_prepared
     """Digits, resnet18 from scratch, the recipe's Nesterov SGD, batch 64, 32 px: the range test's suggestion lands
     within a factor of 3 of the grid LR (GRID, each trained GRID_EPOCHS epochs with the
     default cosine schedule) with the best validation accuracy (ties: lower val loss)."""
-    from cvpipe import train
+    from cvpipe.train import stage as train
 
     monkeypatch.chdir(tmp_path)
     _digits_project(tmp_path, digits_prepared)

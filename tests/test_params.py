@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cvpipe.config import Params, apply_overrides, load_params, parse_override
-from cvpipe.errors import ParamsError
-
 from conftest import REPO, cvpipe, write_params
+
+from cvpipe.core.config import Params, apply_overrides, load_params, parse_override
+from cvpipe.core.errors import ParamsError
 
 
 def test_repo_params_yaml_is_valid_and_matches_defaults():

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_pipeline, cvpipe, make_digits_slice, write_params
 from PIL import Image
-
-from cvpipe.wandb_offline import find_runs, read_run
-
-from conftest import copy_pipeline, cvpipe, write_params, make_digits_slice
+from wandb_offline import find_runs, read_run
 
 PER_CLASS = 30
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, copy_pipeline, write_params
 from conftest import cvpipe as _cvpipe
+from PIL import Image
 
-from cvpipe import ingest, preprocess
-from cvpipe.config import load_params
-from cvpipe.dataset import PreparedDataset
-from cvpipe.errors import StageError
-from cvpipe.images import fit_array, open_for_size
-from cvpipe.splits import near_duplicate_groups, phash, predefined_split, straddling_groups, stratified_split
-
+from cvpipe.core.config import load_params
+from cvpipe.core.errors import StageError
+from cvpipe.data.images import fit_array, open_for_size
+from cvpipe.data.prepared import PreparedDataset
+from cvpipe.ingest import stage as ingest
+from cvpipe.preprocess import stage as preprocess
+from cvpipe.data.resize import phash
+from cvpipe.preprocess.splits import near_duplicate_groups, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -330,7 +330,7 @@ def test_stratified_keeps_planted_near_duplicates_in_one_split(project, real_dat
 
 
 def test_fast_jpeg_decode_matches_the_pillow_path_used_by_the_app():
-    from cvpipe.resize import decode_for_size, scale_factor
+    from cvpipe.data.resize import decode_for_size, scale_factor
 
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.BILINEAR)

@@ -1,10 +1,10 @@
-"""cvpipe.storage: atomic copies and removal (local; gs:// paths are covered by the GCS emulator tests)."""
+"""cvpipe.core.storage: atomic copies and removal (local; gs:// paths are covered by the GCS emulator tests)."""
 
 from __future__ import annotations
 
 import os
 
-from cvpipe import storage
+from cvpipe.core import storage
 
 
 def test_copy_file_links_locally_and_stays_independent_of_later_writes(tmp_path):

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cvpipe, write_params
 
-from cvpipe import finetune
-from cvpipe.config import TrainParams, load_params
-from cvpipe.errors import ParamsError, StageError
-from cvpipe.models import load_checkpoint
+from cvpipe.core.config import TrainParams, load_params
+from cvpipe.core.errors import ParamsError, StageError
+from cvpipe.torchkit.models import load_checkpoint
+from cvpipe.train import finetune
 
 ARCH = "test_resnet"
 TIMING = {"img_per_s", "seconds"}
@@ -102,7 +101,7 @@ def record_checkpoints(monkeypatch) -> list[dict]:
     """Capture every checkpoint the train stage saves (a deep copy per save, in order)."""
     import copy
 
-    import cvpipe.train as train_mod
+    import cvpipe.train.stage as train_mod
 
     saved: list[dict] = []
     real = train_mod.save_checkpoint
@@ -117,7 +116,7 @@ def record_checkpoints(monkeypatch) -> list[dict]:
 
 
 def run_train(folder: Path, monkeypatch, **overrides):
-    from cvpipe import train
+    from cvpipe.train import stage as train
 
     monkeypatch.chdir(folder)
     return train.run(load_params(folder / "params.yaml", {f"train.{k}": v for k, v in overrides.items()}))

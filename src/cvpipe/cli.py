@@ -18,11 +18,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-
 from cvpipe import __version__
-from cvpipe.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
-from cvpipe.console import console, info, set_quiet
-from cvpipe.errors import CvpipeError, ParamsError, StageError
+from cvpipe.core.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
+from cvpipe.core.console import console, info, set_quiet
+from cvpipe.core.errors import CvpipeError, ParamsError, StageError
 
 app = typer.Typer(
     name="cvpipe",
@@ -137,8 +136,8 @@ def init(
 ) -> None:
     """Scan a dataset and this machine, write a params.yaml whose first `dvc repro` is a strong baseline."""
     def go():
-        from cvpipe import init as stage
-        from cvpipe.recipe import RecipeOptions
+        from cvpipe.init import stage
+        from cvpipe.init.recipe import RecipeOptions
 
         options = RecipeOptions(
             time_budget_minutes=time_budget, max_archs=max_archs, arch=arch, pretrained=pretrained,
@@ -167,7 +166,7 @@ def ingest(
 
     def go():
         p = _load(params, set_, {"ingest.source": src, "paths.raw": out, "ingest.workers": workers})
-        from cvpipe import ingest as stage
+        from cvpipe.ingest import stage
 
         stage.run(p)
 
@@ -187,7 +186,7 @@ def preprocess(
     """Resize, split (seeded, stratified) and write the memory-mapped training format."""
     def go():
         p = _load(params, set_, {"preprocess.image_size": image_size, "preprocess.workers": workers, "paths.prepared": out})
-        from cvpipe import preprocess as stage
+        from cvpipe.preprocess import stage
 
         stage.run(p)
 
@@ -229,7 +228,7 @@ def train(
         # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
         p = p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, flags))
         if find_lr:
-            from cvpipe import lr_finder
+            from cvpipe.train import lr_finder
 
             result = lr_finder.run(p, lr_min=lr_min, lr_max=lr_max, steps=lr_steps)
             if write_lr:
@@ -240,7 +239,7 @@ def train(
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             _relaunch_torchrun(nproc, p)
             return
-        from cvpipe import train as stage
+        from cvpipe.train import stage
 
         stage.run(p, resume=resume)
 
@@ -249,7 +248,7 @@ def train(
 
 def _relaunch_torchrun(nproc: int, p: Params) -> None:
     """Run this same command under ``torchrun --standalone --nproc_per_node N`` (params validated first)."""
-    from cvpipe.distributed import torchrun_command
+    from cvpipe.train.distributed import torchrun_command
 
     if p.train.batch_size % nproc:
         raise ParamsError(f"train.batch_size: {p.train.batch_size} must be divisible by --nproc {nproc}")
@@ -283,7 +282,7 @@ def evaluate(
     """Test-split metrics, calibration, mistakes gallery, model cost, TorchScript/ONNX export with parity; log to W&B."""
     def go():
         p = _load(params, set_, {"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
-        from cvpipe import evaluate as stage
+        from cvpipe.evaluate import stage
 
         stage.run(p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, {})))
 
@@ -303,7 +302,7 @@ def compare(
     """Leaderboard + Pareto plot of the evaluated bake-off models; promote the best to models/best/."""
     def go():
         p = _load(params, set_, {"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb})
-        from cvpipe import compare as stage
+        from cvpipe.compare import stage
 
         stage.run(p)
 

@@ -15,7 +15,7 @@ Safety
   (chunked bodies);
 * every request gets ``serve.request_timeout_s``: a slow upload gets 408, slow
   work (queue + inference) gets 504; the server keeps serving;
-* bad images are refused by :func:`cvpipe.images.decode_image` with 4xx JSON
+* bad images are refused by :func:`cvpipe.data.images.decode_image` with 4xx JSON
   ``{"error": <reason code>, "detail": <why>}``; an unexpected error is still a
   JSON 500, never a dropped connection;
 * decoding and inference run in a worker thread (``serve.inference_threads`` at
@@ -39,8 +39,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from cvpipe import __version__
-from cvpipe.config import ServeParams
-from cvpipe.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
+from cvpipe.core.config import ServeParams
+from cvpipe.data.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
 from cvpipe.serve.model import ServedModel
 
 log = logging.getLogger("cvpipe.serve")

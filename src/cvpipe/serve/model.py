@@ -1,7 +1,7 @@
 """Load a trained model for serving, with the preprocessing it was evaluated with.
 
 Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied
-down once through :func:`cvpipe.storage.local_copy`):
+down once through :func:`cvpipe.core.storage.local_copy`):
 
 * a **promoted model folder** (``models/best/``)::
 
@@ -21,11 +21,11 @@ down once through :func:`cvpipe.storage.local_copy`):
 
 Preprocessing is never re-typed; an upload takes the path a training image took:
 
-1. :func:`cvpipe.images.decode_image` validates it like ingest (content sniffing,
+1. :func:`cvpipe.data.images.decode_image` validates it like ingest (content sniffing,
    bomb refusal before decoding, EXIF orientation, RGB conversion);
 2. ``DecodedImage.encoded`` gives the bytes ingest would have stored (the original
    when it is a clean JPEG/PNG, else ingest's normalized re-encode);
-3. :func:`cvpipe.resize.decode_for_size` + :func:`cvpipe.images.fit_array` with the
+3. :func:`cvpipe.data.resize.decode_for_size` + :func:`cvpipe.data.images.fit_array` with the
    saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
    reduced DCT scale);
 4. ``(x - 255*mean) / (255*std)`` with the saved mean/std, as evaluate's ``BatchNormalizer``.
@@ -44,9 +44,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cvpipe import storage
-from cvpipe.errors import StageError
-from cvpipe.images import DecodedImage, decode_image, fit_array
+from cvpipe.core import storage
+from cvpipe.core.errors import StageError
+from cvpipe.data.images import DecodedImage, decode_image, fit_array
 
 OPTIONAL_FILES = {
     "preprocess.json": "preprocessing (taken from the checkpoint instead)",
@@ -104,12 +104,12 @@ class ServedModel:
 
     # ------------------------------------------------------------------ inference
     def decode(self, data: bytes, *, max_pixels: int, min_size: int = 1, max_aspect_ratio: Optional[float] = None) -> DecodedImage:
-        """Validate and decode upload bytes; raises :class:`cvpipe.images.ImageRejected`."""
+        """Validate and decode upload bytes; raises :class:`cvpipe.data.images.ImageRejected`."""
         return decode_image(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
 
     def to_array(self, decoded: DecodedImage, original: bytes) -> np.ndarray:
         """The evaluation input: (H, W, 3) uint8 at image_size, decoded and resized as preprocess did."""
-        from cvpipe.resize import decode_for_size
+        from cvpipe.data.resize import decode_for_size
 
         stored, _ = decoded.encoded(original)
         return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
@@ -212,8 +212,8 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     """Load a promoted model folder or a bare checkpoint (local or remote); raise StageError when impossible."""
     import torch
 
-    from cvpipe.models import load_checkpoint, model_from_checkpoint
-    from cvpipe.runtime import resolve_device
+    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
+    from cvpipe.torchkit.runtime import resolve_device
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -311,7 +311,7 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
         notes.append("no leaderboard: a bare checkpoint was loaded, not a promoted model folder (cvpipe compare)")
 
     # preprocess decodes at >= HASH_MIN_SIDE when it hashes for near-duplicates (split.near_duplicate_distance)
-    from cvpipe.resize import HASH_MIN_SIDE
+    from cvpipe.data.resize import HASH_MIN_SIDE
 
     split_cfg = (ckpt.get("params") or {}).get("split") or {}
     hashed = split_cfg.get("near_duplicate_distance", 4) is not None

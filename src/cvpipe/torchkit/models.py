@@ -7,8 +7,8 @@ import io
 from pathlib import Path
 from typing import Any, Optional
 
-from cvpipe import storage
-from cvpipe.errors import ParamsError, StageError
+from cvpipe.core import storage
+from cvpipe.core.errors import ParamsError, StageError
 
 
 def check_arch(arch: str, key: str = "train.arch") -> None:

@@ -3,7 +3,7 @@
 A source is a URI in ``ingest.source`` (one or a list). Every kind goes through
 fsspec, so listing, fingerprinting and fetching share one code path:
 
-* ``sample://digits`` -- the built-in sample (see :mod:`cvpipe.sample`);
+* ``sample://digits`` -- the built-in sample (see :mod:`cvpipe.data.sample`);
 * a local folder in class-subfolder layout (``root/<class>/*``), or split layout
   (``root/<train|val|test>/<class>/*``), whose split is kept as a hint for preprocess;
 * ``gs://bucket/prefix`` -- the same layouts in a bucket, through gcsfs (credentials
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from cvpipe import storage
-from cvpipe.errors import ParamsError, StageError
+from cvpipe.core import storage
+from cvpipe.core.errors import ParamsError, StageError
 
 SPLIT_NAMES = {
     "train": "train",
@@ -491,7 +491,7 @@ def iter_source(
     opts = opts or SourceOptions()
     kind = source_kind(source)
     if kind == "sample":
-        from cvpipe import sample
+        from cvpipe.data import sample
 
         name = source[len("sample://") :].strip("/")
         root = sample.materialize(name)
@@ -531,7 +531,7 @@ def list_sources(
 def check_source(source: str) -> None:
     """Fail early (exit 2, nothing written) on a source that cannot be read at all."""
     if source.startswith("sample://"):
-        from cvpipe import sample
+        from cvpipe.data import sample
 
         name = source[len("sample://") :].strip("/")
         if name not in sample.SAMPLES:
@@ -544,3 +544,21 @@ def check_source(source: str) -> None:
             raise ParamsError(f"ingest.source: folder not found: {source!r}")
         if not path.is_dir():
             raise ParamsError(f"ingest.source: {source!r} is not a folder of class subfolders")
+
+
+def fetch_many(fs: Any, urls: list[str], concurrency: int) -> list[Any]:
+    """Bytes of each URL (or the exception), fetched *concurrency* at a time, in order."""
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import _run_coros_in_chunks, sync
+
+        coros = [fs._cat_file(fs._strip_protocol(u)) for u in urls]
+        return sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency, return_exceptions=True)
+
+    def one(u: str) -> Any:
+        try:
+            return fs.cat_file(fs._strip_protocol(u))
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, urls))

@@ -3,14 +3,14 @@
 Reads ``preprocess.*``, ``split.*``, ``augment.*`` and the ingest manifest in
 ``paths.raw``. Writes (see ``preprocess/README.md``):
 
-* the prepared dataset (format in :mod:`cvpipe.dataset`) to ``paths.prepared``,
+* the prepared dataset (format in :mod:`cvpipe.data.prepared`) to ``paths.prepared``,
   built in a temporary folder and swapped in when complete, including the
   augmentation pipeline (``augment.json``), the derived eval transform
   (``eval_transform.json``) and the near-duplicate groups (``near_duplicates.csv``);
 * the dataset card: ``<paths.metrics>/dataset.json`` (DVC metrics) and
   ``<paths.plots>/dataset/*.png`` (DVC plots), also logged to W&B.
 
-Work order: one parallel pass decodes (JPEG at reduced scale, :mod:`cvpipe.resize`), resizes and hashes
+Work order: one parallel pass decodes (JPEG at reduced scale, :mod:`cvpipe.data.resize`), resizes and hashes
 every image into a staging array; the split is then decided from labels, hints
 and perceptual hashes; each split's rows are copied out of the staging array.
 """
@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from cvpipe import augment, storage
-from cvpipe.config import Params
-from cvpipe.console import info, progress, warn
-from cvpipe.dataset import SPLITS, SplitWriter, write_meta
-from cvpipe.errors import StageError
-from cvpipe.resize import resize_all
-from cvpipe.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
+from cvpipe.core import storage
+from cvpipe.core.config import Params
+from cvpipe.core.console import info, progress, warn
+from cvpipe.core.errors import StageError
+from cvpipe.data import augment
+from cvpipe.data.prepared import SPLITS, SplitWriter, write_meta
+from cvpipe.data.resize import resize_all
+from cvpipe.preprocess.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -195,7 +196,7 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def _read_rows(params: Params) -> list[dict[str, str]]:
-    from cvpipe.ingest import read_manifest
+    from cvpipe.data.manifest import read_manifest
 
     rows = read_manifest(params.paths.raw)
     if not rows:
@@ -261,8 +262,8 @@ def _card(params, rows, labels, classes, splits, extra, dup_groups, mean, std) -
 def _report(params: Params, card: dict[str, Any], pipeline, dup_groups: list[dict], leaks: list[int],
             root: Path) -> dict[str, bytes]:
     """Warnings, dataset-card PNGs, and the W&B run (config, card, plots, augmentation)."""
-    from cvpipe import datacard
-    from cvpipe.dataset import PreparedDataset
+    from cvpipe.data.prepared import PreparedDataset
+    from cvpipe.preprocess import datacard
 
     for name, s in card["splits"].items():
         if s["missing_classes"]:

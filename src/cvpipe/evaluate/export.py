@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cvpipe.errors import StageError
+from cvpipe.core.errors import StageError
 
 ONNX_OPSET = 18
 SLIM_KEYS = ("arch", "classes", "normalize", "image_size", "resize_mode", "epoch", "params", "dataset_hash", "wandb_run_id")
@@ -113,9 +113,9 @@ def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, exampl
 
 def parity(model, folder: Path, inputs) -> dict[str, Any]:
     """Max |logit difference| of TorchScript and ONNX Runtime against eager fp32 on ``inputs`` (normalized NCHW)."""
-    import torch
-
     import warnings
+
+    import torch
 
     x = inputs.to("cpu").float().contiguous()
     with torch.inference_mode(), warnings.catch_warnings():

@@ -2,7 +2,7 @@
 
 The budget is wall-clock time from the train process's start (imports, data loading
 and model building count) to its last checkpoint. Before the first epoch the train
-stage times a few real steps on a throw-away copy of the model (:func:`cvpipe.train`
+stage times a few real steps on a throw-away copy of the model (:func:`cvpipe.train.stage`
 does the measuring), and :class:`TimeBudget` turns the seconds per epoch into an epoch
 count and a warmup length, so timm's cosine schedule is built for the run that fits and
 completes instead of being cut off. After every epoch the plan is checked against the
@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from cvpipe.recipe import WARMUP_FRACTION  # the recipe's warmup share, applied to the planned epochs
+from cvpipe.core.config import WARMUP_FRACTION  # the recipe's warmup share, applied to the planned epochs
 
 # seconds kept free after the last epoch: final metrics, W&B finish and artifact, exit
 _RESERVE_MIN_S = 2.0

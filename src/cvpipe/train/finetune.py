@@ -21,11 +21,10 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-from cvpipe import storage
-from cvpipe.config import TrainParams
-from cvpipe.console import info, warn
-from cvpipe.errors import ParamsError, StageError
-
+from cvpipe.core import storage
+from cvpipe.core.config import TrainParams
+from cvpipe.core.console import info, warn
+from cvpipe.core.errors import ParamsError, StageError
 
 # --------------------------------------------------------------------------- head / backbone
 
@@ -237,7 +236,7 @@ def create_model(tp: TrainParams, num_classes: int):
     """The timm model with its head sized to ``num_classes``, its regularizers and the requested weights."""
     import timm
 
-    from cvpipe.models import check_arch, create
+    from cvpipe.torchkit.models import check_arch, create
 
     check_arch(tp.arch)
     # passed only when set: not every architecture takes drop_path_rate

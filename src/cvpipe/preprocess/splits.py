@@ -23,37 +23,12 @@ from typing import Optional
 
 import numpy as np
 
-from cvpipe.errors import StageError
+from cvpipe.core.errors import StageError
 
 SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- hashing / grouping
-
-
-_DCT8 = np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)  # DCT-II rows 0..7, N=32
-
-
-def phash(img: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of an RGB (H, W, 3) or grayscale (H, W) uint8 array, as an int.
-
-    The algorithm of ``imagehash.phash`` (grayscale, 32x32, 2-D DCT-II, the 8x8
-    lowest frequencies compared with their median; bit order row-major) with
-    two speed-ups that matter when hashing every image of a dataset: the
-    32x32 thumbnail is an area average (OpenCV's ``INTER_AREA``, several times
-    cheaper than LANCZOS and just as antialiased), and only the 8x8 DCT
-    coefficients that are used are computed (two small matrix products). On the
-    same 32x32 grayscale input the bits equal ``imagehash.phash``'s.
-    """
-    import cv2
-
-    gray = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
-    if gray.shape != (32, 32):
-        gray = cv2.resize(np.ascontiguousarray(gray), (32, 32), interpolation=cv2.INTER_AREA)
-    x = gray.astype(np.float64)
-    low = _DCT8 @ x @ _DCT8.T
-    bits = (low > np.median(low)).flatten()
-    return int(np.packbits(bits).view(">u8")[0])
 
 
 def near_duplicate_groups(hashes: np.ndarray, max_distance: Optional[int], block: int = 2048) -> np.ndarray:

@@ -16,9 +16,7 @@ its final name, and a rerun reuses images already stored.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 import queue
@@ -26,7 +24,6 @@ import shutil
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Optional
@@ -34,27 +31,13 @@ from typing import IO, Any, Callable, Iterable, Optional
 from rich.progress import ProgressColumn
 from rich.text import Text
 
-from cvpipe import storage
-from cvpipe.config import IngestParams, Params
-from cvpipe.console import console, info, is_quiet, progress
-from cvpipe.errors import StageError
-from cvpipe.images import ImageRejected, decode_image
-from cvpipe.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
-
-MANIFEST_COLUMNS = [
-    "id",
-    "path",
-    "label",
-    "source_uri",
-    "width",
-    "height",
-    "format",
-    "source_mode",
-    "sha256",
-    "bytes",
-    "split_hint",
-]
-QUARANTINE_COLUMNS = ["source_uri", "label", "reason", "detail", "sha256"]
+from cvpipe.core import storage
+from cvpipe.core.config import IngestParams, Params
+from cvpipe.core.console import console, info, is_quiet, progress
+from cvpipe.core.errors import StageError
+from cvpipe.data import manifest
+from cvpipe.data.images import ImageRejected, decode_image
+from cvpipe.data.sources import SourceItem, SourceOptions, check_source, fetch_many, filesystem_for, list_sources
 
 JUNK = "junk_file"
 NO_LABEL = "no_label"
@@ -176,24 +159,6 @@ def _resolve_duplicates(outcomes: list[Outcome]) -> None:
             for o in group[1:]:
                 o.record, o.reason = None, DUPLICATE
                 o.detail = f"same content as {group[0].item.uri}"
-
-
-def _write_csv(path: str, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    storage.write_text(path, buf.getvalue(), only_if_changed=True)
-
-
-def read_manifest(raw_dir: str) -> list[dict[str, str]]:
-    path = storage.join(raw_dir, "manifest.csv")
-    if not storage.exists(path):
-        raise StageError(f"no manifest at {path}: run `cvpipe ingest` first")
-    fs, p = storage.get_fs(path)
-    with fs.open(p, "r", encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _prune_unreferenced(raw_dir: Path, keep: set[str]) -> int:
@@ -344,24 +309,6 @@ def _outcome_from_entry(item: SourceItem, e: dict[str, Any]) -> Outcome:
         rec = dict(e["record"], label=item.label, source_uri=item.uri, split_hint=item.split_hint or "")
         return Outcome(item, record=rec, sha256=e.get("sha", ""))
     return Outcome(item, reason=e.get("reason"), detail=e.get("detail", ""), sha256=e.get("sha", ""))
-
-
-def fetch_many(fs: Any, urls: list[str], concurrency: int) -> list[Any]:
-    """Bytes of each URL (or the exception), fetched *concurrency* at a time, in order."""
-    if getattr(fs, "async_impl", False):
-        from fsspec.asyn import _run_coros_in_chunks, sync
-
-        coros = [fs._cat_file(fs._strip_protocol(u)) for u in urls]
-        return sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency, return_exceptions=True)
-
-    def one(u: str) -> Any:
-        try:
-            return fs.cat_file(fs._strip_protocol(u))
-        except Exception as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(one, urls))
 
 
 _DONE = object()
@@ -592,15 +539,15 @@ def run(params: Params) -> IngestReport:
     if not accepted:
         raise StageError(f"no valid image among {len(items)} files; see the reasons in {raw_dir / 'quarantine.csv'}")
 
-    _write_csv(
+    manifest.write_rows(
         str(raw_dir / "quarantine.csv"),
-        QUARANTINE_COLUMNS,
+        manifest.QUARANTINE_COLUMNS,
         (
             {"source_uri": o.item.uri, "label": o.item.label or "", "reason": o.reason, "detail": o.detail, "sha256": o.sha256}
             for o in rejected
         ),
     )
-    _write_csv(str(raw_dir / "manifest.csv"), MANIFEST_COLUMNS, accepted)
+    manifest.write_rows(str(raw_dir / "manifest.csv"), manifest.MANIFEST_COLUMNS, accepted)
     _prune_unreferenced(raw_dir, {r["path"] for r in accepted})
 
     report.accepted = len(accepted)

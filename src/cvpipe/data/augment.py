@@ -23,8 +23,8 @@ import json
 import warnings
 from typing import Any, Optional, Sequence
 
-from cvpipe.config import AugmentParams
-from cvpipe.errors import ParamsError
+from cvpipe.core.config import AugmentParams
+from cvpipe.core.errors import ParamsError
 
 
 def build(aug: AugmentParams, *, seed: int | None = None):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cvpipe import storage
-from cvpipe.errors import ParamsError
+from cvpipe.core import storage
+from cvpipe.core.errors import ParamsError
 
 SAMPLES = {"digits": "scikit-learn's handwritten digits: 1,797 8x8 grayscale scans, classes 0-9"}
 

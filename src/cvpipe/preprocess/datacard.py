@@ -1,7 +1,7 @@
 """Dataset card pictures (class histogram, per-class samples, augmented samples) and their W&B logging.
 
 Rendered with matplotlib's Agg backend to PNG bytes; the caller writes them
-atomically with :mod:`cvpipe.storage` (``<paths.plots>/dataset/*.png``).
+atomically with :mod:`cvpipe.core.storage` (``<paths.plots>/dataset/*.png``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from cvpipe import augment, tracking
-from cvpipe.config import Params
+from cvpipe.core import tracking
+from cvpipe.core.config import Params
+from cvpipe.data import augment
 
 MAX_CLASSES_SHOWN = 12
 SAMPLES_PER_CLASS = 8

@@ -12,7 +12,7 @@ Reads ``evaluate.*``, the checkpoint ``<paths.models>/<arch>/<evaluate.checkpoin
     <paths.plots>/<arch>/mistakes.png        gallery of the most confident mistakes
     <paths.plots>/<arch>/predictions.csv     per-image prediction, confidence and top-k
     <paths.exports>/<arch>/                  model.pt, model.ts, model.onnx, preprocess.json, classes.json,
-                                             evaluate.json, confusion_matrix.png (see cvpipe.export)
+                                             evaluate.json, confusion_matrix.png (see cvpipe.evaluate.export)
 
 and logs the summary, a confusion-matrix plot, a per-class table and a predictions
 table with images to W&B (same group as the training runs of this data).
@@ -27,14 +27,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cvpipe import storage, tracking
-from cvpipe.config import Params
-from cvpipe.console import info
-from cvpipe.dataset import PreparedDataset
-from cvpipe.errors import StageError
-from cvpipe.metrics import calibration, classification_metrics, model_cost
-from cvpipe.models import load_checkpoint, model_from_checkpoint
-from cvpipe.runtime import resolve_runtime
+from cvpipe.core import storage, tracking
+from cvpipe.core.config import Params
+from cvpipe.core.console import info
+from cvpipe.core.errors import StageError
+from cvpipe.data.prepared import PreparedDataset
+from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost
+from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
+from cvpipe.torchkit.runtime import resolve_runtime
 
 SUMMARY_KEYS = (
     "accuracy", "top_k_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
@@ -161,7 +161,7 @@ def predict(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip:
 def run(params: Params) -> dict[str, Any]:
     import torch
 
-    from cvpipe.train import BatchNormalizer
+    from cvpipe.torchkit.loaders import BatchNormalizer
 
     ep = params.evaluate
     name = params.train.arch
@@ -202,7 +202,7 @@ def run(params: Params) -> dict[str, Any]:
     cost["checkpoint_bytes"] = cost.pop("file_bytes")
     parity: Optional[dict[str, Any]] = None
     if ep.export:
-        from cvpipe import export
+        from cvpipe.evaluate import export
 
         cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
         x = cpu_norm(torch.from_numpy(np.array(images[: ep.parity_images])))
@@ -260,7 +260,7 @@ def run(params: Params) -> dict[str, Any]:
 def _cpu_runtime():
     import torch
 
-    from cvpipe.runtime import Runtime
+    from cvpipe.torchkit.runtime import Runtime
 
     rt = resolve_runtime("cpu", "off", False, key="train")
     assert isinstance(rt, Runtime) and rt.device == torch.device("cpu")
@@ -311,18 +311,13 @@ def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str
     }
 
 
-def wandb_group(params: Params, ckpt: dict[str, Any]) -> str:
-    """The W&B group train used for this data (so train, evaluate and compare runs sit together)."""
-    return params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{str(ckpt.get('dataset_hash') or '')[:8]}"
-
-
 def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs, images, test, classes, out, mistakes) -> None:
     tracker = tracking.start(
         params,
         job_type="evaluate",
         name=f"evaluate-{name}",
         config={**params.resolved(), "arch": name, "checkpoint": ckpt_path, "train_run_id": ckpt.get("wandb_run_id")},
-        group=wandb_group(params, ckpt),
+        group=tracking.group_name(params, ckpt.get("dataset_hash")),
         tags=[name],
     )
     with tracker:

@@ -23,10 +23,10 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from cvpipe import storage, tracking
-from cvpipe.config import Params
-from cvpipe.console import info
-from cvpipe.errors import StageError
+from cvpipe.core import storage, tracking
+from cvpipe.core.config import Params
+from cvpipe.core.console import info
+from cvpipe.core.errors import StageError
 
 BUNDLE = ("model.pt", "model.onnx", "model.ts", "preprocess.json", "classes.json", "confusion_matrix.png")
 COLUMNS = [
@@ -168,7 +168,7 @@ def model_card(win: dict[str, Any], params: Params, ckpt: dict[str, Any]) -> dic
 
 
 def run(params: Params) -> dict[str, Any]:
-    from cvpipe.models import load_checkpoint
+    from cvpipe.torchkit.models import load_checkpoint
 
     rows = rank(gather(params), params)
     eligible = [r for r in rows if r["eligible"]]
@@ -206,7 +206,7 @@ def run(params: Params) -> dict[str, Any]:
     tracker = tracking.start(
         params, job_type="compare", name="compare",
         config={"compare": params.compare.model_dump(), "bakeoff": params.bakeoff.model_dump()},
-        group=params.wandb.group or params.bakeoff.group or _train_group(params, ckpt), tags=["compare", *params.bakeoff.archs],
+        group=params.wandb.group or params.bakeoff.group or tracking.group_name(params, ckpt.get("dataset_hash")), tags=["compare", *params.bakeoff.archs],
     )
     with tracker:
         tracker.summary({f"compare/{k}": v for k, v in summary.items()})
@@ -224,11 +224,3 @@ def run(params: Params) -> dict[str, Any]:
         f"{win['latency_ms']:.2f} ms, {win['size_mb']:.1f} MB)" + (f"; promoted to {storage.join(params.paths.models, 'best')}" if params.compare.promote else "")
     )
     return summary
-
-
-def _train_group(params: Params, ckpt: dict[str, Any]) -> str:
-    from cvpipe.evaluate import wandb_group
-
-    return wandb_group(params, ckpt)
-
-

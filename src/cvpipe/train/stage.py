@@ -31,98 +31,27 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from cvpipe import augment, checkpoint as ckpt_lib, distributed, finetune, storage, tracking
-from cvpipe.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
-from cvpipe.config import Params
-from cvpipe.console import info, progress, set_quiet, warn
-from cvpipe.dataset import PreparedDataset, Split
-from cvpipe.errors import ParamsError, StageError
-from cvpipe.models import check_arch, data_config, load_checkpoint, save_checkpoint
-from cvpipe.runtime import Runtime, resolve_runtime, seed_everything
+from cvpipe.core import storage, tracking
+from cvpipe.core.config import Params
+from cvpipe.core.console import info, progress, set_quiet, warn
+from cvpipe.core.errors import ParamsError, StageError
+from cvpipe.data import augment
+from cvpipe.data.prepared import PreparedDataset
+from cvpipe.torchkit.models import check_arch, data_config, load_checkpoint, save_checkpoint
+from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, collate_uint8, cycle, default_workers, make_loader
+from cvpipe.torchkit.runtime import Runtime, autocast, resolve_runtime, seed_everything
+from cvpipe.train import checkpoint as ckpt_lib
+from cvpipe.train import distributed, finetune
+from cvpipe.train.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
 EMA_COLUMNS = ["ema_val_loss", "ema_val_acc"]
 # Fault injection for the kill/resume test: SIGKILL this process after N optimizer steps.
 KILL_ENV = "CVPIPE_FAULT_KILL_AFTER_STEPS"
-
-
-class ArrayDataset:
-    """Samples of a memory-mapped split, augmented per sample with albumentations (uint8 HWC)."""
-
-    def __init__(self, split: Split, pipeline=None):
-        self.images = split.images
-        self.labels = split.labels
-        self.pipeline = pipeline
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        img = np.asarray(self.images[i])
-        if self.pipeline is not None:
-            img = self.pipeline(image=img)["image"]
-        return img, int(self.labels[i])
-
-
-def collate_uint8(batch):
-    """Stack uint8 HWC images into one tensor; conversion and normalization happen on the device."""
-    import torch
-
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
-    return images, labels
-
-
-class BatchNormalizer:
-    """uint8 (B,H,W,3) -> normalized float (B,3,H,W) on the device, channels_last when asked."""
-
-    def __init__(self, mean, std, rt: Runtime):
-        import torch
-
-        self.rt = rt
-        self.mean = torch.tensor(mean, device=rt.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=rt.device).view(1, 3, 1, 1) * 255.0
-
-    def __call__(self, images):
-        import torch
-
-        x = images.to(self.rt.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        if self.rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-
-def default_workers(device_type: str) -> int:
-    # On a CPU the model's own threads use every core; extra loader processes
-    # would only steal them (augmenting a uint8 array costs far less than a step).
-    if device_type == "cpu":
-        return 0
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
-
-
-def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool, drop_last: bool = False):
-    import torch
-    from torch.utils.data import DataLoader
-
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        collate_fn=collate_uint8,
-        pin_memory=pin,
-        drop_last=drop_last,
-        persistent_workers=workers > 0,
-        generator=g,
-    )
 
 
 def evaluate_loader(model, loader, normalize: BatchNormalizer, rt: Runtime, criterion=None) -> dict[str, Any]:
@@ -172,19 +101,13 @@ def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
 
 
 
-def cycle(loader):
-    """The loader's batches without end: a new (reshuffled) pass whenever one ends."""
-    while True:
-        yield from loader
-
-
 def batch_loss(model, images, labels, normalize: BatchNormalizer, criterion, mixup, rt: Runtime):
     """Loss of one batch as training computes it: on-device normalization, Mixup/CutMix on whole pairs, autocast."""
     x, y = normalize(images), labels.to(rt.device)
     target = y
     if mixup is not None and len(y) % 2 == 0:
         x, target = mixup(x, y)
-    with _autocast(rt):
+    with autocast(rt):
         return criterion(model(x).float(), target)
 
 
@@ -226,7 +149,7 @@ def measure_step_seconds(model, tp, train_ds, rank_batch: int, workers: int, nor
         if i == steps:
             probe.eval()
             t0 = time.perf_counter()
-            with torch.inference_mode(), _autocast(rt):
+            with torch.inference_mode(), autocast(rt):
                 probe(normalize(images))
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -250,7 +173,7 @@ def _eval_sums(model, loader, normalize: BatchNormalizer, rt: Runtime, criterion
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     total = 0
-    with torch.inference_mode(), _autocast(rt):
+    with torch.inference_mode(), autocast(rt):
         for images, labels in loader:
             x = normalize(images)
             y = labels.to(rt.device, non_blocking=True)
@@ -259,12 +182,6 @@ def _eval_sums(model, loader, normalize: BatchNormalizer, rt: Runtime, criterion
             correct += (logits.argmax(1) == y).sum()
             total += len(y)
     return [float(loss_sum), float(correct), float(total)]
-
-
-def _autocast(rt: Runtime):
-    import torch
-
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None)
 
 
 def _unwrap(model):
@@ -476,7 +393,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
             tracker = tracking.start(
                 params, job_type="train", name=f"train-{tp.arch}", config=config,
                 tags=[tp.arch, tp.finetune, "pretrained" if (tp.pretrained or tp.pretrained_path) else "scratch"],
-                group=params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{fingerprint[:8]}",
+                group=tracking.group_name(params, fingerprint),
                 resume_id=resume_id,
             )
             # a killed run's W&B service can hold its run id for a few seconds: wait and retry
@@ -565,7 +482,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
                     boundary = (step + 1) % tp.accum_steps == 0 or step + 1 == steps_per_epoch
                     sync = contextlib.nullcontext() if (boundary or not dist.enabled) else _unwrap_ddp(train_model).no_sync()
                     with sync:
-                        with _autocast(rt):
+                        with autocast(rt):
                             logits = train_model(x)
                             loss = criterion(logits.float(), target)
                         if not torch.isfinite(loss):

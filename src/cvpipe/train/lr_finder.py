@@ -33,13 +33,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cvpipe import augment, finetune, storage
-from cvpipe.config import Params
-from cvpipe.console import info, progress
-from cvpipe.dataset import PreparedDataset
-from cvpipe.errors import ParamsError, StageError
-from cvpipe.models import data_config
-from cvpipe.runtime import resolve_runtime, seed_everything
+from cvpipe.core import storage
+from cvpipe.core.config import Params
+from cvpipe.core.console import info, progress
+from cvpipe.core.errors import ParamsError, StageError
+from cvpipe.data import augment
+from cvpipe.data.prepared import PreparedDataset
+from cvpipe.torchkit.models import data_config
+from cvpipe.torchkit.runtime import resolve_runtime, seed_everything
+from cvpipe.train import finetune
 
 SMOOTHING = 0.98
 DIVERGE_FACTOR = 4.0
@@ -72,7 +74,8 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
     """Run the range test for ``params.train`` on the prepared train split; returns what lr_finder.json holds."""
     import torch
 
-    from cvpipe.train import ArrayDataset, BatchNormalizer, batch_loss, cycle, default_workers, make_loader
+    from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, cycle, default_workers, make_loader
+    from cvpipe.train.stage import batch_loss
 
     if not 0 < lr_min < lr_max:
         raise ParamsError(f"--lr-min/--lr-max: need 0 < lr_min < lr_max (got {lr_min}, {lr_max})")

@@ -17,7 +17,7 @@ by validation accuracy was from epochs 7-36 of ~55 (44 validation images pick no
 scored 0.65-0.76; timm's train.py defaults scored 0.69-0.73 that way. The details are in
 ``bench/recipe.py`` and the README.
 
-The functions are pure (no I/O, no torch): :mod:`cvpipe.init` gathers the profiles.
+The functions are pure (no I/O, no torch): :mod:`cvpipe.init.stage` gathers the profiles.
 :func:`default_lr` is the learning-rate rule other parts of cvpipe refer to.
 """
 
@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Generic, Optional, TypeVar
 
-from cvpipe.config import SplitParams
+from cvpipe.core.config import WARMUP_FRACTION, SplitParams
 
 T = TypeVar("T")
 
@@ -70,7 +70,6 @@ SMALL_VAL = 500  # below this many validation images, picking the best epoch by 
 LABEL_SMOOTHING = 0.1
 LAYER_DECAY = 0.75
 HEAD_LR_FACTOR = 10.0
-WARMUP_FRACTION = 0.05
 LOSS_WEIGHTING_RATIO, SAMPLER_RATIO = 3.0, 10.0
 RESIZED_CROP_MIN_IMAGES = 1000  # training images needed before crops that drop up to 65 % of a photo
 PHOTO_MIN_SIDE = 64  # native shorter side from which images are treated as photos (colour jitter)
@@ -98,7 +97,7 @@ class SizeStats:
 
 @dataclass(frozen=True)
 class DataProfile:
-    """What a scan of the source found (see :func:`cvpipe.init.scan_source`)."""
+    """What a scan of the source found (see :func:`cvpipe.init.stage.scan_source`)."""
 
     sources: tuple[str, ...]  # as given to ingest.source
     class_counts: dict[str, int]  # every labelled image file listed, per class
@@ -137,7 +136,7 @@ class DataProfile:
 
 @dataclass(frozen=True)
 class MachineProfile:
-    """The machine ``cvpipe init`` runs on (see :func:`cvpipe.init.machine_profile`)."""
+    """The machine ``cvpipe init`` runs on (see :func:`cvpipe.init.stage.machine_profile`)."""
 
     cpu_cores: int
     ram_gib: float

@@ -2,7 +2,7 @@
 
 The file is validated at load time with pydantic. Every error names the key path
 and the offending value (``train.lr: must be greater than 0 (got -0.1)``) and is
-raised as :class:`~cvpipe.errors.ParamsError` so the CLI exits with code 2
+raised as :class:`~cvpipe.core.errors.ParamsError` so the CLI exits with code 2
 before any stage writes anything.
 
 Command-line flags override values from the file through dotted keys
@@ -18,9 +18,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cvpipe.errors import ParamsError
+from cvpipe.core.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+
+# share of the planned epochs spent warming up: init's recipe writes it, train's time budget re-applies it
+WARMUP_FRACTION = 0.05
 
 
 def _check_device(v: str) -> str:

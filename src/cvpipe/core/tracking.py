@@ -15,8 +15,14 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from cvpipe.config import Params
-from cvpipe.console import warn
+from cvpipe.core.config import Params
+from cvpipe.core.console import warn
+
+
+def group_name(params: Params, dataset_hash: Optional[str]) -> str:
+    """The W&B group of a dataset's runs (train, evaluate and compare sit together):
+    ``wandb.group``, else ``<prepared folder>-<first 8 hex of the dataset hash>``."""
+    return params.wandb.group or f"{Path(str(params.paths.prepared)).name}-{str(dataset_hash or '')[:8]}"
 
 
 def resolve_mode(params: Params) -> str:

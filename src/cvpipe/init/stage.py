@@ -6,7 +6,7 @@
    exact duplicates, their header (never decoded) gives the native resolution.
 2. :func:`machine_profile` reads cores, RAM, the GPU, and what ``train.device: auto``
    and ``train.amp: auto`` resolve to here.
-3. :mod:`cvpipe.recipe` turns both into choices, each with its reason;
+3. :mod:`cvpipe.init.recipe` turns both into choices, each with its reason;
    :func:`render_params` writes the complete params.yaml (every section) with the
    reasons as comments, checked to load back to exactly the values chosen and to pass
    validation; :func:`run` writes it atomically, never over an existing file unless forced.
@@ -27,12 +27,14 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cvpipe import __version__, recipe, storage
-from cvpipe.config import IngestParams, Params
-from cvpipe.console import console, is_quiet, progress
-from cvpipe.errors import StageError, UsageError
-from cvpipe.recipe import Choice, DataProfile, MachineProfile, RecipeOptions, SizeStats
-from cvpipe.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
+from cvpipe import __version__
+from cvpipe.core import storage
+from cvpipe.core.config import IngestParams, Params
+from cvpipe.core.console import console, is_quiet, progress
+from cvpipe.core.errors import StageError, UsageError
+from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
+from cvpipe.init import recipe
+from cvpipe.init.recipe import Choice, DataProfile, MachineProfile, RecipeOptions, SizeStats
 
 COMMENT_COLUMN = 29  # where the comments start, as in the repository's params.yaml
 SUMMARY_KEYS = (
@@ -54,7 +56,7 @@ def _spread(items: list[SourceItem], limit: int) -> list[SourceItem]:
 
 def _read_bytes(items: list[SourceItem], ingest: IngestParams, opts: SourceOptions) -> Iterator[tuple[SourceItem, Any]]:
     """``(item, bytes or the exception)`` for each item: local files read, remote ones fetched concurrently."""
-    from cvpipe.ingest import fetch_many
+    from cvpipe.data.sources import fetch_many
 
     remote: dict[str, list[SourceItem]] = defaultdict(list)
     for it in items:
@@ -143,7 +145,7 @@ def machine_profile() -> MachineProfile:
     """Cores this process may use, RAM, the GPU, and what device/amp ``auto`` resolve to (as train resolves them)."""
     import torch
 
-    from cvpipe.runtime import cpu_supports_bf16, resolve_runtime
+    from cvpipe.torchkit.runtime import cpu_supports_bf16, resolve_runtime
 
     rt = resolve_runtime("auto", "auto", channels_last=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -168,7 +170,7 @@ def machine_profile() -> MachineProfile:
 
 def check_options(options: RecipeOptions) -> None:
     """Refuse contradictory or impossible ``cvpipe init`` options (exit 2) before anything is scanned."""
-    from cvpipe.models import check_arch
+    from cvpipe.torchkit.models import check_arch
 
     if options.time_budget_minutes is not None and not 0 < options.time_budget_minutes <= 100_000:
         raise UsageError(f"--time-budget: must be between 0 and 100000 minutes (got {options.time_budget_minutes:g})")

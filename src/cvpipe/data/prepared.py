@@ -36,8 +36,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cvpipe import storage
-from cvpipe.errors import StageError
+from cvpipe.core import storage
+from cvpipe.core.errors import StageError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

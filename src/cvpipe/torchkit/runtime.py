@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from cvpipe.errors import ParamsError
+from cvpipe.core.errors import ParamsError
 
 
 @dataclass
@@ -96,3 +96,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+
+
+def autocast(rt: Runtime):
+    """The autocast context of *rt*'s precision (a no-op context when AMP is off)."""
+    import torch
+
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None)

@@ -1,0 +1,95 @@
+"""Datasets and loaders over the prepared format, and the on-device normalization, shared by
+train, the LR finder and evaluate.
+
+Images travel as uint8 HWC arrays (a quarter of float32's bytes) and become normalized float
+tensors on the device (:class:`BatchNormalizer`), in one definition every model-using stage shares.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cvpipe.data.prepared import Split
+from cvpipe.torchkit.runtime import Runtime
+
+
+class ArrayDataset:
+    """Samples of a memory-mapped split, augmented per sample with albumentations (uint8 HWC)."""
+
+    def __init__(self, split: Split, pipeline=None):
+        self.images = split.images
+        self.labels = split.labels
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = np.asarray(self.images[i])
+        if self.pipeline is not None:
+            img = self.pipeline(image=img)["image"]
+        return img, int(self.labels[i])
+
+
+def collate_uint8(batch):
+    """Stack uint8 HWC images into one tensor; conversion and normalization happen on the device."""
+    import torch
+
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
+    return images, labels
+
+
+class BatchNormalizer:
+    """uint8 (B,H,W,3) -> normalized float (B,3,H,W) on the device, channels_last when asked."""
+
+    def __init__(self, mean, std, rt: Runtime):
+        import torch
+
+        self.rt = rt
+        self.mean = torch.tensor(mean, device=rt.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=rt.device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images):
+        import torch
+
+        x = images.to(self.rt.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        if self.rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def default_workers(device_type: str) -> int:
+    # On a CPU the model's own threads use every core; extra loader processes
+    # would only steal them (augmenting a uint8 array costs far less than a step).
+    if device_type == "cpu":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool, drop_last: bool = False):
+    import torch
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_uint8,
+        pin_memory=pin,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        generator=g,
+    )
+
+
+def cycle(loader):
+    """The loader's batches without end: a new (reshuffled) pass whenever one ends."""
+    while True:
+        yield from loader
