@@ -1,6 +1,8 @@
 # cvpipe: the two commands of the README's quickstart, and their set-up.
 #   make run   install from Pipfile.lock, then `dvc repro` on the built-in sample data
 #   make test  install from Pipfile.lock, then the test suite
+#   make lock  re-resolve Pipfile.lock after editing Pipfile, then `make requirements`
+#   make requirements  export each stage image's pins to docker/requirements/<image>.txt
 # Everything installs into ./.venv (pipenv itself lives in ./.tools).
 
 SHELL := /bin/bash
@@ -19,7 +21,10 @@ export PIPENV_YES := 1
 export PYPI_URL ?= $(shell PYTHON=$(PYTHON) sh scripts/index_url.sh)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test lock clean-outputs
+# the stage images; each installs the pipenv categories of its Dockerfile's lock-requirements line
+IMAGES := ingest preprocess train evaluate app
+
+.PHONY: install run test lock requirements clean-outputs
 
 $(TOOLS)/bin/pipenv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -42,3 +47,17 @@ test: install
 # re-resolve Pipfile.lock after editing Pipfile
 lock: | $(TOOLS)/bin/pipenv
 	$(TOOLS)/bin/pipenv lock
+	$(MAKE) requirements
+
+# What each stage image installs, exactly as docker/lock-requirements.sh exports it in the image
+# build (its all.txt): dvc.yaml's stages depend on these files, not on the whole Pipfile.lock.
+# The categories come from the image's Dockerfile; the `-i` line is dropped (no index in files).
+requirements: | $(TOOLS)/bin/pipenv
+	@mkdir -p docker/requirements
+	set -o pipefail; for image in $(IMAGES); do \
+	  cats=$$(sed -n 's/.*lock-requirements "\([^"]*\)".*/\1/p' $$image/Dockerfile); \
+	  [ -n "$$cats" ] || { echo "$$image/Dockerfile: no lock-requirements line" >&2; exit 1; }; \
+	  PYPI_URL=unused $(TOOLS)/bin/pipenv requirements --hash --categories "$$cats" \
+	    | grep -v '^-i ' > docker/requirements/$$image.txt.tmp || exit 1; \
+	  mv docker/requirements/$$image.txt.tmp docker/requirements/$$image.txt; \
+	done
