@@ -8,11 +8,13 @@ failed. Errors print one line; ``--debug`` (or ``CVPIPE_DEBUG=1``) shows the tra
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -89,6 +91,45 @@ def _stage(quiet: bool, debug: bool, fn: Callable[[], Any]) -> None:
         raise typer.Exit(1) from None
 
 
+@dataclass
+class _Frame:
+    """What the shared options of a stage command (``--params``, ``--set``, ``--quiet``) give its body."""
+
+    params_path: Path
+    sets: Optional[list[str]]
+    quiet: bool
+
+    def load(self, flags: dict[str, Any]) -> Params:
+        """The params file (or the defaults) with ``--set`` and the command's own *flags* applied, validated."""
+        return _load(self.params_path, self.sets, flags)
+
+    def for_arch(self, p: Params, flags: dict[str, Any]) -> Params:
+        """*p* with the ``bakeoff.archs.<arch>`` overrides of its ``train.arch``; ``train.*`` keys given
+        on the command line (``--set`` or these *flags*) still win."""
+        return p.for_arch(p.train.arch, keep=_explicit_train_keys(self.sets, flags))
+
+
+_SHARED = (("params", Path, ParamsOpt), ("set_", Optional[list[str]], SetOpt), ("quiet", bool, QuietOpt),
+           ("debug", bool, DebugOpt))
+
+
+def _stage_command(body: Callable[..., None]) -> Callable[..., None]:
+    """Register *body* as the command of its name: its own options (every parameter after the first), then
+    the shared ``--params``/``--set``/``--quiet``/``--debug``; it gets a :class:`_Frame` first and runs
+    inside :func:`_stage` (one-line errors, exit codes)."""
+    own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann) for name, ann, opt in _SHARED]
+
+    def command(*, params: Path, set_: Optional[list[str]], quiet: bool, debug: bool, **options: Any) -> None:
+        _stage(quiet, debug, lambda: body(_Frame(params, set_, quiet), **options))
+
+    command.__name__, command.__qualname__, command.__doc__ = body.__name__, body.__qualname__, body.__doc__
+    command.__signature__ = inspect.Signature(own + shared, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in own + shared}
+    app.command()(command)
+    return body
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
@@ -149,52 +190,40 @@ def init(
     _stage(quiet, debug, go)
 
 
-@app.command()
+@_stage_command
 def ingest(
+    cli: _Frame,
     source: Optional[list[str]] = typer.Option(
         None, "--source", help="Override ingest.source: a class-folder path, gs://bucket/prefix, an http(s) .zip/.tar(.gz) URL, a CSV/JSONL manifest of uri,label rows, or sample://digits. Repeatable."
     ),
     out: Optional[str] = typer.Option(None, "--out", help="Override paths.raw (where images and manifest go)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Override ingest.workers (0 = one per core)."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Collect raw images, validate each one, quarantine the bad ones with a reason, write the manifest."""
     src: Any = None if not source else (source[0] if len(source) == 1 else list(source))
+    p = cli.load({"ingest.source": src, "paths.raw": out, "ingest.workers": workers})
+    from cvpipe.ingest import stage
 
-    def go():
-        p = _load(params, set_, {"ingest.source": src, "paths.raw": out, "ingest.workers": workers})
-        from cvpipe.ingest import stage
-
-        stage.run(p)
-
-    _stage(quiet, debug, go)
+    stage.run(p)
 
 
-@app.command()
+@_stage_command
 def preprocess(
+    cli: _Frame,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Override preprocess.image_size (pixels, >= 16)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Override preprocess.workers (0 = one per core)."),
     out: Optional[str] = typer.Option(None, "--out", help="Override paths.prepared."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Resize, split (seeded, stratified) and write the memory-mapped training format."""
-    def go():
-        p = _load(params, set_, {"preprocess.image_size": image_size, "preprocess.workers": workers, "paths.prepared": out})
-        from cvpipe.preprocess import stage
+    p = cli.load({"preprocess.image_size": image_size, "preprocess.workers": workers, "paths.prepared": out})
+    from cvpipe.preprocess import stage
 
-        stage.run(p)
-
-    _stage(quiet, debug, go)
+    stage.run(p)
 
 
-@app.command()
+@_stage_command
 def train(
+    cli: _Frame,
     arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: any timm architecture name."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
@@ -214,36 +243,28 @@ def train(
     lr_min: float = typer.Option(1e-5, "--lr-min", help="With --find-lr: first LR of the range test."),
     lr_max: float = typer.Option(1.0, "--lr-max", help="With --find-lr: last LR (the test stops earlier when the loss diverges)."),
     lr_steps: int = typer.Option(100, "--lr-steps", min=20, help="With --find-lr: updates over the LR range."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Fine-tune (or train from scratch) a timm model; save best/last checkpoints; log to W&B."""
-    def go():
-        flags = {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
-        if write_lr and not find_lr:
-            raise ParamsError("--write-lr: only with --find-lr")
-        p = _load(params, set_, flags)
-        # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
-        p = p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, flags))
-        if find_lr:
-            from cvpipe.train import lr_finder
+    flags = {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
+    if write_lr and not find_lr:
+        raise ParamsError("--write-lr: only with --find-lr")
+    # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
+    p = cli.for_arch(cli.load(flags), flags)
+    if find_lr:
+        from cvpipe.train import lr_finder
 
-            result = lr_finder.run(p, lr_min=lr_min, lr_max=lr_max, steps=lr_steps)
-            if write_lr:
-                key = lr_finder.write_lr(params, p.train.arch, result["suggested"])
-                _load(params, None, {})  # the edited file must still validate
-                info(f"wrote {key} = {result['suggested']:.2g} to {params}")
-            return
-        if nproc > 1 and "WORLD_SIZE" not in os.environ:
-            _relaunch_torchrun(nproc, p)
-            return
-        from cvpipe.train import stage
+        result = lr_finder.run(p, lr_min=lr_min, lr_max=lr_max, steps=lr_steps)
+        if write_lr:
+            key = lr_finder.write_lr(cli.params_path, p.train.arch, result["suggested"])
+            _load(cli.params_path, None, {})  # the edited file must still validate
+            info(f"wrote {key} = {result['suggested']:.2g} to {cli.params_path}")
+        return
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_torchrun(nproc, p)
+        return
+    from cvpipe.train import stage
 
-        stage.run(p, resume=resume)
-
-    _stage(quiet, debug, go)
+    stage.run(p, resume=resume)
 
 
 def _relaunch_torchrun(nproc: int, p: Params) -> None:
@@ -269,48 +290,37 @@ def _relaunch_torchrun(nproc: int, p: Params) -> None:
         raise StageError(f"distributed training with {nproc} processes failed (exit code {rc})")
 
 
-@app.command()
+@_stage_command
 def evaluate(
+    cli: _Frame,
     arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: which trained model to evaluate."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Override evaluate.checkpoint: best or last."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override evaluate.batch_size."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Test-split metrics, calibration, mistakes gallery, model cost, TorchScript/ONNX export with parity; log to W&B."""
-    def go():
-        p = _load(params, set_, {"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
-        from cvpipe.evaluate import stage
+    p = cli.load({"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
+    from cvpipe.evaluate import stage
 
-        stage.run(p.for_arch(p.train.arch, keep=_explicit_train_keys(set_, {})))
-
-    _stage(quiet, debug, go)
+    stage.run(cli.for_arch(p, {}))
 
 
-@app.command()
+@_stage_command
 def compare(
+    cli: _Frame,
     metric: Optional[str] = typer.Option(None, "--metric", help="Override compare.metric: accuracy, macro_f1, weighted_f1, roc_auc, top_k_accuracy."),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Override compare.max_latency_ms."),
     max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Override compare.max_size_mb."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Leaderboard + Pareto plot of the evaluated bake-off models; promote the best to models/best/."""
-    def go():
-        p = _load(params, set_, {"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb})
-        from cvpipe.compare import stage
+    p = cli.load({"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb})
+    from cvpipe.compare import stage
 
-        stage.run(p)
-
-    _stage(quiet, debug, go)
+    stage.run(p)
 
 
-@app.command()
+@_stage_command
 def serve(
+    cli: _Frame,
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Override serve.model: a promoted model folder (models/best) or a train checkpoint (.pt); local or gs://.",
@@ -318,33 +328,26 @@ def serve(
     host: Optional[str] = typer.Option(None, "--host", help="Override serve.host (0.0.0.0 to listen on every interface)."),
     port: Optional[int] = typer.Option(None, "--port", help="Override serve.port."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Override serve.top_k."),
-    params: Path = ParamsOpt,
-    set_: Optional[list[str]] = SetOpt,
-    quiet: bool = QuietOpt,
-    debug: bool = DebugOpt,
 ) -> None:
     """Serve a trained model: web page at /, POST /predict, GET /model, GET /healthz, API docs at /docs."""
-    def go():
-        p = _load(params, set_, {"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k})
-        import uvicorn
+    p = cli.load({"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k})
+    import uvicorn
 
-        from cvpipe.serve.app import create_app
-        from cvpipe.serve.model import load_model
+    from cvpipe.serve.app import create_app
+    from cvpipe.serve.model import load_model
 
-        s = p.serve
-        served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
-                            torch_threads=s.torch_threads)
-        console.print(
-            f"serving {served.arch} ({len(served.classes)} classes) from {s.model} on http://{s.host}:{s.port}/",
-            soft_wrap=True,
-        )
-        uvicorn.run(
-            create_app(served, s), host=s.host, port=s.port,
-            log_level="warning" if quiet else "info", timeout_keep_alive=5,
-            timeout_graceful_shutdown=5, limit_concurrency=256,
-        )
-
-    _stage(quiet, debug, go)
+    s = p.serve
+    served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
+                        torch_threads=s.torch_threads)
+    console.print(
+        f"serving {served.arch} ({len(served.classes)} classes) from {s.model} on http://{s.host}:{s.port}/",
+        soft_wrap=True,
+    )
+    uvicorn.run(
+        create_app(served, s), host=s.host, port=s.port,
+        log_level="warning" if cli.quiet else "info", timeout_keep_alive=5,
+        timeout_graceful_shutdown=5, limit_concurrency=256,
+    )
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ and ``compare.max_size_mb``; ties go to the lower latency.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from datetime import datetime, timezone
 from typing import Any
@@ -90,15 +88,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def leaderboard_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
-    return buf.getvalue()
-
-
 def leaderboard_md(rows: list[dict[str, Any]], params: Params, winner: str) -> str:
     cp = params.compare
     limits = ", ".join(x for x in (f"latency <= {cp.max_latency_ms} ms" if cp.max_latency_ms else "",
@@ -135,10 +124,7 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, path: str, winner: str)
         ax.set(xlabel=label, ylabel=f"test {metric}", title=f"{metric} vs {label.split(' (')[0]}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    storage.save_png(fig, path)
 
 
 def model_card(win: dict[str, Any], params: Params, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -180,9 +166,9 @@ def run(params: Params) -> dict[str, Any]:
         )
     win = eligible[0]
     rep = params.paths.reports
-    md, csv_text = leaderboard_md(rows, params, win["arch"]), leaderboard_csv(rows)
+    md = leaderboard_md(rows, params, win["arch"])
     storage.write_text(storage.join(rep, "leaderboard.md"), md)
-    storage.write_text(storage.join(rep, "leaderboard.csv"), csv_text)
+    storage.write_csv(storage.join(rep, "leaderboard.csv"), COLUMNS, rows)
     plot_pareto(rows, params.compare.metric, storage.join(rep, "pareto.png"), win["arch"])
     summary = {
         "winner": win["arch"], "metric": params.compare.metric, "value": win[params.compare.metric],
@@ -201,7 +187,7 @@ def run(params: Params) -> dict[str, Any]:
                     fh.write(storage.read_bytes(storage.join(src, name)))
             (folder / "card.json").write_text(json.dumps(card, indent=2, default=storage._json_default) + "\n")
             (folder / "leaderboard.md").write_text(md)
-            (folder / "leaderboard.csv").write_text(csv_text)
+            storage.write_csv(folder / "leaderboard.csv", COLUMNS, rows, durable=False)
 
     tracker = tracking.start(
         params, job_type="compare", name="compare",

@@ -412,7 +412,3 @@ def load_params(path: Union[str, Path, None] = None, overrides: Optional[dict[st
         return Params.model_validate(data)
     except ValidationError as exc:
         raise ParamsError(_format_validation_error(exc, str(path))) from None
-
-
-def dump_params(params: Params) -> str:
-    return yaml.safe_dump(params.resolved(), sort_keys=False)

@@ -1,7 +1,8 @@
 """Paths that may be local or remote (``gs://``, ``http(s)://``), through fsspec.
 
 Every stage reads and writes through these helpers so that any path in
-params.yaml can point at a bucket. Writes are atomic: a reader never sees a
+params.yaml can point at a bucket (tables through :func:`write_csv`, figures through
+:func:`save_png`). Writes are atomic: a reader never sees a
 half-written file under its final name (local files are written to a temporary
 sibling and renamed; object stores only publish an object when its upload
 completes).
@@ -10,13 +11,16 @@ completes).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import fsspec
 
@@ -120,6 +124,55 @@ def write_text(uri: PathLike, text: str, durable: bool = True, only_if_changed: 
 
 def write_json(uri: PathLike, obj: Any, indent: int = 2) -> None:
     write_text(uri, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_csv(
+    uri: PathLike,
+    columns: Sequence[str],
+    rows: Iterable[Union[Mapping[str, Any], Sequence[Any]]],
+    only_if_changed: bool = False,
+    durable: bool = True,
+) -> None:
+    """Write a CSV file atomically: a header of *columns*, then one line per row.
+
+    The one CSV writer of every stage: ``csv`` module defaults (minimal quoting, ``None`` as an
+    empty field, numbers through ``str``) with ``\n`` line ends. A row is a mapping (its values
+    under *columns*; a missing key is an empty field, other keys are ignored) or a sequence written
+    as it is. The text is built in memory first, so a row that raises leaves the file untouched;
+    ``only_if_changed`` and ``durable`` are :func:`write_text`'s.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
+    write_text(uri, buf.getvalue(), durable=durable, only_if_changed=only_if_changed)
+
+
+def png_bytes(fig: Any, **savefig_kwargs: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (rendered in memory); the figure is closed.
+
+    matplotlib is the caller's import (this module never imports it): a figure made through
+    ``pyplot`` is released from it here.
+    """
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", **savefig_kwargs)
+    finally:
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            plt.close(fig)
+    return buf.getvalue()
+
+
+def save_png(fig: Any, uri: PathLike, dpi: Optional[float] = None, **savefig_kwargs: Any) -> None:
+    """Save a matplotlib figure as a PNG at *uri*, atomically (see :func:`png_bytes`); the figure is closed.
+
+    ``dpi`` (and any other ``savefig`` keyword) goes to ``savefig``; ``None`` leaves matplotlib's default.
+    """
+    if dpi is not None:
+        savefig_kwargs["dpi"] = dpi
+    write_bytes(uri, png_bytes(fig, **savefig_kwargs))
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:

@@ -86,13 +86,6 @@ def eval_pipeline(image_size: int, mean: Optional[Sequence[float]] = None, std: 
     return A.Compose(transforms)
 
 
-def with_normalization(pipeline, mean: Sequence[float], std: Sequence[float]):
-    """The training pipeline followed by the model's normalization (for per-sample use outside cvpipe's loaders)."""
-    import albumentations as A
-
-    return A.Compose([*pipeline.transforms, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)])
-
-
 def from_json_file(path) -> Any:
     """Load a pipeline saved by :func:`to_json` (e.g. ``<prepared>/augment.json``)."""
     from pathlib import Path

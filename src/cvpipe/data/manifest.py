@@ -3,14 +3,12 @@
 ``<raw>/manifest.csv`` has one row per stored image, with the columns in :data:`MANIFEST_COLUMNS`
 (``path`` is relative to the raw folder); ``<raw>/quarantine.csv`` has one row per rejected file,
 with :data:`QUARANTINE_COLUMNS`. Both are plain CSV (``csv`` module, ``\\n`` line ends), written
-whole and atomically, so a reader never sees half a file.
+whole and atomically by :func:`cvpipe.core.storage.write_csv`, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-from typing import Any, Iterable
 
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
@@ -29,16 +27,6 @@ MANIFEST_COLUMNS = [
     "split_hint",
 ]
 QUARANTINE_COLUMNS = ["source_uri", "label", "reason", "detail", "sha256"]
-
-
-def write_rows(path: str, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
-    """Write *rows* (dicts; missing keys empty) under *columns*; untouched when the bytes are unchanged."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    storage.write_text(path, buf.getvalue(), only_if_changed=True)
 
 
 def read_manifest(raw_dir: str) -> list[dict[str, str]]:

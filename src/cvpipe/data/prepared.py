@@ -111,12 +111,11 @@ class SplitWriter:
         self.images.flush()
         del self.images
         np.save(self.dir / "labels.npy", np.asarray(labels, dtype=np.int64))
-        with open(self.dir / "index.csv", "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=INDEX_COLUMNS, lineterminator="\n")
-            w.writeheader()
-            for i, r in enumerate(index_rows):
-                w.writerow({"row": i, "id": r["id"], "label": r["label"], "source_uri": r["source_uri"],
-                            "augmented_from": r.get("augmented_from", "")})
+        storage.write_csv(  # inside a staged folder: no fsync, the folder's swap publishes it
+            self.dir / "index.csv", INDEX_COLUMNS,
+            ([i, r["id"], r["label"], r["source_uri"], r.get("augmented_from", "")] for i, r in enumerate(index_rows)),
+            durable=False,
+        )
 
 
 def fingerprint(root: Path) -> str:

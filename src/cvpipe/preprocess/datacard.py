@@ -6,7 +6,6 @@ atomically with :mod:`cvpipe.core.storage` (``<paths.plots>/dataset/*.png``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cvpipe.core import tracking
+from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
 from cvpipe.data import augment
 
@@ -23,15 +22,7 @@ MAX_CLASSES_SHOWN = 12
 SAMPLES_PER_CLASS = 8
 AUGMENTED_ROWS = 4
 AUGMENTED_COLS = 6
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+PNG_OPTIONS = {"dpi": 100, "bbox_inches": "tight"}  # savefig keywords of every card picture
 
 
 def _grid(images: list[list[np.ndarray]], row_titles: list[str], col_titles: list[str] | None, title: str) -> bytes:
@@ -53,7 +44,7 @@ def _grid(images: list[list[np.ndarray]], row_titles: list[str], col_titles: lis
             if r == 0 and col_titles:
                 ax.set_title(col_titles[c], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _png(fig)
+    return storage.png_bytes(fig, **PNG_OPTIONS)
 
 
 def class_histogram(card: dict[str, Any]) -> bytes:
@@ -74,7 +65,7 @@ def class_histogram(card: dict[str, Any]) -> bytes:
     ax.set_ylabel("images")
     ax.set_title("images per class and split")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return storage.png_bytes(fig, **PNG_OPTIONS)
 
 
 def render(ds, card: dict[str, Any], pipeline, seed: int = 0) -> dict[str, bytes]:

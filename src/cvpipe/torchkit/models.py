@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from cvpipe.core import storage
 from cvpipe.core.errors import ParamsError, StageError
@@ -62,7 +62,3 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
     model = create(ckpt["arch"], num_classes=len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def checkpoint_path(models_dir: str, name: str, which: str = "best", ext: Optional[str] = "pt") -> str:
-    return storage.join(models_dir, name, f"{which}.{ext}")

@@ -1,4 +1,4 @@
-"""DDP through torchrun: process group setup, rank-0 gating, global sums.
+"""DDP through torchrun: process group setup, rank-0 gating, global sums and gathers.
 
 ``torchrun --nproc_per_node N -m cvpipe train`` (or ``cvpipe train --nproc N``)
 starts N processes with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; multi-node
@@ -50,20 +50,6 @@ def all_sum(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def any_rank(flag: bool, d: Dist) -> bool:
-    return bool(all_sum([1.0 if flag else 0.0], d)[0] > 0)
-
-
-def broadcast_object(obj, d: Dist):
-    if not d.enabled:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(d: Dist) -> None:
