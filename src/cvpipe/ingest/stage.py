@@ -377,93 +377,108 @@ def _process_items(
     """
     if not todo:
         return []
-    opts = p.model_dump(mode="json")
-    local = deque(sorted((it for it in todo if not it.remote), key=lambda it: -it.size))
-    remote = [it for it in todo if it.remote]
-    workers = _worker_count(p.workers)
-    report.transferred += len(local)
-    report.bytes_transferred += sum(it.size for it in local)
-    fetched: "queue.Queue[tuple[Any, Any]]" = queue.Queue(maxsize=workers * 4 + 2 * p.transfer_concurrency)
-    lock = threading.Lock()
-    stop = threading.Event()
-    results: list[Outcome] = []
-    failures: list[BaseException] = []
+    threads = _DecodeThreads(todo, raw_dir, p, src_opts, state, report, on_done)
+    report.transferred += len(threads.local)
+    report.bytes_transferred += sum(it.size for it in threads.local)
+    return threads.run()
 
-    def finish(o: Outcome, consumed: Optional[int]) -> None:
-        with lock:
+
+class _DecodeThreads:
+    """One :func:`_process_items` call: its work lists, the fetch queue, the decode threads and what they found."""
+
+    def __init__(self, todo: list[SourceItem], raw_dir: str, p: IngestParams, src_opts: SourceOptions,
+                 state: IngestState, report: IngestReport, on_done: Callable[[Outcome, int], None]):
+        self.raw_dir, self.src_opts, self.state, self.report, self.on_done = raw_dir, src_opts, state, report, on_done
+        self.opts = p.model_dump(mode="json")
+        self.concurrency = p.transfer_concurrency
+        self.local = deque(sorted((it for it in todo if not it.remote), key=lambda it: -it.size))
+        self.remote = [it for it in todo if it.remote]
+        self.workers = _worker_count(p.workers)
+        self.fetched: "queue.Queue[tuple[Any, Any]]" = queue.Queue(maxsize=self.workers * 4 + 2 * p.transfer_concurrency)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.results: list[Outcome] = []
+        self.failures: list[BaseException] = []
+
+    def run(self) -> list[Outcome]:
+        """Start the decode threads (and the fetcher, for remote items), wait for them, raise their first failure."""
+        threads = [threading.Thread(target=self.decode_loop, name=f"cvpipe-ingest-{i}", daemon=True)
+                   for i in range(self.workers)]
+        if self.remote:
+            threads.append(threading.Thread(target=_fetch_remote,
+                                            args=(self.remote, self.src_opts, self.concurrency, self.fetched, self.stop),
+                                            name="cvpipe-ingest-fetch", daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        finally:
+            self.stop.set()
+            while any(t.is_alive() for t in threads):  # interrupted: unblock a fetcher waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    self.fetched.get_nowait()
+                for t in threads:
+                    t.join(0.05)
+        if self.failures:
+            exc = self.failures[0]
+            raise exc if isinstance(exc, StageError) else StageError(f"ingest failed: {type(exc).__name__}: {exc}")
+        return self.results
+
+    def finish(self, o: Outcome, consumed: Optional[int]) -> None:
+        with self.lock:
             if consumed is not None:  # None: a failed fetch, nothing was read or decoded
-                report.decoded += 1
+                self.report.decoded += 1
                 if o.item.remote:
-                    report.transferred += 1
-                    report.bytes_transferred += consumed
-            state.record(o)
-            results.append(o)
-            on_done(o, consumed or 0)
+                    self.report.transferred += 1
+                    self.report.bytes_transferred += consumed
+            self.state.record(o)
+            self.results.append(o)
+            self.on_done(o, consumed or 0)
 
-    def fetched_item(block: bool) -> Optional[tuple[SourceItem, Any]]:
+    def fetched_item(self, block: bool) -> Optional[tuple[SourceItem, Any]]:
         """The next fetched object, or None when there is none now (*block*: none will come)."""
         while True:
             try:
-                it, res = fetched.get(timeout=0.1) if block else fetched.get_nowait()
+                it, res = self.fetched.get(timeout=0.1) if block else self.fetched.get_nowait()
             except queue.Empty:
-                if block and not stop.is_set():
+                if block and not self.stop.is_set():
                     continue
                 return None
             if it is not None:
                 return it, res
-            fetched.put((it, res))  # the end marker stays for the other threads
+            self.fetched.put((it, res))  # the end marker stays for the other threads
             if res is not _DONE:
                 raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
             return None
 
-    def next_job() -> Optional[tuple[SourceItem, Any]]:
+    def next_job(self) -> Optional[tuple[SourceItem, Any]]:
         """Fetched bytes first (the fetcher waits while its queue is full), then local files, then wait for fetches."""
-        job = fetched_item(block=False) if remote else None
+        job = self.fetched_item(block=False) if self.remote else None
         if job is not None:
             return job
         try:
-            return local.popleft(), None
+            return self.local.popleft(), None
         except IndexError:
-            return fetched_item(block=True) if remote else None
+            return self.fetched_item(block=True) if self.remote else None
 
-    def decode_loop() -> None:
+    def decode_loop(self) -> None:
         try:
-            while not stop.is_set():
-                job = next_job()
+            while not self.stop.is_set():
+                job = self.next_job()
                 if job is None:
                     return
                 it, data = job
                 if isinstance(data, BaseException):
-                    finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(data).__name__}: {data}"), None)
+                    self.finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(data).__name__}: {data}"), None)
                     continue
                 if data is not None:
                     data = bytes(data)
                 # _process turns every failure of the file into an outcome
-                finish(_process(it, data, raw_dir, opts), it.size if data is None else len(data))
+                self.finish(_process(it, data, self.raw_dir, self.opts), it.size if data is None else len(data))
         except BaseException as exc:
-            failures.append(exc)
-            stop.set()
-
-    threads = [threading.Thread(target=decode_loop, name=f"cvpipe-ingest-{i}", daemon=True) for i in range(workers)]
-    if remote:
-        threads.append(threading.Thread(target=_fetch_remote, args=(remote, src_opts, p.transfer_concurrency, fetched, stop),
-                                        name="cvpipe-ingest-fetch", daemon=True))
-    for t in threads:
-        t.start()
-    try:
-        for t in threads:
-            t.join()
-    finally:
-        stop.set()
-        while any(t.is_alive() for t in threads):  # interrupted: unblock a fetcher waiting on a full queue
-            with contextlib.suppress(queue.Empty):
-                fetched.get_nowait()
-            for t in threads:
-                t.join(0.05)
-    if failures:
-        exc = failures[0]
-        raise exc if isinstance(exc, StageError) else StageError(f"ingest failed: {type(exc).__name__}: {exc}")
-    return results
+            self.failures.append(exc)
+            self.stop.set()
 
 
 def _clean_leftovers(*folders: Path) -> None:
@@ -494,11 +509,47 @@ def run(params: Params) -> IngestReport:
     report.listed = len(items)
     report.bytes_transferred += stats.get("bytes", 0)
 
+    state = _open_state(p, raw_dir)
+    outcomes, todo = _reuse_known(items, state, raw_dir, report)
+    resolved = _process_with_progress(items, todo, outcomes, raw_dir, p, src_opts, state, report)
+    state.close(set(outcomes))
+
+    accepted = sorted((o.record for o in resolved if o.record), key=lambda r: (r["label"], r["source_uri"]))
+    rejected = sorted((o for o in resolved if o.record is None), key=lambda o: o.item.uri)
+    if not accepted:
+        raise StageError(f"no valid image among {len(items)} files; see the reasons in {raw_dir / 'quarantine.csv'}")
+
+    storage.write_csv(  # untouched when the bytes are unchanged: a rerun that changes nothing changes no file
+        str(raw_dir / "quarantine.csv"),
+        manifest.QUARANTINE_COLUMNS,
+        (
+            {"source_uri": o.item.uri, "label": o.item.label or "", "reason": o.reason, "detail": o.detail, "sha256": o.sha256}
+            for o in rejected
+        ),
+        only_if_changed=True,
+    )
+    storage.write_csv(str(raw_dir / "manifest.csv"), manifest.MANIFEST_COLUMNS, accepted, only_if_changed=True)
+    _prune_unreferenced(raw_dir, {r["path"] for r in accepted})
+
+    _count(report, accepted, rejected)
+    report.seconds = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
+    _print_report(report, raw_dir)
+    return report
+
+
+def _open_state(p: IngestParams, raw_dir: Path) -> IngestState:
+    """The journal of this raw folder (one per folder, under ``ingest.state_dir``), opened for appending."""
     state_path = Path(p.state_dir) / f"state-{hashlib.sha256(str(raw_dir.resolve()).encode()).hexdigest()[:16]}.jsonl"
     _clean_leftovers(raw_dir, state_path.parent)
     state = IngestState(state_path, _params_key(p))
     state.open()
+    return state
 
+
+def _reuse_known(items: list[SourceItem], state: IngestState, raw_dir: Path,
+                 report: IngestReport) -> tuple[dict[str, Outcome], list[SourceItem]]:
+    """Outcomes known without reading a file (junk, or unchanged in the journal and intact on disk), and the rest to do."""
     outcomes: dict[str, Outcome] = {}
     todo: list[SourceItem] = []
     for it in items:
@@ -513,7 +564,13 @@ def run(params: Params) -> IngestReport:
             report.reused += 1
         else:
             todo.append(it)
+    return outcomes, todo
 
+
+def _process_with_progress(items: list[SourceItem], todo: list[SourceItem], outcomes: dict[str, Outcome], raw_dir: Path,
+                           p: IngestParams, src_opts: SourceOptions, state: IngestState,
+                           report: IngestReport) -> list[Outcome]:
+    """Process *todo* into *outcomes* under a progress bar; the outcomes with duplicates resolved."""
     with progress("files", _BytesRate()) as bar:
         task = bar.add_task("ingest", total=len(items), completed=len(items) - len(todo), bytes=0)
 
@@ -532,33 +589,16 @@ def run(params: Params) -> IngestReport:
             for o in _process_items(missing, str(raw_dir), p, src_opts, state, report, on_done):
                 outcomes[o.item.uri] = o
             resolved = _resolve_duplicates_copy(outcomes.values())
-    state.close(set(outcomes))
+    return resolved
 
-    accepted = sorted((o.record for o in resolved if o.record), key=lambda r: (r["label"], r["source_uri"]))
-    rejected = sorted((o for o in resolved if o.record is None), key=lambda o: o.item.uri)
-    if not accepted:
-        raise StageError(f"no valid image among {len(items)} files; see the reasons in {raw_dir / 'quarantine.csv'}")
 
-    manifest.write_rows(
-        str(raw_dir / "quarantine.csv"),
-        manifest.QUARANTINE_COLUMNS,
-        (
-            {"source_uri": o.item.uri, "label": o.item.label or "", "reason": o.reason, "detail": o.detail, "sha256": o.sha256}
-            for o in rejected
-        ),
-    )
-    manifest.write_rows(str(raw_dir / "manifest.csv"), manifest.MANIFEST_COLUMNS, accepted)
-    _prune_unreferenced(raw_dir, {r["path"] for r in accepted})
-
+def _count(report: IngestReport, accepted: list[dict[str, Any]], rejected: list[Outcome]) -> None:
+    """The report's counts: accepted and quarantined, per class, per rejection reason, per split hint."""
     report.accepted = len(accepted)
     report.quarantined = len(rejected)
     report.per_class = dict(sorted(Counter(r["label"] for r in accepted).items()))
     report.rejections = dict(sorted(Counter(o.reason for o in rejected).items()))  # type: ignore[arg-type]
     report.per_split_hint = dict(sorted(Counter(r["split_hint"] or "none" for r in accepted).items()))
-    report.seconds = round(time.perf_counter() - started, 3)
-    storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
-    _print_report(report, raw_dir)
-    return report
 
 
 def _resolve_duplicates_copy(outcomes: Iterable[Outcome]) -> list[Outcome]:

@@ -17,7 +17,6 @@ and perceptual hashes; each split's rows are copied out of the staging array.
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from collections import Counter
@@ -108,12 +107,7 @@ def run(params: Params) -> dict[str, Any]:
     pipeline = augment.build(params.augment, seed=sp.seed)  # validate before reading or writing anything
     rows = _read_rows(params)
     started = time.perf_counter()
-    classes = sorted({r["label"] for r in rows})
-    if len(classes) < 2:
-        raise StageError(f"need at least 2 classes to train a classifier, found {classes}")
-    cls_index = {c: i for i, c in enumerate(classes)}
-    labels = np.asarray([cls_index[r["label"]] for r in rows], dtype=np.int64)
-    ids = [r["id"] for r in rows]
+    classes, labels = _classes_and_labels(rows)
     workers = pp.workers or max(1, os.cpu_count() or 1)
     raw_dir = str(storage.local_copy(params.paths.raw))
     size = pp.image_size
@@ -130,49 +124,9 @@ def run(params: Params) -> dict[str, Any]:
                             shapes=[(int(r["width"]), int(r["height"])) for r in rows])
         resize_seconds = time.perf_counter() - t0
 
-        groups = near_duplicate_groups(hashes, sp.near_duplicate_distance)
-        splits = _split(params, rows, labels, classes, groups)
-        if len(splits["train"]) == 0:
-            raise StageError("the train split is empty")
-        leaks = straddling_groups(groups, {k: v for k, v in splits.items() if len(v)})
-        if leaks and sp.strategy == "stratified":  # cannot happen by construction; guard the invariant
-            raise StageError(f"internal error: {len(leaks)} near-duplicate groups straddle splits")
-        split_of = np.full(len(rows), "", dtype=object)
-        for name, idx in splits.items():
-            split_of[idx] = name
-        dup_groups = groups_report(groups, ids, labels, classes)
-        _write_groups(root / "near_duplicates.csv", groups, dup_groups, rows, split_of)
-
-        all_images = np.load(staging, mmap_mode="r")
-        extra = np.zeros(0, dtype=np.int64)
-        for name in SPLITS:
-            idx = splits[name]
-            if len(idx) == 0:
-                continue
-            if name == "train" and pp.oversample:
-                extra = oversample_plan(labels[idx], pp.oversample, sp.seed)
-            writer = SplitWriter(root, name, len(idx) + len(extra) * (name == "train"), size)
-            for s in range(0, len(idx), 1024):
-                block = idx[s : s + 1024]
-                writer.images[s : s + len(block)] = all_images[block]
-            index_rows = [dict(rows[i]) for i in idx]
-            split_labels = labels[idx].tolist()
-            if name == "train" and len(extra):
-                aug = augment.from_dict(augment.to_dict(pipeline))
-                aug.set_random_seed(sp.seed)
-                for j, pos in enumerate(extra.tolist()):
-                    src = np.asarray(writer.images[pos])
-                    writer.images[len(idx) + j] = aug(image=src)["image"]
-                    base = rows[idx[pos]]
-                    index_rows.append({**base, "id": f"{base['id']}~oversample{j}", "augmented_from": base["id"]})
-                    split_labels.append(int(labels[idx[pos]]))
-            writer.finish(split_labels, index_rows)
-        del all_images
-        staging.unlink()
-
-        train_images = np.load(root / "train" / "images.npy", mmap_mode="r")[: len(splits["train"])]
-        mean, std = mean_std(train_images)
-        del train_images
+        splits, leaks, dup_groups = _split_without_leaks(params, rows, labels, classes, hashes, root)
+        extra = _write_splits(root, staging, params, pipeline, rows, labels, splits)
+        mean, std = _train_mean_std(root, len(splits["train"]))
         card.update(_card(params, rows, labels, classes, splits, extra, dup_groups, mean, std))
         card["near_duplicates"]["straddling_splits"] = len(leaks)
         (root / "augment.json").write_text(augment.to_json(pipeline))
@@ -195,6 +149,81 @@ def run(params: Params) -> dict[str, Any]:
     return card
 
 
+def _classes_and_labels(rows: list[dict[str, str]]) -> tuple[list[str], np.ndarray]:
+    """The sorted class names (at least two) and each row's class index."""
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise StageError(f"need at least 2 classes to train a classifier, found {classes}")
+    cls_index = {c: i for i, c in enumerate(classes)}
+    return classes, np.asarray([cls_index[r["label"]] for r in rows], dtype=np.int64)
+
+
+def _split_without_leaks(params: Params, rows: list[dict[str, str]], labels: np.ndarray, classes: list[str],
+                         hashes: np.ndarray, root: Path) -> tuple[dict[str, np.ndarray], list[int], list[dict]]:
+    """Group near-duplicates, split over the groups, write near_duplicates.csv; the splits, the groups
+    straddling splits (predefined folders only) and the groups report."""
+    sp = params.split
+    groups = near_duplicate_groups(hashes, sp.near_duplicate_distance)
+    splits = _split(params, rows, labels, classes, groups)
+    if len(splits["train"]) == 0:
+        raise StageError("the train split is empty")
+    leaks = straddling_groups(groups, {k: v for k, v in splits.items() if len(v)})
+    if leaks and sp.strategy == "stratified":  # cannot happen by construction; guard the invariant
+        raise StageError(f"internal error: {len(leaks)} near-duplicate groups straddle splits")
+    split_of = np.full(len(rows), "", dtype=object)
+    for name, idx in splits.items():
+        split_of[idx] = name
+    dup_groups = groups_report(groups, [r["id"] for r in rows], labels, classes)
+    _write_groups(root / "near_duplicates.csv", groups, dup_groups, rows, split_of)
+    return splits, leaks, dup_groups
+
+
+def _write_splits(root: Path, staging: Path, params: Params, pipeline, rows: list[dict[str, str]], labels: np.ndarray,
+                  splits: dict[str, np.ndarray]) -> np.ndarray:
+    """Each split's images (copied out of the staging array, then deleted) and index, the train split topped
+    up with oversampled copies; the oversampled train positions."""
+    pp, sp = params.preprocess, params.split
+    all_images = np.load(staging, mmap_mode="r")
+    extra = np.zeros(0, dtype=np.int64)
+    for name in SPLITS:
+        idx = splits[name]
+        if len(idx) == 0:
+            continue
+        if name == "train" and pp.oversample:
+            extra = oversample_plan(labels[idx], pp.oversample, sp.seed)
+        writer = SplitWriter(root, name, len(idx) + len(extra) * (name == "train"), pp.image_size)
+        for s in range(0, len(idx), 1024):
+            block = idx[s : s + 1024]
+            writer.images[s : s + len(block)] = all_images[block]
+        index_rows = [dict(rows[i]) for i in idx]
+        split_labels = labels[idx].tolist()
+        if name == "train" and len(extra):
+            _add_oversampled(writer, idx, extra, rows, labels, pipeline, sp.seed, index_rows, split_labels)
+        writer.finish(split_labels, index_rows)
+    del all_images
+    staging.unlink()
+    return extra
+
+
+def _add_oversampled(writer: SplitWriter, idx: np.ndarray, extra: np.ndarray, rows: list[dict[str, str]],
+                     labels: np.ndarray, pipeline, seed: int, index_rows: list[dict], split_labels: list[int]) -> None:
+    """Augmented copies of the train images at positions *extra*, after the originals; their rows and labels appended."""
+    aug = augment.from_dict(augment.to_dict(pipeline))
+    aug.set_random_seed(seed)
+    for j, pos in enumerate(extra.tolist()):
+        src = np.asarray(writer.images[pos])
+        writer.images[len(idx) + j] = aug(image=src)["image"]
+        base = rows[idx[pos]]
+        index_rows.append({**base, "id": f"{base['id']}~oversample{j}", "augmented_from": base["id"]})
+        split_labels.append(int(labels[idx[pos]]))
+
+
+def _train_mean_std(root: Path, n_train: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train split's own images (not its oversampled copies)."""
+    train_images = np.load(root / "train" / "images.npy", mmap_mode="r")[:n_train]
+    return mean_std(train_images)
+
+
 def _read_rows(params: Params) -> list[dict[str, str]]:
     from cvpipe.data.manifest import read_manifest
 
@@ -206,13 +235,12 @@ def _read_rows(params: Params) -> list[dict[str, str]]:
 
 def _write_groups(path: Path, groups: np.ndarray, dup_groups: list[dict], rows, split_of) -> None:
     by_id = {r["id"]: i for i, r in enumerate(rows)}
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["group", "id", "label", "split", "source_uri"])
-        for g, grp in enumerate(dup_groups):
-            for id_ in grp["ids"]:
-                i = by_id[id_]
-                w.writerow([g, id_, rows[i]["label"], split_of[i], rows[i]["source_uri"]])
+    members = ((g, id_, by_id[id_]) for g, grp in enumerate(dup_groups) for id_ in grp["ids"])
+    storage.write_csv(  # inside the staged dataset folder: no fsync, the folder's swap publishes it
+        path, ["group", "id", "label", "split", "source_uri"],
+        ([g, id_, rows[i]["label"], split_of[i], rows[i]["source_uri"]] for g, id_, i in members),
+        durable=False,
+    )
 
 
 def _card(params, rows, labels, classes, splits, extra, dup_groups, mean, std) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from cvpipe import __version__
 from cvpipe.core.config import ServeParams
 from cvpipe.data.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
-from cvpipe.serve.model import ServedModel
+from cvpipe.serve.model import Prediction, ServedModel
 
 log = logging.getLogger("cvpipe.serve")
 
@@ -61,10 +61,6 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
 
 
 class _BodyTooLarge(Exception):
-    pass
-
-
-class _BodyTimeout(Exception):
     pass
 
 
@@ -164,13 +160,18 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
     )
     app.state.model = model
     app.state.settings = settings
-    # Admission (anyio limiter) and compute (a thread semaphore) are separate: a request
-    # that times out abandons its thread, which still holds the compute slot until the
-    # model returns, so CPU use stays bounded; a queued one whose deadline has passed
-    # never starts the model.
-    limiter = anyio.CapacityLimiter(settings.inference_threads * 4)
-    compute = threading.BoundedSemaphore(settings.inference_threads)
     stats = {"requests": 0, "predictions": 0, "rejected": 0, "started": time.time()}
+    _add_error_handlers(app)
+    _add_model_routes(app, model, stats)
+    _add_predict_route(app, model, settings, stats)
+    _add_page(app, settings)
+    app.add_middleware(LimitsMiddleware, max_body=settings.max_upload_bytes + MULTIPART_SLACK,
+                       timeout_s=settings.request_timeout_s)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON ``{"error", "detail"}``: ours, HTTP errors, invalid requests, and bugs (500)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -193,6 +194,10 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
+
+def _add_model_routes(app: FastAPI, model: ServedModel, stats: dict[str, Any]) -> None:
+    """``/healthz``, ``/model`` and ``/model/confusion_matrix.png``."""
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, Any]:
         """Liveness: answers while inference runs (the event loop is never blocked)."""
@@ -213,6 +218,16 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
             raise ApiError(404, "not_found", "this model has no confusion matrix image (run cvpipe evaluate / compare)")
         return FileResponse(path, media_type="image/png")
 
+
+def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, stats: dict[str, Any]) -> None:
+    """``POST /predict``: decoding and inference in a worker thread, within the request's deadline."""
+    # Admission (anyio limiter) and compute (a thread semaphore) are separate: a request
+    # that times out abandons its thread, which still holds the compute slot until the
+    # model returns, so CPU use stays bounded; a queued one whose deadline has passed
+    # never starts the model.
+    limiter = anyio.CapacityLimiter(settings.inference_threads * 4)
+    compute = threading.BoundedSemaphore(settings.inference_threads)
+
     @app.post("/predict", tags=["model"], response_model=PredictResponse, responses=ERRORS)
     async def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
                       top_k: Optional[int] = None) -> PredictResponse:
@@ -222,11 +237,7 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
         k = settings.top_k if top_k is None else top_k
         if k < 1:
             raise ApiError(422, "invalid_request", "top_k must be >= 1")
-        data = await file.read(settings.max_upload_bytes + 1)
-        await file.close()
-        if len(data) > settings.max_upload_bytes:
-            stats["rejected"] += 1
-            raise ApiError(413, "too_large", f"the file exceeds the limit of {settings.max_upload_bytes} bytes")
+        data = await _read_upload(file, settings.max_upload_bytes, stats)
 
         deadline = time.monotonic() + settings.request_timeout_s
 
@@ -235,7 +246,7 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
                 if time.monotonic() > deadline:
                     return None  # the client already got its 504
                 return model.predict_bytes(data, k=k, max_pixels=settings.max_pixels, min_size=settings.min_size,
-                                       max_aspect_ratio=settings.max_aspect_ratio)
+                                           max_aspect_ratio=settings.max_aspect_ratio)
 
         t_queue = time.perf_counter()
         try:
@@ -247,18 +258,36 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
         if pred is None:
             raise ApiError(504, "timeout", f"the request did not complete within {settings.request_timeout_s:g} s")
         stats["predictions"] += 1
-        total = (time.perf_counter() - t0) * 1e3
-        worked = pred.decode_ms + pred.preprocess_ms + pred.inference_ms
-        best = pred.top_k[0]
-        return PredictResponse(
-            label=best["label"], probability=best["probability"], top_k=pred.top_k,
-            latency_ms={"decode": round(pred.decode_ms, 3), "preprocess": round(pred.preprocess_ms, 3),
-                        "inference": round(pred.inference_ms, 3),
-                        "queue": round(max(0.0, (time.perf_counter() - t_queue) * 1e3 - worked), 3),
-                        "total": round(total, 3)},
-            image=pred.image, model=model.arch, filename=file.filename,
-        )
+        return _predict_response(pred, model.arch, file.filename, t0, t_queue)
 
+
+async def _read_upload(file: UploadFile, max_bytes: int, stats: dict[str, Any]) -> bytes:
+    """The uploaded file's bytes; 413 when it is larger than *max_bytes*."""
+    data = await file.read(max_bytes + 1)
+    await file.close()
+    if len(data) > max_bytes:
+        stats["rejected"] += 1
+        raise ApiError(413, "too_large", f"the file exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def _predict_response(pred: Prediction, arch: str, filename: Optional[str], t0: float, t_queue: float) -> PredictResponse:
+    """The /predict answer; the queue time is the time in the worker thread's queue (total minus work)."""
+    total = (time.perf_counter() - t0) * 1e3
+    worked = pred.decode_ms + pred.preprocess_ms + pred.inference_ms
+    best = pred.top_k[0]
+    return PredictResponse(
+        label=best["label"], probability=best["probability"], top_k=pred.top_k,
+        latency_ms={"decode": round(pred.decode_ms, 3), "preprocess": round(pred.preprocess_ms, 3),
+                    "inference": round(pred.inference_ms, 3),
+                    "queue": round(max(0.0, (time.perf_counter() - t_queue) * 1e3 - worked), 3),
+                    "total": round(total, 3)},
+        image=pred.image, model=arch, filename=filename,
+    )
+
+
+def _add_page(app: FastAPI, settings: ServeParams) -> None:
+    """The web page: ``/``, its ``/config.json`` and ``/static``."""
     static = resources.files("cvpipe.serve") / "static"
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -270,9 +299,6 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
         return {"max_upload_bytes": settings.max_upload_bytes, "top_k": settings.top_k}
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    app.add_middleware(LimitsMiddleware, max_body=settings.max_upload_bytes + MULTIPART_SLACK,
-                       timeout_s=settings.request_timeout_s)
-    return app
 
 
 _REASON_TEXT = {

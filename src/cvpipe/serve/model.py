@@ -28,7 +28,8 @@ Preprocessing is never re-typed; an upload takes the path a training image took:
 3. :func:`cvpipe.data.resize.decode_for_size` + :func:`cvpipe.data.images.fit_array` with the
    saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
    reduced DCT scale);
-4. ``(x - 255*mean) / (255*std)`` with the saved mean/std, as evaluate's ``BatchNormalizer``.
+4. :class:`cvpipe.torchkit.loaders.BatchNormalizer` with the saved mean/std: the one
+   normalization train and evaluate use (uint8 NHWC -> float NCHW on the device).
 
 So a stored training image fed to the server gives the very array evaluate saw.
 """
@@ -47,6 +48,8 @@ import numpy as np
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
 from cvpipe.data.images import DecodedImage, decode_image, fit_array
+from cvpipe.torchkit.loaders import BatchNormalizer
+from cvpipe.torchkit.runtime import Runtime
 
 OPTIONAL_FILES = {
     "preprocess.json": "preprocessing (taken from the checkpoint instead)",
@@ -98,8 +101,9 @@ class ServedModel:
     leaderboard_md: Optional[str] = None
 
     def __post_init__(self) -> None:
-        self._mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 1, 3) * 255.0
-        self._std = np.asarray(self.std, dtype=np.float32).reshape(1, 1, 3) * 255.0
+        # fp32, default memory format: the module is served as loaded (no autocast, no channels_last)
+        runtime = Runtime(self.device, amp_dtype=None, use_scaler=False, channels_last=False)
+        self._normalize = BatchNormalizer(self.mean, self.std, runtime)
         self.decode_side = max(self.decode_side, self.image_size)
 
     # ------------------------------------------------------------------ inference
@@ -115,10 +119,12 @@ class ServedModel:
         return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
 
     def to_tensor(self, arrays: list[np.ndarray]):
+        """uint8 (H, W, 3) arrays -> the normalized float (B, 3, H, W) batch on the device, as evaluate builds it."""
         import torch
 
-        x = (np.stack(arrays).astype(np.float32) - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
+        # contiguous NCHW like the module's weights (the normalizer's permute leaves NHWC memory,
+        # which would send the convolutions down another kernel path)
+        return self._normalize(torch.from_numpy(np.stack(arrays))).contiguous()
 
     def forward(self, x) -> np.ndarray:
         import torch
@@ -126,6 +132,13 @@ class ServedModel:
         with torch.inference_mode():
             logits = self.module(x)
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def warm_up(self) -> None:
+        """One pass on a blank image: the first call pays one-off allocation costs, not the first user."""
+        import torch
+
+        with torch.inference_mode():
+            self.forward(self.to_tensor([np.zeros((self.image_size, self.image_size, 3), np.uint8)]))
 
     def top_k(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
         k = max(1, min(k, len(self.classes)))
@@ -217,6 +230,48 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
+    layout, ckpt_path, files = _locate(uri)
+    ckpt = load_checkpoint(str(ckpt_path))
+    for key in ("arch", "classes", "model"):
+        if key not in ckpt:
+            raise StageError(f"{ckpt_path} is not a cvpipe train checkpoint (no {key!r})")
+    arch = str(ckpt["arch"])
+
+    prep = _read_json(files.get("preprocess.json")) or {}
+    image_size, resize_mode, mean, std = _preprocessing(uri, prep, ckpt)
+    classes = _read_json(files.get("classes.json")) or list(ckpt["classes"])
+    if list(classes) != list(ckpt["classes"]):
+        raise StageError(f"{uri}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
+
+    card = _read_json(files.get("card.json")) or {}
+    if not isinstance(card, dict):
+        card = {}
+    notes: list[str] = []
+    metrics, cm_path = _test_metrics(card, files.get("confusion_matrix.png"), layout, ckpt_path, arch, metrics_dir,
+                                     plots_dir, notes)
+    files["confusion_matrix.png"] = cm_path
+    if metrics is None:
+        notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
+
+    module = model_from_checkpoint(ckpt)
+    dev = resolve_device(device, "serve.device")
+    module.to(dev).eval()
+    full_card = _full_card(card, metrics, ckpt, module, ckpt_path)
+    leaderboard, leaderboard_md = _leaderboard(files)
+    notes += _missing_notes(layout, files)
+
+    model = ServedModel(
+        arch=arch, decode_side=_decode_side(prep, ckpt, image_size), classes=list(classes), image_size=int(image_size),
+        resize_mode=str(resize_mode), mean=[float(v) for v in mean], std=[float(v) for v in std], module=module,
+        device=dev, source=str(uri), layout=layout, card=full_card, files=files, notes=notes,
+        leaderboard=leaderboard, leaderboard_md=leaderboard_md,
+    )
+    model.warm_up()
+    return model
+
+
+def _locate(uri: str) -> tuple[str, Path, dict[str, Optional[Path]]]:
+    """The layout ("folder" or "checkpoint"), the local checkpoint and the folder's optional files (local path or None)."""
     if not storage.exists(uri):
         raise StageError(
             f"no model at {uri}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
@@ -226,26 +281,16 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
         fs, rpath = storage.get_fs(uri)
         if fs.isfile(rpath):  # a remote *file* is copied into a folder of its own
             local = local / Path(rpath).name
+    if not local.is_dir():
+        return "checkpoint", local, {}
+    ckpt_path = local / "model.pt"
+    if not ckpt_path.is_file():
+        raise StageError(f"{uri} is a folder without model.pt: not a promoted model folder")
+    return "folder", ckpt_path, {name: _find_local(local, name) for name in OPTIONAL_FILES}
 
-    files: dict[str, Optional[Path]] = {}
-    notes: list[str] = []
-    if local.is_dir():
-        layout = "folder"
-        ckpt_path = local / "model.pt"
-        if not ckpt_path.is_file():
-            raise StageError(f"{uri} is a folder without model.pt: not a promoted model folder")
-        for name in OPTIONAL_FILES:
-            files[name] = _find_local(local, name)
-    else:
-        layout = "checkpoint"
-        ckpt_path = local
-    ckpt = load_checkpoint(str(ckpt_path))
-    for key in ("arch", "classes", "model"):
-        if key not in ckpt:
-            raise StageError(f"{ckpt_path} is not a cvpipe train checkpoint (no {key!r})")
-    arch = str(ckpt["arch"])
 
-    prep = _read_json(files.get("preprocess.json")) or {}
+def _preprocessing(uri: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """image_size, resize_mode, mean, std: preprocess.json's where it says, else the checkpoint's."""
     norm = ckpt.get("normalize") or {}
     image_size = prep.get("image_size", ckpt.get("image_size"))
     resize_mode = prep.get("resize_mode", ckpt.get("resize_mode")) or "shorter_side_center_crop"
@@ -253,42 +298,44 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     std = prep.get("std", norm.get("std"))
     if image_size is None or mean is None or std is None:
         raise StageError(f"{uri}: the saved preprocessing is incomplete (image_size={image_size}, mean={mean}, std={std})")
-    classes = _read_json(files.get("classes.json")) or list(ckpt["classes"])
-    if list(classes) != list(ckpt["classes"]):
-        raise StageError(f"{uri}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
+    return image_size, resize_mode, mean, std
 
-    card = _read_json(files.get("card.json")) or {}
-    if not isinstance(card, dict):
-        card = {}
+
+def _test_metrics(card: dict[str, Any], cm_path: Optional[Path], layout: str, ckpt_path: Path, arch: str,
+                  metrics_dir: str, plots_dir: str, notes: list[str]) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
+    """Test metrics and confusion matrix image: the card's, else evaluate's (``<metrics>/<arch>/evaluate.json``)."""
     metrics = card.get("test_metrics") or card.get("metrics")
-    cm_path = files.get("confusion_matrix.png")
-    if metrics is None:
-        ev_candidates = [storage.join(metrics_dir, arch, "evaluate.json")]
-        if layout == "checkpoint" and len(ckpt_path.parents) >= 3:
-            ev_candidates.append(str(ckpt_path.parents[2] / "metrics" / arch / "evaluate.json"))
-        for cand in ev_candidates:
-            if storage.exists(cand):
-                metrics = _metrics_from_evaluate(storage.read_json(cand))
-                notes.append(f"test metrics read from {cand}")
-                if cm_path is None:
-                    base = Path(cand).parents[2] if not storage.is_remote(cand) else None
-                    for pc in ([Path(plots_dir) / arch / "confusion_matrix.png"] +
-                               ([base / "plots" / arch / "confusion_matrix.png"] if base else [])):
-                        if pc.is_file():
-                            cm_path = pc
-                            break
-                break
-    files["confusion_matrix.png"] = cm_path
-    if metrics is None:
-        notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
+    if metrics is not None:
+        return metrics, cm_path
+    candidates = [storage.join(metrics_dir, arch, "evaluate.json")]
+    if layout == "checkpoint" and len(ckpt_path.parents) >= 3:
+        candidates.append(str(ckpt_path.parents[2] / "metrics" / arch / "evaluate.json"))
+    for cand in candidates:
+        if storage.exists(cand):
+            metrics = _metrics_from_evaluate(storage.read_json(cand))
+            notes.append(f"test metrics read from {cand}")
+            if cm_path is None:
+                cm_path = _confusion_matrix_near(cand, plots_dir, arch)
+            break
+    return metrics, cm_path
 
-    module = model_from_checkpoint(ckpt)
-    dev = resolve_device(device, "serve.device")
-    module.to(dev).eval()
+
+def _confusion_matrix_near(evaluate_json: str, plots_dir: str, arch: str) -> Optional[Path]:
+    """evaluate's confusion matrix image in *plots_dir*, else in the plots folder of evaluate.json's project."""
+    base = Path(evaluate_json).parents[2] if not storage.is_remote(evaluate_json) else None
+    for pc in ([Path(plots_dir) / arch / "confusion_matrix.png"] +
+               ([base / "plots" / arch / "confusion_matrix.png"] if base else [])):
+        if pc.is_file():
+            return pc
+    return None
+
+
+def _full_card(card: dict[str, Any], metrics: Optional[dict[str, Any]], ckpt: dict[str, Any], module,
+               ckpt_path: Path) -> dict[str, Any]:
+    """The served card: card.json's entries, the rest from the checkpoint and the loaded module."""
     params_m = round(sum(p.numel() for p in module.parameters()) / 1e6, 4)
     size_mb = round(ckpt_path.stat().st_size / 1e6, 2)
-
-    full_card = {
+    return {
         "test_metrics": metrics,
         "data_version": card.get("data_version") or ckpt.get("dataset_hash"),
         "params_summary": card.get("params_summary") or card.get("params") or _params_summary(ckpt.get("params")),
@@ -296,36 +343,34 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
         "trained_epochs": card.get("trained_epochs") or ckpt.get("epoch"),
     }
 
+
+def _leaderboard(files: dict[str, Optional[Path]]) -> tuple[Optional[list[dict[str, str]]], Optional[str]]:
+    """compare's leaderboard rows (leaderboard.csv) and markdown (leaderboard.md), None where missing."""
     leaderboard = None
     if files.get("leaderboard.csv"):
         with open(files["leaderboard.csv"], newline="", encoding="utf-8") as fh:
             leaderboard = list(csv.DictReader(fh))
     leaderboard_md = files["leaderboard.md"].read_text(encoding="utf-8") if files.get("leaderboard.md") else None
+    return leaderboard, leaderboard_md
 
+
+def _missing_notes(layout: str, files: dict[str, Optional[Path]]) -> list[str]:
+    """What the model lacks, said plainly: missing optional files of a folder, or what a bare checkpoint cannot give."""
+    notes = []
     for name, what in OPTIONAL_FILES.items():
         if layout == "folder" and files.get(name) is None:
             notes.append(f"{name} missing: no {what}")
     if layout == "checkpoint":
-        if cm_path is None:
+        if files.get("confusion_matrix.png") is None:
             notes.append("no confusion matrix image found (run cvpipe evaluate)")
         notes.append("no leaderboard: a bare checkpoint was loaded, not a promoted model folder (cvpipe compare)")
+    return notes
 
-    # preprocess decodes at >= HASH_MIN_SIDE when it hashes for near-duplicates (split.near_duplicate_distance)
+
+def _decode_side(prep: dict[str, Any], ckpt: dict[str, Any], image_size: Any) -> int:
+    """The side preprocess decoded JPEGs for: >= HASH_MIN_SIDE when it hashed for near-duplicates."""
     from cvpipe.data.resize import HASH_MIN_SIDE
 
     split_cfg = (ckpt.get("params") or {}).get("split") or {}
-    hashed = split_cfg.get("near_duplicate_distance", 4) is not None
-    decode_side = prep.get("decode_side") or (max(int(image_size), HASH_MIN_SIDE) if hashed else int(image_size))
-
-    model = ServedModel(
-        arch=arch, decode_side=int(decode_side), classes=list(classes), image_size=int(image_size), resize_mode=str(resize_mode),
-        mean=[float(v) for v in mean], std=[float(v) for v in std], module=module, device=dev,
-        source=str(uri), layout=layout, card=full_card, files=files, notes=notes,
-        leaderboard=leaderboard, leaderboard_md=leaderboard_md,
-    )
-    # warm-up: the first call pays one-off allocation costs, not the first user
-    import torch as _t
-
-    with _t.inference_mode():
-        model.forward(model.to_tensor([np.zeros((model.image_size, model.image_size, 3), np.uint8)]))
-    return model
+    hashed = split_cfg.get("near_duplicate_distance", 4) is not None  # split.near_duplicate_distance
+    return int(prep.get("decode_side") or (max(int(image_size), HASH_MIN_SIDE) if hashed else int(image_size)))
