@@ -101,7 +101,7 @@ def record_checkpoints(monkeypatch) -> list[dict]:
     """Capture every checkpoint the train stage saves (a deep copy per save, in order)."""
     import copy
 
-    import cvpipe.train.stage as train_mod
+    import cvpipe.train.checkpoint as train_mod  # the Checkpointer's save_checkpoint
 
     saved: list[dict] = []
     real = train_mod.save_checkpoint
@@ -308,12 +308,84 @@ def test_class_weighted_loss_and_inverse_frequency():
         TrainParams(class_balance="loss", mixup_alpha=0.2)
 
 
-def test_early_stopping_on_chosen_metric(tmp_path, tiny_prepared, monkeypatch):
-    setup_project(tmp_path, tiny_prepared, epochs=5, monitor="val_loss", early_stop_patience=1, early_stop_min_delta=100.0)
+def _epochs(**metrics) -> list[dict]:
+    """History rows (epoch 1, 2, ...) from per-metric sequences: _epochs(val_loss=[...], val_acc=[...])."""
+    n = len(next(iter(metrics.values())))
+    return [{"epoch": i + 1, **{k: v[i] for k, v in metrics.items()}} for i in range(n)]
+
+
+def _stop_epoch(stopper, rows) -> tuple[list[bool], int | None]:
+    """(improved per epoch, the 1-based epoch after which the run stops or None), feeding rows until a stop."""
+    improved = []
+    for row in rows:
+        improved.append(stopper.update(row))
+        if stopper.should_stop:
+            return improved, row["epoch"]
+    return improved, None
+
+
+def test_early_stopping_min_mode_counts_epochs_without_improvement():
+    from cvpipe.train.early_stop import EarlyStopping
+
+    stopper = EarlyStopping("val_loss", patience=2)
+    improved, stop = _stop_epoch(stopper, _epochs(val_loss=[1.0, 0.8, 0.9, 0.7, 0.75, 0.71, 0.5]))
+    assert improved == [True, True, False, True, False, False] and stop == 6
+    assert stopper.best["epoch"] == 4 and stopper.bad_epochs == 2
+
+
+def test_early_stopping_max_mode_with_the_val_loss_tie_break():
+    from cvpipe.train.early_stop import EarlyStopping
+
+    stopper = EarlyStopping("val_acc", patience=2)
+    assert stopper.maximize and not EarlyStopping("ema_val_loss").maximize
+    rows = _epochs(val_acc=[0.5, 0.6, 0.6, 0.6, 0.55, 0.6], val_loss=[1.0, 0.9, 0.8, 0.85, 0.7, 0.8])
+    improved, stop = _stop_epoch(stopper, rows)
+    # epoch 3: the same accuracy with a lower val_loss improves; epoch 4: the same accuracy, higher loss does not
+    assert improved == [True, True, True, False, False] and stop == 5
+    assert stopper.best["epoch"] == 3
+
+
+def test_early_stopping_min_delta_is_a_strict_margin():
+    from cvpipe.train.early_stop import EarlyStopping
+
+    # dyadic values: the differences below are exact in binary floating point
+    stopper = EarlyStopping("val_acc", patience=3, min_delta=0.125)
+    rows = _epochs(val_acc=[0.5, 0.5625, 0.625, 0.75, 0.8125, 0.875], val_loss=[1.0] * 6)
+    improved, stop = _stop_epoch(stopper, rows)
+    # +0.0625 and exactly +0.125 over the best do not count; +0.25 does
+    assert improved == [True, False, False, True, False, False]
+    assert stopper.best["epoch"] == 4 and stop is None and stopper.bad_epochs == 2
+    # min mode: the margin applies downwards
+    down = EarlyStopping("val_loss", patience=1, min_delta=0.25)
+    improved, stop = _stop_epoch(down, _epochs(val_loss=[1.0, 0.875, 0.5]))
+    assert improved == [True, False] and stop == 2 and down.best["epoch"] == 1
+
+
+def test_early_stopping_patience_zero_never_stops_and_state_resumes():
+    from cvpipe.train.early_stop import EarlyStopping
+
+    never = EarlyStopping("val_loss", patience=0)
+    improved, stop = _stop_epoch(never, _epochs(val_loss=[1.0] + [2.0] * 20))
+    assert stop is None and never.bad_epochs == 20 and improved.count(True) == 1
+    # a resumed run restores best and bad_epochs from last.pt and keeps counting
+    resumed = EarlyStopping("val_loss", patience=3, best={"epoch": 1, "val_loss": 1.0}, bad_epochs=2)
+    assert resumed.update({"epoch": 4, "val_loss": 1.5}) is False and resumed.should_stop
+
+
+def test_cvpipe_train_honours_early_stopping(tmp_path, tiny_prepared, monkeypatch):
+    """End to end, independent of the machine's numerics: val_loss is a cross-entropy (>= 0) that starts near
+    ln(4) here (small LR), so with a min_delta of 1e9 no epoch after the first can improve by more than the
+    margin, and a val_loss tie-break cannot fire (monitor and tie-break are the same number). The first epoch
+    always improves, so the run stops after exactly patience + 1 epochs, with epoch 1 as the best."""
+    setup_project(tmp_path, tiny_prepared, epochs=6, lr=0.001, monitor="val_loss", early_stop_patience=2,
+                  early_stop_min_delta=1e9)
     summary = run_train(tmp_path, monkeypatch)
-    assert summary["stopped_early"] and summary["epochs_run"] == 2 and summary["best_epoch"] == 1
-    assert len(history(tmp_path)) == 2
-    assert load_checkpoint(tmp_path / "models" / ARCH / "last.pt")["finished"] is True
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+    assert summary["epochs"] == 6
+    assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
+    last = load_checkpoint(tmp_path / "models" / ARCH / "last.pt")
+    assert last["finished"] is True and last["epoch"] == 3 and last["bad_epochs"] == 2 and last["best"]["epoch"] == 1
+    assert load_checkpoint(tmp_path / "models" / ARCH / "best.pt")["epoch"] == 1
 
 
 def test_params_validation_for_strategies():

@@ -20,8 +20,7 @@ table with images to W&B (same group as the training runs of this data).
 
 from __future__ import annotations
 
-import csv
-import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +32,7 @@ from cvpipe.core.console import info
 from cvpipe.core.errors import StageError
 from cvpipe.data.prepared import PreparedDataset
 from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost
+from cvpipe.torchkit import evaluation
 from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
 from cvpipe.torchkit.runtime import resolve_runtime
 
@@ -51,13 +51,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _plt().close(fig)
-    storage.write_bytes(path, buf.getvalue())
-
-
 def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) -> None:
     plt = _plt()
     from sklearn.metrics import ConfusionMatrixDisplay
@@ -69,7 +62,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) ->
     ax.set_title(title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     fig.tight_layout()
-    _save(fig, path)
+    storage.save_png(fig, path)
 
 
 def plot_reliability(cal: dict[str, Any], path: str, title: str) -> None:
@@ -84,7 +77,7 @@ def plot_reliability(cal: dict[str, Any], path: str, title: str) -> None:
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=title)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    _save(fig, path)
+    storage.save_png(fig, path)
 
 
 def confident_mistakes(targets: np.ndarray, probs: np.ndarray, limit: int) -> list[int]:
@@ -111,7 +104,7 @@ def plot_mistakes(images, rows: list[int], targets, probs, classes: list[str], p
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    storage.save_png(fig, path)
 
 
 def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
@@ -140,29 +133,57 @@ def choose_weights(ckpt: dict[str, Any], which: str, monitor: str, path: str) ->
 
 
 def predict(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (and logits of the plain pass) over uint8 HWC images."""
-    import torch
+    """Softmax probabilities (float64; with *tta_flip* averaged with the horizontally flipped image's) and the
+    logits of the plain pass over uint8 HWC images: the evaluation pass train's validation runs too."""
+    result = evaluation.evaluate(model, evaluation.array_batches(images, batch_size), normalize, rt,
+                                 outputs=True, tta_flip=tta_flip)
+    return result.probs, result.logits
 
-    model.eval()
-    probs, logits = [], []
-    autocast = torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None)
-    with torch.inference_mode(), autocast:
-        for s in range(0, len(images), batch_size):
-            x = normalize(torch.from_numpy(np.array(images[s : s + batch_size])))
-            out = model(x).float()
-            p = out.softmax(1)
-            if tta_flip:
-                p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
-            probs.append(p.cpu())
-            logits.append(out.cpu())
-    return torch.cat(probs).double().numpy(), torch.cat(logits).numpy()
+
+@dataclass
+class _Evaluated:
+    """The checkpoint under evaluation and the test split it is scored on."""
+
+    name: str
+    ckpt_path: str
+    ckpt: dict[str, Any]
+    weights: str  # "model" or "ema"
+    state_dict: dict[str, Any]
+    ds: PreparedDataset
+    test: Any  # the test Split
 
 
 def run(params: Params) -> dict[str, Any]:
-    import torch
+    """Score the checkpoint on the test split; write metrics, plots and exports; log them to W&B."""
+    ep = params.evaluate
+    src = _load(params)
+    name, ds, test = src.name, src.ds, src.test
+    rt = resolve_runtime(params.train.device, params.train.amp, params.train.channels_last, key="train")
+    images = np.asarray(test.images)
+    targets = np.asarray(test.labels, dtype=np.int64)
+    probs = _test_probabilities(src, rt, images, ep)
 
-    from cvpipe.torchkit.loaders import BatchNormalizer
+    m = classification_metrics(targets, probs, ds.classes, ep.top_k)
+    cal = calibration(targets, probs, ep.ece_bins)
+    out = output_paths(params, name)
+    preds = probs.argmax(axis=1)
+    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
+    m["mistakes"] = _mistake_rows(mistakes, test, ds.classes, targets, preds, probs)
+    cost, parity, metrics = _cost_and_exports(src, rt, images, m, cal, out, ep)
+    storage.write_json(out["metrics"], metrics)
+    _write_plots(name, ep, ds, test, out, images, targets, preds, probs, m, cal, mistakes)
 
+    _log_wandb(params, name, src.ckpt, src.ckpt_path, metrics, m, targets, preds, probs, images, test, ds.classes, out, mistakes)
+    info(
+        f"evaluated {name} ({src.weights} weights) on {m['n']} test images: accuracy {m['accuracy']:.4f}, macro-F1 "
+        f"{m['macro_f1']:.4f}, ECE {cal['ece']:.4f}, {cost['latency_ms']:.2f} ms/img"
+        + (f", export parity {max(parity['torchscript_max_abs_diff'], parity['onnx_max_abs_diff']):.2g}" if parity else "")
+    )
+    return metrics
+
+
+def _load(params: Params) -> _Evaluated:
+    """The checkpoint ``evaluate.checkpoint`` names, the weights ``evaluate.weights`` picks, and the test split."""
     ep = params.evaluate
     name = params.train.arch
     ckpt_path = storage.join(params.paths.models, name, f"{ep.checkpoint}.pt")
@@ -175,86 +196,93 @@ def run(params: Params) -> dict[str, Any]:
         raise StageError("the test split is empty: give split.test a fraction > 0")
     monitor = (ckpt.get("params") or {}).get("train", {}).get("monitor", params.train.monitor)
     weights, state_dict = choose_weights(ckpt, ep.weights, monitor, ckpt_path)
+    return _Evaluated(name, ckpt_path, ckpt, weights, state_dict, ds, test)
 
-    rt = resolve_runtime(params.train.device, params.train.amp, params.train.channels_last, key="train")
-    model = model_from_checkpoint({**ckpt, "model": state_dict}).to(rt.device).eval()
+
+def _test_probabilities(src: _Evaluated, rt, images: np.ndarray, ep) -> np.ndarray:
+    """Softmax probabilities of the chosen weights on the test images, at the train runtime's device and precision."""
+    import torch
+
+    from cvpipe.torchkit.loaders import BatchNormalizer
+
+    ckpt = src.ckpt
+    model = model_from_checkpoint({**ckpt, "model": src.state_dict}).to(rt.device).eval()
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     normalize = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], rt)
-    images = np.asarray(test.images)
-    targets = np.asarray(test.labels, dtype=np.int64)
     probs, _ = predict(model, images, normalize, rt, ep.batch_size, ep.tta_flip)
+    return probs
 
-    m = classification_metrics(targets, probs, ds.classes, ep.top_k)
-    cal = calibration(targets, probs, ep.ece_bins)
-    out = output_paths(params, name)
-    preds = probs.argmax(axis=1)
-    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
-    m["mistakes"] = [
-        {"row": i, "id": test.index[i]["id"], "source_uri": test.index[i]["source_uri"], "actual": ds.classes[int(targets[i])],
-         "predicted": ds.classes[int(preds[i])], "confidence": round(float(probs[i, preds[i]]), 6)} for i in mistakes
+
+def _mistake_rows(mistakes: list[int], test, classes: list[str], targets, preds, probs) -> list[dict[str, Any]]:
+    """evaluate.json's most confident mistakes: test row, image id and source, actual, predicted, confidence."""
+    return [
+        {"row": i, "id": test.index[i]["id"], "source_uri": test.index[i]["source_uri"], "actual": classes[int(targets[i])],
+         "predicted": classes[int(preds[i])], "confidence": round(float(probs[i, preds[i]]), 6)} for i in mistakes
     ]
 
-    # ---- model cost (fp32 eager, this machine) and exports with a parity check
-    fp32_model = model_from_checkpoint({**ckpt, "model": state_dict}).to(rt.device).eval()
+
+def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, m: dict[str, Any], cal: dict[str, Any], out: dict[str, str],
+                      ep) -> tuple[dict[str, Any], Optional[dict[str, Any]], dict[str, Any]]:
+    """(model cost, export parity or None, evaluate.json's metrics): the cost is fp32 eager on this machine;
+    with ``evaluate.export``, the TorchScript + ONNX bundle is written and must match the eager logits."""
+    import torch
+
+    from cvpipe.torchkit.loaders import BatchNormalizer
+
+    name, ckpt, weights, ds = src.name, src.ckpt, src.weights, src.ds
+    fp32_model = model_from_checkpoint({**ckpt, "model": src.state_dict}).to(rt.device).eval()
     cost = model_cost(fp32_model, ds.image_size, rt.device, ep.latency_runs, ep.throughput_batch,
-                      file_bytes=len(storage.read_bytes(ckpt_path)))
+                      file_bytes=len(storage.read_bytes(src.ckpt_path)))
     cost["checkpoint_bytes"] = cost.pop("file_bytes")
     parity: Optional[dict[str, Any]] = None
-    if ep.export:
-        from cvpipe.evaluate import export
-
-        cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
-        x = cpu_norm(torch.from_numpy(np.array(images[: ep.parity_images])))
-        with storage.staged_dir(out["export_dir"]) as folder:
-            sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1])
-            parity = export.parity(fp32_model, folder, x)
-            parity["tolerance"] = ep.parity_tolerance
-            worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
-            if worst > ep.parity_tolerance:
-                raise StageError(
-                    f"export parity failed for {name}: max abs logit difference {worst:.3g} > evaluate.parity_tolerance "
-                    f"{ep.parity_tolerance:g} (TorchScript {parity['torchscript_max_abs_diff']:.3g}, ONNX {parity['onnx_max_abs_diff']:.3g})"
-                )
-            cost["onnx_bytes"] = sizes["model.onnx"]
-            cost["torchscript_bytes"] = sizes["model.ts"]
-            cost["file_bytes"] = sizes["model.onnx"]
-            cost["size_mb"] = round(sizes["model.onnx"] / 2**20, 4)
-            metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
-            (folder / "evaluate.json").write_text(_dumps(metrics))
-            plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, str(folder / "confusion_matrix.png"),
-                           f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})")
-    else:
+    if not ep.export:
         cost["file_bytes"] = cost["checkpoint_bytes"]
         cost["size_mb"] = round(cost["checkpoint_bytes"] / 2**20, 4)
-        metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
-    storage.write_json(out["metrics"], metrics)
+        return cost, parity, _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
+    from cvpipe.evaluate import export
 
-    # ---- plots
-    _write_csv(out["confusion_csv"], ["actual", "predicted"], ((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds)))
+    cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
+    x = cpu_norm(torch.from_numpy(np.array(images[: ep.parity_images])))
+    with storage.staged_dir(out["export_dir"]) as folder:
+        sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1])
+        parity = export.parity(fp32_model, folder, x)
+        parity["tolerance"] = ep.parity_tolerance
+        worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
+        if worst > ep.parity_tolerance:
+            raise StageError(
+                f"export parity failed for {name}: max abs logit difference {worst:.3g} > evaluate.parity_tolerance "
+                f"{ep.parity_tolerance:g} (TorchScript {parity['torchscript_max_abs_diff']:.3g}, ONNX {parity['onnx_max_abs_diff']:.3g})"
+            )
+        cost["onnx_bytes"] = sizes["model.onnx"]
+        cost["torchscript_bytes"] = sizes["model.ts"]
+        cost["file_bytes"] = sizes["model.onnx"]
+        cost["size_mb"] = round(sizes["model.onnx"] / 2**20, 4)
+        metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
+        (folder / "evaluate.json").write_text(_dumps(metrics))
+        plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, str(folder / "confusion_matrix.png"),
+                       f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})")
+    return cost, parity, metrics
+
+
+def _write_plots(name, ep, ds, test, out, images, targets, preds, probs, m, cal, mistakes) -> None:
+    """The DVC plots: confusion and per-image prediction CSVs, the reliability bins, and their figures."""
+    storage.write_csv(out["confusion_csv"], ["actual", "predicted"], ((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds)))
     k = min(ep.top_k, len(ds.classes))
     topk = np.argsort(-probs, axis=1)[:, :k]
-    _write_csv(
+    storage.write_csv(
         out["predictions"], ["row", "id", "source_uri", "actual", "predicted", "confidence", "correct", f"top{k}"],
         ([i, test.index[i]["id"], test.index[i]["source_uri"], ds.classes[t], ds.classes[p], f"{probs[i, p]:.6f}", int(t == p),
           "|".join(ds.classes[j] for j in topk[i])] for i, (t, p) in enumerate(zip(targets, preds))),
     )
-    _write_csv(out["reliability_csv"], ["bin", "lower", "upper", "count", "confidence", "accuracy"],
-               ([b[c] for c in ("bin", "lower", "upper", "count", "confidence", "accuracy")] for b in cal["bins"]))
+    storage.write_csv(out["reliability_csv"], ["bin", "lower", "upper", "count", "confidence", "accuracy"],
+                      ([b[c] for c in ("bin", "lower", "upper", "count", "confidence", "accuracy")] for b in cal["bins"]))
     title = f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})"
     plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, out["confusion_png"], title)
     plot_reliability(cal, out["reliability_png"], f"{name}: ECE {cal['ece']:.4f} ({ep.ece_bins} bins)")
     if ep.gallery_size:
         plot_mistakes(images, mistakes, targets, probs, ds.classes, out["mistakes_png"],
                       f"{name}: {int((preds != targets).sum())} mistakes, most confident first")
-
-    _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs, images, test, ds.classes, out, mistakes)
-    info(
-        f"evaluated {name} ({weights} weights) on {m['n']} test images: accuracy {m['accuracy']:.4f}, macro-F1 "
-        f"{m['macro_f1']:.4f}, ECE {cal['ece']:.4f}, {cost['latency_ms']:.2f} ms/img"
-        + (f", export parity {max(parity['torchscript_max_abs_diff'], parity['onnx_max_abs_diff']):.2g}" if parity else "")
-    )
-    return metrics
 
 
 def _cpu_runtime():
@@ -271,14 +299,6 @@ def _dumps(obj: Any) -> str:
     import json
 
     return json.dumps(obj, indent=2, default=storage._json_default) + "\n"
-
-
-def _write_csv(path: str, header: list[str], rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    storage.write_text(path, buf.getvalue())
 
 
 def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str, Any]:

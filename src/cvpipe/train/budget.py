@@ -2,10 +2,10 @@
 
 The budget is wall-clock time from the train process's start (imports, data loading
 and model building count) to its last checkpoint. Before the first epoch the train
-stage times a few real steps on a throw-away copy of the model (:func:`cvpipe.train.stage`
-does the measuring), and :class:`TimeBudget` turns the seconds per epoch into an epoch
-count and a warmup length, so timm's cosine schedule is built for the run that fits and
-completes instead of being cut off. After every epoch the plan is checked against the
+stage times a few real steps on a throw-away copy of the model (:mod:`cvpipe.train.budget_run`
+does the measuring and applies the plans), and :class:`TimeBudget` turns the seconds per epoch
+into an epoch count and a warmup length, so timm's cosine schedule is built for the run that
+fits and completes instead of being cut off. After every epoch the plan is checked against the
 measured epoch time (the median of the epochs after the first, which carries one-time
 costs). While the LR is still warming up or on the flat top of the cosine (the first 10 %
 of its decay, LR >= 97.5 % of the peak) the plan may grow or shrink; after that it only

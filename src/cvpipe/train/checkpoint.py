@@ -1,4 +1,5 @@
-"""Training state that a resumed run needs: RNG states, dataset fingerprint, resume decision."""
+"""Training state that a resumed run needs: RNG states, dataset fingerprint, resume decision, and the
+:class:`Checkpointer` that writes ``best.pt``/``last.pt`` at epoch ends."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+
+from cvpipe.core import storage
+from cvpipe.torchkit.models import save_checkpoint
+
+if TYPE_CHECKING:
+    from cvpipe.train.build import Context, RunState
 
 # train.* keys that do not change what is learned: a `last` checkpoint written under
 # other values of these is still resumed automatically.
@@ -90,3 +97,62 @@ def resume_decision(ckpt: Optional[dict[str, Any]], ident: str, epochs: int, for
     if finished or done >= epochs:
         return False, "last checkpoint is a finished run"
     return True, "an unfinished run with the same params and data"
+
+
+class Checkpointer:
+    """Writes the epoch-end checkpoints of a run (rank 0 only): ``last.pt`` every epoch, ``best.pt`` when the epoch improved.
+
+    A checkpoint holds the model, EMA, optimizer, scheduler and scaler states, the run's counters,
+    history and early-stopping state, each rank's RNG states, and what evaluate and serve need
+    (arch, classes, image size, normalization, resize mode).
+    """
+
+    def __init__(self, ctx: "Context", resolved: dict[str, Any], ident: str):
+        self.ctx = ctx
+        self.resolved = resolved
+        self.identity = ident
+        self.best_path = storage.join(ctx.out["model_dir"], "best.pt")
+        self.last_path = storage.join(ctx.out["model_dir"], "last.pt")
+
+    def state(self, run: "RunState", epoch: int, rngs: list, finished: bool) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` epochs; *rngs* holds every rank's RNG states (index = rank)."""
+        ctx, net, tp = self.ctx, self.ctx.net, run.tp
+        ds = ctx.data.ds
+        return {
+            "arch": tp.arch,
+            "classes": ds.classes,
+            "image_size": ds.image_size,
+            "normalize": net.norm_cfg,
+            "resize_mode": ds.meta.get("resize_mode"),
+            "model": net.model.state_dict(),
+            "ema": net.ema.module.state_dict() if net.ema is not None else None,
+            "optimizer": run.phase.optimizer.state_dict(),
+            "scheduler": run.phase.scheduler.state_dict(),
+            "scaler": net.scaler.state_dict() if net.scaler else None,
+            "epoch": epoch,
+            "phase": run.phase.index,
+            "phase_updates": run.phase_updates,
+            "num_updates": run.total_updates,
+            "finished": finished,
+            "metrics": run.history[-1] if run.history else {},
+            "history": run.history,
+            "best": run.stopper.best,
+            "bad_epochs": run.stopper.bad_epochs,
+            "params": self.resolved,
+            "identity": self.identity,
+            "dataset_hash": ctx.fingerprint,
+            "world_size": ctx.dist.world_size,
+            "wandb_run_id": ctx.tracker.id if ctx.dist.is_main else None,
+            "rng": rngs,
+            "budget": ctx.budget.checkpoint_entry(tp) if ctx.budget is not None else None,
+        }
+
+    def save(self, run: "RunState", epoch: int, rngs: list, finished: bool, improved: bool) -> None:
+        """best.pt first when the epoch improved, so last.pt is never newer than best.pt; the second
+        file is then the same bytes (a hard link locally), not a second serialization and write."""
+        st = self.state(run, epoch, rngs, finished)
+        if improved:
+            save_checkpoint(self.best_path, st)
+            storage.copy_file(self.best_path, self.last_path)
+        else:
+            save_checkpoint(self.last_path, st)

@@ -10,12 +10,14 @@ other classic rule, a tenth of the minimum's LR, is reported too but not used: w
 steps over five decades the smoothing lags the loss by about half a decade (beta 0.98:
 ~50 steps), so the minimum moves with the smoothing and the range, while the steepest
 point barely does. On the digits, the steepest point sits within 1.5x of the best LR of a
-training grid (tests/test_lr_finder.py; Nesterov SGD: 0.069 against 0.1; AdamW: 2.5e-3
-against 3e-3, where a tenth of the minimum missed it by 8x).
+training grid (``bench/lr_finder.py``, which measures it over seeds; Nesterov SGD: 0.096 and
+0.079 against 0.1 on an Intel Xeon, 0.069 on an AMD EPYC; AdamW: 2.5e-3 against 3e-3, where a
+tenth of the minimum missed it by 8x).
 
 It is written here rather than taken from a library because none fits: fastai's needs its
 Learner, Lightning's its Trainer, ``torch-lr-finder`` is unmaintained; the test itself is a
-short loop over cvpipe's own loader, normalizer and timm optimizer (with its layer-decay
+short loop over cvpipe's own loader, normalizer, training step (:func:`cvpipe.torchkit.step.forward_loss`,
+the train loop's forward/loss/mixup) and timm optimizer (with its layer-decay
 ``lr_scale`` groups, so the suggested value is ``train.lr`` as the train stage uses it).
 
 Writes ``<paths.plots>/<arch>/lr_finder.png`` (loss vs LR, suggestion marked) and
@@ -75,7 +77,7 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
     import torch
 
     from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, cycle, default_workers, make_loader
-    from cvpipe.train.stage import batch_loss
+    from cvpipe.torchkit.step import forward_loss
 
     if not 0 < lr_min < lr_max:
         raise ParamsError(f"--lr-min/--lr-max: need 0 < lr_min < lr_max (got {lr_min}, {lr_max})")
@@ -111,7 +113,7 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
             for g in optimizer.param_groups:
                 g["lr"] = float(lr) * g.get("lr_scale", 1.0)
             images, labels = next(batches)
-            loss = batch_loss(model, images, labels, normalize, criterion, mixup, rt)
+            loss = forward_loss(model, images, labels, normalize, criterion, mixup, rt).loss
             value = float(loss.detach())
             if not math.isfinite(value):
                 break
@@ -164,10 +166,7 @@ def plot(result: dict[str, Any]) -> bytes:
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return storage.png_bytes(fig)
 
 
 def write_lr(params_path: Path, arch: str, lr: float, key: Optional[str] = None) -> str:

@@ -1,0 +1,170 @@
+"""The time budget applied to a train run (``train.time_budget_minutes``); the arithmetic is
+:mod:`cvpipe.train.budget`'s.
+
+Before the schedule exists, :func:`plan_budget` times a few real training steps, an eval
+pass and a checkpoint save on a throw-away copy of the model (:func:`measure_step_seconds`)
+and sizes the epochs and warmup to fit. After every epoch, :func:`replan_after_epoch` checks
+the plan against the measured epoch time and re-times the schedule (or ends the run here).
+A resumed run keeps its plan and the budget its earlier runs spent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from cvpipe.core import storage
+from cvpipe.core.config import TrainParams
+from cvpipe.core.console import info
+from cvpipe.torchkit.evaluation import evaluate
+from cvpipe.torchkit.loaders import cycle, make_loader
+from cvpipe.torchkit.models import save_checkpoint
+from cvpipe.torchkit.runtime import Runtime
+from cvpipe.torchkit.step import forward_loss
+from cvpipe.train import checkpoint as ckpt_lib
+from cvpipe.train import distributed, finetune
+from cvpipe.train.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
+from cvpipe.train.build import Net, RunState, TrainData
+
+
+@dataclass
+class BudgetPlan:
+    budget: TimeBudget
+    details: dict[str, Any]  # the initial measurement and plan (train.json's time_budget, the checkpoint's budget.info)
+    min_warmup: int  # train.warmup_epochs as configured: the floor of every planned warmup
+
+    def apply(self, tp: TrainParams, epochs: int) -> TrainParams:
+        """*tp* planned for ``epochs`` epochs, with the warmup :func:`planned_warmup` gives that many."""
+        return tp.model_copy(update={"epochs": epochs, "warmup_epochs": planned_warmup(epochs, self.min_warmup)})
+
+    def checkpoint_entry(self, tp: TrainParams) -> dict[str, Any]:
+        return {"planned_epochs": tp.epochs, "spent_s": self.budget.spent_s(), "info": self.details}
+
+    def summary_entry(self, tp: TrainParams) -> dict[str, Any]:
+        return {**self.details, "planned_epochs": tp.epochs, "warmup_epochs": tp.warmup_epochs,
+                "spent_s": round(self.budget.spent_s(), 2), "budget_s": round(self.budget.minutes * 60, 2)}
+
+
+def plan_budget(tp: TrainParams, min_warmup: int, state: Optional[dict[str, Any]], data: TrainData, net: Net,
+                rt: Runtime, dist: distributed.Dist, probe_path: Optional[str]) -> tuple[Optional[BudgetPlan], TrainParams]:
+    """(the plan, *tp* with the planned epochs and warmup); (None, *tp*) without a time budget.
+
+    A resumed run (*state* with a ``budget``) keeps its plan, which from then on only shrinks.
+    """
+    if tp.time_budget_minutes is None:
+        return None, tp
+    saved = (state or {}).get("budget") or {}
+    budget = TimeBudget(tp.time_budget_minutes, tp.epochs, spent_before_s=float(saved.get("spent_s", 0.0)))
+    if saved:
+        planned = int(saved["planned_epochs"])
+        budget.replans = 1  # a resumed plan only shrinks
+        details = dict(saved.get("info", {}))
+    else:
+        planned, details = _initial_plan(budget, tp, data, net, rt, dist, probe_path)
+    plan = BudgetPlan(budget, details, min_warmup)
+    return plan, plan.apply(tp, planned)
+
+
+def _initial_plan(budget: TimeBudget, tp: TrainParams, data: TrainData, net: Net, rt: Runtime, dist: distributed.Dist,
+                  probe_path: Optional[str]) -> tuple[int, dict[str, Any]]:
+    """Epochs that fit, from measured step, eval and checkpoint times; and what was measured."""
+    step_s, eval_s, save_s = measure_step_seconds(net, tp, data, rt, probe_path)
+    n_val = len(data.val_loader.dataset) if data.val_loader is not None else 0
+    compute = step_s * len(data.train_loader) + eval_s * n_val * (2 if net.ema is not None else 1)
+    # one plan on every rank: compute averaged over ranks, plus rank 0's checkpoint save
+    compute, save_s = distributed.all_sum([compute / dist.world_size, save_s], dist)
+    est = compute + save_s  # one serialization per epoch: best.pt and last.pt share it (Checkpointer.save)
+    planned = budget.fit(0, est)
+    if tp.finetune == "staged":
+        planned = min(max(planned, tp.freeze_epochs + 1), tp.epochs)
+    details = {"minutes": tp.time_budget_minutes, "estimated_epoch_s": round(est, 3),
+               "step_s": round(step_s, 5), "checkpoint_save_s": round(save_s, 3), "initial_plan": planned}
+    info(f"time budget {tp.time_budget_minutes:.3g} min: ~{est:.2f}s per epoch measured -> {planned} epochs"
+         f"{' (train.epochs caps it)' if planned == tp.epochs else ''}")
+    return planned, details
+
+
+def measure_step_seconds(net: Net, tp: TrainParams, data: TrainData, rt: Runtime, probe_path: Optional[str] = None,
+                         steps: int = 6) -> tuple[float, float, float]:
+    """(seconds per training step, seconds per image of an eval pass, seconds per checkpoint save),
+    timed on a throw-away copy.
+
+    Real batches through the real augmentation and the train step (:func:`forward_loss`, backward,
+    optimizer), after one untimed warm-up step (allocator, oneDNN/cuDNN kernel choice, torch.compile);
+    the last batch through the validation pass (:func:`evaluate`); and one real save of the model and
+    optimizer state to *probe_path* (removed after). The model being trained, its optimizer and the
+    training RNG streams are not touched.
+    """
+    import copy
+
+    import torch
+
+    rng = ckpt_lib.rng_state()  # restored after: timing must not shift the run's random streams
+    probe = copy.deepcopy(net.model)
+    opt = finetune.build_optimizer(probe, tp)
+    loader = make_loader(data.train_ds, data.rank_batch, True, data.workers, tp.seed, rt.device.type == "cuda",
+                         drop_last=len(data.train_ds) >= data.rank_batch)
+    step_model = torch.compile(probe) if tp.compile else probe
+    finetune.train_mode(probe)
+    times: list[float] = []
+    batches = cycle(loader)
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        forward_loss(step_model, images, labels, net.normalize, net.criterion, net.mixup, rt).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _synchronize(rt)
+        if i:
+            times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    evaluate(probe, [(images, labels)], net.normalize, rt, net.eval_criterion)
+    _synchronize(rt)
+    eval_per_image = (time.perf_counter() - t0) / len(labels)
+    save_s = 0.0
+    if probe_path is not None:
+        t0 = time.perf_counter()
+        save_checkpoint(probe_path, {"model": probe.state_dict(), "optimizer": opt.state_dict()})
+        save_s = time.perf_counter() - t0
+        storage.remove(probe_path)
+    del probe, opt, step_model, loader
+    ckpt_lib.set_rng_state(rng)
+    return float(np.median(times)), eval_per_image, save_s
+
+
+def _synchronize(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def replan_after_epoch(plan: BudgetPlan, run: RunState, epoch: int, walls: list[float], dist: distributed.Dist,
+                       updates_per_epoch: int) -> bool:
+    """Re-plan after 0-based ``epoch`` from the measured epoch *walls*; True when the run must end here.
+
+    A changed plan re-times the current phase's schedule where it stands (``run.tp`` and
+    ``run.phase.scheduler`` change). The plan grows only while the LR warms up or sits on the
+    cosine's flat top (:func:`may_grow`); a staged run keeps at least one unfrozen epoch.
+    """
+    tp = run.tp
+    wall = distributed.all_sum([epoch_estimate(walls)], dist)[0] / dist.world_size
+    p0, p1 = finetune.phase_epochs(tp, run.phase.index)
+    grow = may_grow(epoch + 1 - p0, p1 - p0, tp.warmup_epochs)
+    new_plan = plan.budget.replan(tp.epochs, epoch + 1, wall, may_grow=grow)
+    if tp.finetune == "staged" and epoch < tp.freeze_epochs:
+        new_plan = max(new_plan, tp.freeze_epochs + 1)
+    if new_plan == tp.epochs:
+        return False
+    info(f"time budget: {wall:.2f}s per epoch measured, {tp.epochs} -> {new_plan} epochs")
+    run.tp = plan.apply(tp, new_plan)
+    if new_plan <= epoch + 1:  # the deadline is here
+        return True
+    # the same phase, re-timed: its schedule continues where it is
+    p0, p1 = finetune.phase_epochs(run.tp, run.phase.index)
+    run.phase.scheduler = finetune.build_scheduler(run.phase.optimizer, run.tp, p1 - p0, updates_per_epoch)
+    run.phase.scheduler.step_update(num_updates=run.phase_updates)
+    return False

@@ -1,0 +1,133 @@
+"""One training epoch and its validation.
+
+:func:`train_epoch` runs the train loader once: the shared forward/loss/mixup step
+(:func:`cvpipe.torchkit.step.forward_loss`), backward through the grad scaler, gradient
+accumulation (DDP gradient sync only on the last batch of each accumulation), and at each
+accumulation boundary one :func:`optimizer_update` (unscale, clip, step, schedule, EMA, log).
+:func:`validate` adds the val metrics of the model (and of its EMA) through the shared
+evaluation pass (:func:`cvpipe.torchkit.evaluation.evaluate`), summed over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+from cvpipe.core.errors import StageError
+from cvpipe.torchkit.evaluation import evaluate
+from cvpipe.torchkit.step import forward_loss
+from cvpipe.train import distributed, finetune
+from cvpipe.train.build import Context, RunState
+
+
+def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str, Any], float, Any]:
+    """Train 0-based ``epoch``; returns its history row so far (epoch, lr, train loss/acc, img/s),
+    the time it started (``perf_counter``) and its progress-bar task."""
+    import torch
+    from torch.utils.data.distributed import DistributedSampler
+
+    tp, data, net, dist, rt = run.tp, ctx.data, ctx.net, ctx.dist, ctx.rt
+    data.pipeline.set_random_seed(tp.seed + 7919 * (epoch + 1) + dist.rank)
+    if isinstance(data.sampler, DistributedSampler):
+        data.sampler.set_epoch(epoch)
+    finetune.train_mode(net.model)
+    steps_per_epoch = len(data.train_loader)
+    task = bar.add_task(f"epoch {epoch + 1}/{tp.epochs}", total=steps_per_epoch * data.rank_batch * dist.world_size)
+    t0 = time.perf_counter()
+    seen = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    run.phase.optimizer.zero_grad(set_to_none=True)
+    for step, (images, labels) in enumerate(data.train_loader):
+        boundary = (step + 1) % tp.accum_steps == 0 or step + 1 == steps_per_epoch
+        sync = contextlib.nullcontext() if (boundary or not dist.enabled) else _unwrap_compiled(run.phase.train_model).no_sync()
+        with sync:
+            fwd = forward_loss(run.phase.train_model, images, labels, net.normalize, net.criterion, net.mixup, rt)
+            if not torch.isfinite(fwd.loss):
+                raise StageError(f"loss became {float(fwd.loss)} at epoch {epoch + 1}: lower train.lr (now {tp.lr})")
+            scaled = fwd.loss / tp.accum_steps
+            (net.scaler.scale(scaled) if net.scaler is not None else scaled).backward()
+        if boundary:
+            optimizer_update(ctx, run, fwd.loss)
+        n = len(fwd.labels)
+        seen += n
+        loss_sum += fwd.loss.detach().double() * n
+        correct += (fwd.logits.detach().argmax(1) == fwd.labels).sum()
+        bar.advance(task, n * dist.world_size)
+        run.steps_here += 1
+        if ctx.kill_after and run.steps_here >= ctx.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - t0
+    run.phase.scheduler.step(epoch + 1 - run.phase.start)
+    t_loss, t_correct, t_seen = distributed.all_sum([float(loss_sum), float(correct), float(seen)], dist)
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "lr": max_lr(run.phase.optimizer),
+        "train_loss": round(t_loss / t_seen, 6),
+        "train_acc": round(t_correct / t_seen, 6),
+        "img_per_s": round(t_seen / train_seconds, 2),
+    }
+    return row, t0, task
+
+
+def optimizer_update(ctx: Context, run: RunState, loss) -> None:
+    """One optimizer update at an accumulation boundary: unscale, clip, step (through the scaler),
+    then the per-update schedule, the EMA and the W&B step log."""
+    import torch
+
+    net, opt, tp = ctx.net, run.phase.optimizer, run.tp
+    if net.scaler is not None:
+        net.scaler.unscale_(opt)
+    if tp.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in net.model.parameters() if p.requires_grad], tp.clip_grad)
+    if net.scaler is not None:
+        net.scaler.step(opt)
+        net.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.phase_updates += 1
+    run.total_updates += 1
+    run.phase.scheduler.step_update(num_updates=run.phase_updates)
+    if net.ema is not None:
+        net.ema.update(net.model, step=run.total_updates)
+    if ctx.dist.is_main:
+        ctx.tracker.log({"step/update": run.total_updates, "step/loss": float(loss.detach()), "step/lr": max_lr(opt)})
+
+
+def validate(ctx: Context, row: dict[str, Any]) -> None:
+    """Add ``val_loss``/``val_acc`` (and the EMA's ``ema_val_*``) to *row*, over the whole val split (all ranks).
+
+    Without a val split the train metrics stand in, so ``train.monitor`` always has a value.
+    """
+    net, data = ctx.net, ctx.data
+    if data.val_loader is not None:
+        v_loss, v_correct, v_n = _val_sums(ctx, net.model)
+        row["val_loss"], row["val_acc"] = round(v_loss / v_n, 6), round(v_correct / v_n, 6)
+        if net.ema is not None:
+            e_loss, e_correct, e_n = _val_sums(ctx, net.ema.module)
+            row["ema_val_loss"], row["ema_val_acc"] = round(e_loss / e_n, 6), round(e_correct / e_n, 6)
+    else:
+        row["val_loss"], row["val_acc"] = row["train_loss"], row["train_acc"]
+        if net.ema is not None:
+            row["ema_val_loss"], row["ema_val_acc"] = row["val_loss"], row["val_acc"]
+
+
+def _val_sums(ctx: Context, model) -> list[float]:
+    """[loss_sum, correct, count] of *model* on the val split, summed over ranks."""
+    result = evaluate(model, ctx.data.val_loader, ctx.net.normalize, ctx.rt, ctx.net.eval_criterion)
+    return distributed.all_sum(result.sums(), ctx.dist)
+
+
+def max_lr(optimizer) -> float:
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
+def _unwrap_compiled(model):
+    """The DDP module under a torch.compile wrapper (``no_sync`` lives on DDP)."""
+    return getattr(model, "_orig_mod", model)
