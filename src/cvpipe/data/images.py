@@ -12,7 +12,12 @@ uploads). The rules:
   alpha (composited on ``background``) images become 8-bit RGB; animations
   keep their first frame.
 
-Rejections raise :class:`ImageRejected` with a stable reason code.
+Rejections raise :class:`ImageRejected` with a stable reason code; so does any
+other exception a decoder raises on malformed data (Pillow's plugins raise
+``TypeError``, ``IndexError``, ``SyntaxError``, ``RuntimeError``... from header
+fields such as ``n_frames``): a file's outcome never depends on where in the
+decoder its damage is found. Only ``MemoryError`` passes through (the machine's
+state, not the file's).
 """
 
 from __future__ import annotations
@@ -188,7 +193,28 @@ def decode_image(
     max_aspect_ratio: Optional[float] = None,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> DecodedImage:
-    """Fully decode *data* into an upright RGB image or raise :class:`ImageRejected`."""
+    """Fully decode *data* into an upright RGB image or raise :class:`ImageRejected`.
+
+    Never raises anything else for any content (``MemoryError`` aside): an exception of any type
+    from the decoders becomes ``ImageRejected(CORRUPT or TRUNCATED, "<type>: <message>")``.
+    """
+    try:
+        return _decode_image(data, max_pixels, min_size, max_aspect_ratio, background)
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as exc:  # a decoder bug on malformed data (e.g. n_frames of a damaged TIFF/GIF)
+        msg = " ".join(str(exc).split())[:200]
+        reason = TRUNCATED if ("truncat" in msg.lower() or isinstance(exc, EOFError)) else CORRUPT
+        raise ImageRejected(reason, f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__) from None
+
+
+def _decode_image(
+    data: bytes,
+    max_pixels: int,
+    min_size: int,
+    max_aspect_ratio: Optional[float],
+    background: tuple[int, int, int],
+) -> DecodedImage:
     if not data:
         raise ImageRejected(EMPTY, "0 bytes")
     if data.startswith(b"version https://git-lfs"):

@@ -18,6 +18,17 @@ fsspec, so listing, fingerprinting and fetching share one code path:
 
 Every item carries a *fingerprint* (etag/generation for objects, size+mtime for
 files) that lets a rerun skip whatever did not change.
+
+No listed path is dropped silently: symlinked folders are followed (a link back to
+one of its own ancestors is a ``symlink_loop``), and a folder that cannot be read,
+a file that is not a regular file (FIFO, socket, device) or a broken link becomes an
+item with :attr:`SourceItem.rejected` set, which the stage quarantines unread. A URI
+listed twice under different labels is :data:`CONFLICTING_LABELS`, every copy.
+
+Credentials in URLs (user:password@, ``token=``/``X-Amz-Signature=``... query
+parameters) never leave memory: every :attr:`SourceItem.uri`, stored file and
+message carries :func:`redact_url`'s form; only :attr:`SourceItem.remote`, used to
+fetch, holds the full URL.
 """
 
 from __future__ import annotations
@@ -28,14 +39,16 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+from urllib.parse import unquote_plus
 
 from cvpipe.core import storage
 from cvpipe.core.errors import ParamsError, StageError
@@ -55,6 +68,13 @@ JUNK_DIRS = {"__macosx", "@eadir", ".ipynb_checkpoints"}
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
+# Reasons of the items rejected while listing (quarantined unread; never journaled: listing them is free).
+UNREADABLE = "unreadable"  # a broken link (also the stage's code for read and fetch failures)
+UNREADABLE_FOLDER = "unreadable_folder"
+NOT_REGULAR = "not_a_regular_file"
+SYMLINK_LOOP = "symlink_loop"
+CONFLICTING_LABELS = "conflicting_labels"
+
 
 @dataclass(frozen=True)
 class SourceItem:
@@ -64,8 +84,9 @@ class SourceItem:
     split_hint: Optional[str] = None
     junk: bool = False
     fingerprint: str = ""  # etag / generation / size+mtime; "" = unknown, always reprocessed
-    remote: Optional[str] = None  # fsspec URL to fetch the bytes from, when not local
+    remote: Optional[str] = None  # fsspec URL to fetch the bytes from, when not local (may hold credentials: memory only)
     size: int = 0
+    rejected: Optional[tuple[str, str]] = None  # (reason, detail) found while listing: quarantined, never read
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,90 @@ class SourceOptions:
     gcs_token: Optional[str] = None  # None: gcsfs default chain (GOOGLE_APPLICATION_CREDENTIALS, ADC, metadata)
     max_archive_bytes: int = 2 * 1024**3
     cache_dir: Optional[str] = None
+
+
+# -- credentials in URLs ------------------------------------------------------------------------
+
+_SECRET_PARAMS = frozenset({
+    "token", "key", "sig", "signature", "password", "passwd", "pwd", "pass", "secret", "access_token",
+    "refresh_token", "id_token", "auth", "authorization", "api_key", "apikey", "api-key", "credential",
+    "credentials", "client_secret", "session", "sessiontoken", "session_token", "security_token", "policy",
+    "key-pair-id", "private_key", "code",
+})
+_SECRET_PREFIXES = ("x-amz-", "x-goog-", "x-ms-")
+_SECRET_SUFFIXES = ("token", "secret", "signature", "password", "_key", "-key", "apikey", "credential", "credentials")
+REDACTED = "***"
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
+
+
+def _is_secret_param(name: str) -> bool:
+    n = unquote_plus(name).strip().lower()
+    return n in _SECRET_PARAMS or n.startswith(_SECRET_PREFIXES) or n.endswith(_SECRET_SUFFIXES)
+
+
+def _redact_params(query: str) -> str:
+    out = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        out.append(f"{name}={REDACTED}" if eq and value and _is_secret_param(name) else pair)
+    return "&".join(out)
+
+
+def _split_url(url: str) -> tuple[str, str, str, str, str]:
+    """``(scheme://, userinfo, host and path, ?query, #fragment)`` of *url*, as written (nothing normalized)."""
+    scheme, _, rest = url.partition("://")
+    rest, hash_, fragment = rest.partition("#")
+    rest, qmark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    return f"{scheme}://", userinfo + at, host + slash + path, qmark + query, hash_ + fragment
+
+
+def redact_url(url: str) -> str:
+    """*url* without its credentials: the userinfo (``user:pass@``) becomes ``***@`` and the value of every
+    secret query (or fragment) parameter -- ``token``, ``key``, ``sig``, ``signature``, ``password``,
+    ``secret``, ``access_token``, ``X-Amz-*``, ``X-Goog-*``... any case -- becomes ``***``.
+
+    The form every stored or printed URL takes (manifests, journals, cache metadata, messages); a URL
+    without credentials, and any local path, is returned unchanged, character for character.
+    """
+    if "://" not in url:
+        return url
+    scheme, userinfo, rest, query, fragment = _split_url(url)
+    if userinfo:
+        userinfo = f"{REDACTED}@"
+    if query:
+        query = "?" + _redact_params(query[1:])
+    if "=" in fragment:
+        fragment = "#" + _redact_params(fragment[1:])
+    return scheme + userinfo + rest + query + fragment
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret parts of *url* (userinfo, its password, secret parameter values), raw and percent-decoded."""
+    if "://" not in url:
+        return []
+    _, userinfo, _, query, fragment = _split_url(url)
+    found = []
+    if userinfo:
+        found += [userinfo[:-1], *userinfo[:-1].split(":", 1)[1:]]
+    for part in (query[1:], fragment[1:]):
+        for pair in part.split("&") if part else ():
+            name, eq, value = pair.partition("=")
+            if eq and value and _is_secret_param(name):
+                found.append(value)
+    found += [unquote_plus(v) for v in found]
+    return sorted({v for v in found if len(v) >= 3}, key=len, reverse=True)
+
+
+def redact_text(text: str, urls: Iterable[Optional[str]] = ()) -> str:
+    """*text* (an error message) with every URL in it redacted (:func:`redact_url`), and any secret
+    part of *urls* (the URLs the failing call used) removed wherever else it appears."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    for url in urls:
+        for secret in url_secrets(url or ""):
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def is_junk_name(name: str) -> bool:
@@ -83,19 +188,82 @@ def _skip_dir(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_DIRS
 
 
-def _walk_files(root: Path) -> Iterator[tuple[str, str]]:
-    """``(path, posix path relative to root)`` of every file under *root*, sorted, hidden folders skipped.
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
 
-    Plain strings, not Path objects: a listing of 100k files should cost the stat calls, not pathlib.
+
+def _os_error(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _special_kind(mode: int) -> str:
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+Walked = tuple[str, str, Any]  # (path, posix path relative to root, os.stat_result or (reason, detail))
+
+
+def _walk_files(root: Path) -> Iterator[Walked]:
+    """Every file under *root*: ``(path, posix path relative to root, stat result)``, hidden folders skipped.
+
+    Nothing is skipped silently: a symlinked folder is followed (one that links back to a folder it
+    is inside of yields ``(path, "rel/", (SYMLINK_LOOP, detail))`` instead of recursing), a folder
+    that cannot be read yields ``(path, "rel/", (UNREADABLE_FOLDER, detail))``, a file that is not
+    a regular file (a FIFO would block the reader forever) ``(NOT_REGULAR, detail)`` and a broken
+    link ``(UNREADABLE, detail)``: where a stat result is expected, a ``(reason, detail)`` pair.
+    Folder entries end in ``/``. Plain strings and ``os.scandir``, not Path objects: a listing of
+    100k files should cost the stat calls, not pathlib. Unsorted (the callers sort).
     """
     top = str(root)
-    for dirpath, dirnames, filenames in os.walk(top):
-        # hidden and OS-metadata folders (.git, __MACOSX) are not data
-        dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
-        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
-        base = "" if rel_dir == "." else rel_dir + "/"
-        for name in sorted(filenames):
-            yield os.path.join(dirpath, name), base + name
+    try:
+        st = os.stat(top)
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError as exc:
+        raise StageError(f"ingest.source: cannot read the folder {top}: {_os_error(exc)}") from None
+    # (folder path, its relative path with a trailing "/" or "", (dev, inode) of it and its ancestors, entries)
+    stack: list[tuple[str, str, frozenset[tuple[int, int]], Optional[list[os.DirEntry]]]] = [
+        (top, "", frozenset({(st.st_dev, st.st_ino)}), entries)
+    ]
+    while stack:
+        path, base, ancestors, listed = stack.pop()
+        if listed is None:
+            try:
+                with os.scandir(path) as it:
+                    listed = list(it)
+            except OSError as exc:
+                yield path, base, (UNREADABLE_FOLDER, f"cannot list the folder: {_os_error(exc)}")
+                continue
+        for e in listed:
+            rel = base + e.name
+            try:
+                est = e.stat()  # follows links
+            except OSError as exc:
+                if e.is_symlink():
+                    target = _readlink(e.path)
+                    yield e.path, rel, (UNREADABLE, f"broken symbolic link (to {target!r}): {_os_error(exc)}")
+                else:
+                    yield e.path, rel, (UNREADABLE, _os_error(exc))
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                if _skip_dir(e.name):  # hidden and OS-metadata folders (.git, __MACOSX) are not data
+                    continue
+                key = (est.st_dev, est.st_ino)
+                if key in ancestors:
+                    yield e.path, rel + "/", (SYMLINK_LOOP, f"links back to a folder it is inside of ({_readlink(e.path)!r})")
+                    continue
+                stack.append((e.path, rel + "/", ancestors | {key}, None))
+            elif stat.S_ISREG(est.st_mode):
+                yield e.path, rel, est
+            else:
+                yield e.path, rel, (NOT_REGULAR, f"{_special_kind(est.st_mode)}, not a regular file")
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
 
 
 def _is_split_layout(top_dirs: Iterable[str]) -> bool:
@@ -117,43 +285,45 @@ def _top_dirs(rel_paths: Iterable[str]) -> set[str]:
     return {r.split("/", 1)[0] for r in rel_paths if "/" in r}
 
 
-def _items_from_tree(
-    files: list[tuple[str, Optional[str], Optional[str], str, int]], prefix: str
-) -> Iterator[SourceItem]:
-    """Items of a tree given ``(relpath, local_path, remote, fingerprint, size)`` rows."""
+Row = tuple[str, Optional[str], Optional[str], str, int, Optional[tuple[str, str]]]
+
+
+def _items_from_tree(files: list[Row], prefix: str) -> Iterator[SourceItem]:
+    """Items of a tree given ``(relpath, local_path, remote, fingerprint, size, rejected)`` rows."""
     rels = [f[0] for f in files]
     split_layout = _is_split_layout(_top_dirs(rels))
-    for rel, local_path, remote, fp, size in sorted(files):
+    for rel, local_path, remote, fp, size, rejected in sorted(files, key=lambda f: f[0]):
         label, split_hint = _layout(rels, split_layout, rel)
         yield SourceItem(
             uri=f"{prefix.rstrip('/')}/{rel}",
-            local_path=local_path,
+            local_path=None if rejected else local_path,
             label=label,
             split_hint=split_hint,
             junk=is_junk_name(rel.rsplit("/", 1)[-1]),
             fingerprint=fp,
             remote=remote,
             size=size,
+            rejected=rejected,
         )
 
 
-def _stat_fp(path: str) -> tuple[str, int]:
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}", st.st_size
+def _tree_rows(root: Path, fingerprint: Any = None) -> list[Row]:
+    """The rows of :func:`_items_from_tree` for a local tree; ``fingerprint(stat) -> str`` (default size:mtime)."""
+    rows: list[Row] = []
+    for path, rel, st in _walk_files(root):
+        if isinstance(st, os.stat_result):
+            fp = fingerprint(st) if fingerprint else f"{st.st_size}:{st.st_mtime_ns}"
+            rows.append((rel, path, None, fp, st.st_size, None))
+        else:  # (reason, detail)
+            rows.append((rel, path, None, "", 0, st))
+    return rows
 
 
 def iter_local_folder(root: Path, uri_prefix: Optional[str] = None) -> Iterator[SourceItem]:
     """Items of a class-folder tree. *uri_prefix* replaces the folder's path in URIs."""
     root = root.resolve()
     prefix = uri_prefix if uri_prefix is not None else root.as_posix()
-    files = []
-    for path, rel in _walk_files(root):
-        try:
-            fp, size = _stat_fp(path)
-        except OSError:
-            fp, size = "", 0
-        files.append((rel, path, None, fp, size))
-    yield from _items_from_tree(files, prefix)
+    yield from _items_from_tree(_tree_rows(root), prefix)
 
 
 # -- object stores ---------------------------------------------------------------------------
@@ -200,17 +370,19 @@ def iter_gcs(source: str, opts: SourceOptions) -> Iterator[SourceItem]:
     except FileNotFoundError:
         listing = {}
     except Exception as exc:  # credentials, network, permissions: one line, not a traceback
-        raise StageError(f"ingest.source {source}: cannot list the bucket: {type(exc).__name__}: {exc}") from None
-    files = []
+        raise StageError(
+            f"ingest.source {redact_url(source)}: cannot list the bucket: {type(exc).__name__}: {redact_text(str(exc), [source])}"
+        ) from None
+    files: list[Row] = []
     for path, info in listing.items():
         if info.get("type") == "directory" or path.endswith("/"):
             continue
         rel = path[len(base) :].lstrip("/") if path.startswith(base) else path
         if not rel or any(_skip_dir(p) for p in rel.split("/")[:-1]):
             continue
-        files.append((rel, None, f"gs://{path}", _object_fp(info), int(info.get("size") or 0)))
+        files.append((rel, None, f"gs://{path}", _object_fp(info), int(info.get("size") or 0), None))
     if not files:
-        raise ParamsError(f"ingest.source: no objects under {source!r}")
+        raise ParamsError(f"ingest.source: no objects under {redact_url(source)!r}")
     yield from _items_from_tree(files, f"gs://{base}")
 
 
@@ -222,7 +394,7 @@ def _cache_root(opts: SourceOptions) -> Path:
 
 
 def _reject(archive: str, why: str) -> StageError:
-    return StageError(f"ingest.source {archive}: archive rejected: {why}; nothing was extracted")
+    return StageError(f"ingest.source {redact_url(archive)}: archive rejected: {why}; nothing was extracted")
 
 
 def _check_member_name(archive: str, name: str) -> str:
@@ -328,13 +500,14 @@ def fetch_archive(url: str, opts: SourceOptions, stats: Optional[dict[str, int]]
     The extraction is reused while the server reports the same ETag (or size and
     Last-Modified); a changed archive is downloaded and extracted again.
     """
+    shown = redact_url(url)  # what is stored (the cache metadata) and printed; *url* itself stays in memory
     fs = filesystem_for(url, opts)
     try:
         info = fs.info(url)
     except Exception as exc:
-        raise StageError(f"ingest.source {url}: cannot reach the archive: {type(exc).__name__}: {exc}") from None
+        raise StageError(f"ingest.source {shown}: cannot reach the archive: {type(exc).__name__}: {redact_text(str(exc), [url])}") from None
     fp = _object_fp(info)
-    slot = _cache_root(opts) / "archives" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    slot = _cache_root(opts) / "archives" / hashlib.sha256(shown.encode()).hexdigest()[:16]
     extracted, meta = slot / "extracted", slot / "meta.json"
     if fp and extracted.is_dir() and meta.exists():
         try:
@@ -346,13 +519,13 @@ def fetch_archive(url: str, opts: SourceOptions, stats: Optional[dict[str, int]]
     for leftover in slot.iterdir():  # a killed earlier download
         if leftover.name.startswith(storage.TMP_MARKER):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-    name = url.rsplit("/", 1)[-1].split("?", 1)[0]
+    name = shown.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[-1]
     download = slot / f"{storage.TMP_MARKER}{name}"
     try:
         fs.get_file(url, str(download))
     except Exception as exc:
         download.unlink(missing_ok=True)
-        raise StageError(f"ingest.source {url}: download failed: {type(exc).__name__}: {exc}") from None
+        raise StageError(f"ingest.source {shown}: download failed: {type(exc).__name__}: {redact_text(str(exc), [url])}") from None
     if stats is not None:
         stats["bytes"] = stats.get("bytes", 0) + download.stat().st_size
     try:
@@ -362,7 +535,7 @@ def fetch_archive(url: str, opts: SourceOptions, stats: Optional[dict[str, int]]
             safe_extract(download, tmp, url, opts.max_archive_bytes)
     finally:
         download.unlink(missing_ok=True)
-    storage.write_text(meta, json.dumps({"url": url, "fingerprint": fp}) + "\n")
+    storage.write_text(meta, json.dumps({"url": shown, "fingerprint": fp}) + "\n")
     return extracted, fp
 
 
@@ -381,51 +554,63 @@ def _unwrap(root: Path) -> Path:
 def iter_archive(url: str, opts: SourceOptions, stats: Optional[dict[str, int]] = None) -> Iterator[SourceItem]:
     folder, fp = fetch_archive(url, opts, stats)
     root = _unwrap(folder)
-    files = []
-    for path, rel in _walk_files(root):
-        size = os.stat(path).st_size
-        files.append((rel, path, None, f"{fp}|{size}" if fp else "", size))
-    yield from _items_from_tree(files, f"{url}!")
+    rows = _tree_rows(root, lambda st: f"{fp}|{st.st_size}" if fp else "")
+    yield from _items_from_tree(rows, f"{redact_url(url)}!")
 
 
 # -- manifests ----------------------------------------------------------------------------------
 
 
+def _jsonl_field(shown: str, n: int, key: str, value: Any) -> str:
+    """A JSONL row's ``uri``/``label``/``split`` as text: a string (or an integer label); anything else
+    (a list, an object, a bool, a float) is refused with the line number rather than turned into a name."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if key == "label" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = {list: "a list", dict: "an object", bool: "a boolean", float: "a number"}.get(type(value), type(value).__name__)
+    raise ParamsError(f"ingest.source {shown}: line {n}: {key!r} must be a string, not {kind} ({json.dumps(value)[:80]})")
+
+
 def _read_manifest_rows(source: str) -> list[dict[str, str]]:
+    shown = redact_url(source)
     try:
         fs, path = storage.get_fs(source)
         text = fs.cat_file(path).decode("utf-8-sig")
     except FileNotFoundError:
-        raise ParamsError(f"ingest.source: manifest not found: {source!r}") from None
+        raise ParamsError(f"ingest.source: manifest not found: {shown!r}") from None
     except Exception as exc:
-        raise StageError(f"ingest.source {source}: cannot read the manifest: {type(exc).__name__}: {exc}") from None
+        raise StageError(f"ingest.source {shown}: cannot read the manifest: {type(exc).__name__}: {redact_text(str(exc), [source])}") from None
     rows: list[dict[str, str]] = []
-    if source.lower().endswith(".jsonl"):
+    if source.lower().split("?", 1)[0].endswith(".jsonl"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except ValueError as exc:
-                raise StageError(f"ingest.source {source}: line {n} is not JSON ({exc})") from None
+                raise StageError(f"ingest.source {shown}: line {n} is not JSON ({exc})") from None
             if not isinstance(obj, dict):
-                raise StageError(f"ingest.source {source}: line {n} must be an object with uri and label")
-            rows.append({k: ("" if v is None else str(v)) for k, v in obj.items()})
+                raise StageError(f"ingest.source {shown}: line {n} must be an object with uri and label")
+            known = {k: _jsonl_field(shown, n, k, obj.get(k)) for k in ("uri", "label", "split")}
+            rows.append({**{k: ("" if v is None else str(v)) for k, v in obj.items()}, **known})
     else:
         reader = csv.DictReader(io.StringIO(text))
         rows = [dict(r) for r in reader]
         if reader.fieldnames is None or "uri" not in reader.fieldnames:
-            raise StageError(f"ingest.source {source}: a CSV manifest needs a header row with uri,label columns")
+            raise StageError(f"ingest.source {shown}: a CSV manifest needs a header row with uri,label columns")
     for n, row in enumerate(rows, 1):
         if not (row.get("uri") or "").strip():
-            raise StageError(f"ingest.source {source}: row {n} has no uri")
+            raise StageError(f"ingest.source {shown}: row {n} has no uri")
     return rows
 
 
 def iter_manifest(source: str, opts: SourceOptions) -> Iterator[SourceItem]:
     rows = _read_manifest_rows(source)
     if storage.is_remote(source):
-        base = source.rsplit("/", 1)[0]
+        base = source.split("?", 1)[0].split("#", 1)[0].rsplit("/", 1)[0]  # a relative row does not inherit the query
     else:
         base = str(Path(source).resolve().parent)
     items: list[tuple[int, str, Optional[str], Optional[str], Optional[str]]] = []
@@ -443,7 +628,7 @@ def iter_manifest(source: str, opts: SourceOptions) -> Iterator[SourceItem]:
 
     def describe(entry):
         n, uri, label, split_hint, _ = entry
-        name = uri.rsplit("/", 1)[-1]
+        name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
         if storage.is_remote(uri):
             try:
                 fs = filesystem_for(uri, opts)
@@ -451,12 +636,17 @@ def iter_manifest(source: str, opts: SourceOptions) -> Iterator[SourceItem]:
                 fp, size = _object_fp(info), int(info.get("size") or 0)
             except Exception:
                 fp, size = "", 0  # fetched (and quarantined if unreadable) by the stage
-            return SourceItem(uri, None, label, split_hint, is_junk_name(name), fp, uri, size)
+            # the URI stored and shown is redacted; the full one (credentials) is only used to fetch
+            return SourceItem(redact_url(uri), None, label, split_hint, is_junk_name(name), fp, uri, size)
         try:
-            fp, size = _stat_fp(uri)
+            st = os.stat(uri)
         except OSError:
-            fp, size = "", 0
-        return SourceItem(uri, uri, label, split_hint, is_junk_name(name), fp, None, size)
+            # read (and quarantined as unreadable, with the reason) by the stage
+            return SourceItem(uri, uri, label, split_hint, is_junk_name(name), "", None, 0)
+        if not stat.S_ISREG(st.st_mode):
+            rejected = (NOT_REGULAR, f"{_special_kind(st.st_mode)}, not a regular file")
+            return SourceItem(uri, None, label, split_hint, is_junk_name(name), "", None, 0, rejected)
+        return SourceItem(uri, uri, label, split_hint, is_junk_name(name), f"{st.st_size}:{st.st_mtime_ns}", None, st.st_size)
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # metadata requests are round trips: overlap them
         yield from pool.map(describe, items)
@@ -476,13 +666,14 @@ def source_kind(source: str) -> str:
         if low.endswith(ARCHIVE_SUFFIXES):
             return "archive"
         raise ParamsError(
-            f"ingest.source: an http(s) source must be a .zip/.tar/.tar.gz/.tgz archive or a .csv/.jsonl manifest: {source!r}"
+            "ingest.source: an http(s) source must be a .zip/.tar/.tar.gz/.tgz archive or a .csv/.jsonl manifest: "
+            f"{redact_url(source)!r}"
         )
     if proto in ("gs", "gcs"):
         return "gcs"
     if proto == "file":
         return "local"
-    raise ParamsError(f"ingest.source: unsupported source scheme {proto!r} in {source!r}")
+    raise ParamsError(f"ingest.source: unsupported source scheme {proto!r} in {redact_url(source)!r}")
 
 
 def iter_source(
@@ -517,15 +708,59 @@ def iter_source(
 def list_sources(
     sources: list[str], opts: Optional[SourceOptions] = None, stats: Optional[dict[str, int]] = None
 ) -> list[SourceItem]:
-    """Every item of every source, sorted by URI; a file named by two sources counts once."""
-    items: list[SourceItem] = []
-    seen: set[str] = set()
+    """Every item of every source, sorted by URI; a file named twice (by two sources, or two manifest
+    rows) under the same label counts once (the first naming, with its split hint).
+
+    A URI named under different labels is never settled by order: every naming of it
+    comes back, each rejected as :data:`CONFLICTING_LABELS` (so the same URI can appear more than
+    once, only ever with ``rejected`` set). Two different URLs that are the same once redacted
+    (they differ only in a credential) are rejected alike, as ``ambiguous_uri``.
+    """
+    by_uri: dict[str, list[SourceItem]] = {}
     for src in sources:
         for it in iter_source(src, opts, stats):
-            if it.uri not in seen:
-                seen.add(it.uri)
-                items.append(it)
+            group = by_uri.setdefault(it.uri, [])
+            if not any((g.label, g.remote) == (it.label, it.remote) for g in group):
+                group.append(it)
+    items: list[SourceItem] = []
+    for uri, group in by_uri.items():
+        if len(group) == 1:
+            items.append(group[0])
+            continue
+        group.sort(key=lambda it: (it.label or "", it.remote or ""))
+        if len({it.remote for it in group}) > 1:
+            why = ("ambiguous_uri", f"{len(group)} different URLs are {uri!r} once their credentials are removed")
+        else:
+            why = (CONFLICTING_LABELS, f"listed {len(group)} times with different labels: {[it.label or '' for it in group]}")
+        items += [replace(it, rejected=why, local_path=None, remote=None) for it in group]
     return sorted(items, key=lambda it: it.uri)
+
+
+def source_location(source: str) -> Optional[tuple[str, str]]:
+    """Where *source* lives, to compare with an output: ``("file", real path)`` for a local folder or
+    manifest (symlinks resolved), ``("gs", "bucket/prefix")`` for a bucket or a manifest in one, None
+    for what is only ever read into the cache (archives, http manifests, samples)."""
+    if source.startswith("sample://"):
+        return None
+    proto = storage.protocol(source)
+    if proto == "file":
+        local = source[len("file://") :] if source.startswith("file://") else source
+        return "file", os.path.realpath(os.path.expanduser(local))
+    if proto in ("gs", "gcs"):
+        return "gs", source.split("://", 1)[1].split("?", 1)[0].strip("/")
+    return None
+
+
+def overlaps(a: Optional[tuple[str, str]], b: Optional[tuple[str, str]]) -> bool:
+    """Whether one location (:func:`source_location`) contains the other, or both are the same."""
+    if a is None or b is None or a[0] != b[0]:
+        return False
+    sep = os.sep if a[0] == "file" else "/"
+
+    def inside(child: str, parent: str) -> bool:
+        return child == parent or child.startswith(parent.rstrip(sep) + sep)
+
+    return inside(a[1], b[1]) or inside(b[1], a[1])
 
 
 def check_source(source: str) -> None:

@@ -11,16 +11,29 @@ Images are stored under the SHA-256 of their source bytes; a clean RGB JPEG/PNG
 keeps its original bytes, anything else is normalized (RGB, upright). Every file
 is written atomically, so an interrupted run never leaves a partial image under
 its final name, and a rerun reuses images already stored.
+
+Ingest owns its output and nothing else: an output that overlaps a source is
+refused before anything is touched (exit 2); only images it recorded itself (in
+the previous manifest or its journal) are ever pruned, anything else under
+``images/`` is left where it is, with a warning; one run at a time holds the
+output's lock (``<paths.raw>/.cvpipe-ingest.lock``, naming its holder). A failure
+to write the output (disk full, read-only, I/O error) stops the stage (exit 1,
+naming the path; the previous manifest stays); only failures of the source side
+become quarantine rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import queue
+import re
 import shutil
+import socket
+import stat
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -33,17 +46,59 @@ from rich.text import Text
 
 from cvpipe.core import storage
 from cvpipe.core.config import IngestParams, Params
-from cvpipe.core.console import console, info, is_quiet, progress
-from cvpipe.core.errors import StageError
+from cvpipe.core.console import console, info, is_quiet, progress, warn
+from cvpipe.core.errors import CvpipeError, ParamsError, StageError, UsageError
 from cvpipe.data import manifest
 from cvpipe.data.images import ImageRejected, decode_image
-from cvpipe.data.sources import SourceItem, SourceOptions, check_source, fetch_many, filesystem_for, list_sources
+from cvpipe.data.sources import (
+    SourceItem,
+    SourceOptions,
+    check_source,
+    fetch_many,
+    filesystem_for,
+    list_sources,
+    overlaps,
+    redact_text,
+    redact_url,
+    source_location,
+)
 
 JUNK = "junk_file"
 NO_LABEL = "no_label"
 UNREADABLE = "unreadable"
 DUPLICATE = "duplicate"
 CONFLICTING_LABELS = "conflicting_labels"
+TOO_LARGE = "too_large"
+NOT_REGULAR = "not_a_regular_file"
+# outcomes never journaled: transient (read or fetch failures) or found again without reading a byte
+_NOT_JOURNALED = frozenset({UNREADABLE, TOO_LARGE, NOT_REGULAR})
+LOCK_NAME = ".cvpipe-ingest.lock"
+# what ingest writes under <raw>/images: <sha[:2]>/<sha256>.<ext>
+_STORED_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]+")
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+
+
+class OutputError(StageError):
+    """Writing the output failed (disk full, read-only, I/O error): the stage stops, exit 1.
+
+    Never a per-file outcome: only the source side of a file produces quarantine rows.
+    """
+
+
+def _output_error(path: Any, exc: OSError, manifest_kept: bool) -> OutputError:
+    why = exc.strerror or str(exc) or type(exc).__name__
+    code = f"[Errno {exc.errno}] " if exc.errno else ""
+    return OutputError(f"cannot write {path}: {code}{why}" + ("; the previous manifest is unchanged" if manifest_kept else ""))
+
+
+@contextlib.contextmanager
+def _writing(path: Any, manifest_kept: bool = True):
+    """Turn an OSError while writing *path* into an :class:`OutputError` naming it (and saying the
+    previous manifest is unchanged, when the failure comes before the new one is in place)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _output_error(getattr(exc, "filename", None) or path, exc, manifest_kept) from None
 
 
 @dataclass
@@ -81,17 +136,64 @@ def _process(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str,
     """
     try:
         return _process_inner(item, data, raw_dir, p)
-    except Exception as exc:  # a decoder bug must not stop the run: quarantine the file
-        return Outcome(item, reason=UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
+    except OutputError:
+        raise  # the output side failed: the stage stops, nothing is quarantined for it
+    except Exception as exc:  # anything else about this file (e.g. out of memory): quarantined, retried next run
+        return Outcome(item, reason=UNREADABLE, detail=redact_text(f"{type(exc).__name__}: {exc}", [item.remote]))
+
+
+def _read_local(item: SourceItem, max_bytes: int) -> Outcome | bytes:
+    """The bytes of a local file, or the outcome that says why they are not read.
+
+    Opened without blocking (a FIFO that appeared since the listing must not hang the run) and checked
+    to be a regular file no larger than *max_bytes* before a byte is read (one that grows meanwhile is read
+    at most a chunk past the cap).
+    """
+    try:
+        fd = os.open(item.local_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))  # type: ignore[arg-type]
+    except (OSError, TypeError) as exc:
+        return Outcome(item, reason=UNREADABLE, detail=getattr(exc, "strerror", None) or str(exc))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Outcome(item, reason=NOT_REGULAR, detail="not a regular file (a FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            return _too_large(item, st.st_size, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(st.st_size + 1)  # one buffer of the file's size (+1 byte to notice it grew)
+            if len(data) > st.st_size:  # it grew since the stat: read on, never far past the cap
+                parts, total = [data], len(data)
+                while total <= max_bytes and (chunk := fh.read(1 << 20)):
+                    parts.append(chunk)
+                    total += len(chunk)
+                data = b"".join(parts)
+        if len(data) > max_bytes:
+            return _too_large(item, len(data), max_bytes)
+        return data
+    except OSError as exc:
+        return Outcome(item, reason=UNREADABLE, detail=exc.strerror or str(exc))
+    finally:
+        os.close(fd)
+
+
+def _max_bytes(p: dict[str, Any] | IngestParams) -> int:
+    mb = p["max_file_mb"] if isinstance(p, dict) else p.max_file_mb
+    return int(mb * 1024 * 1024)
+
+
+def _too_large(item: SourceItem, size: int, max_bytes: int) -> Outcome:
+    return Outcome(item, reason=TOO_LARGE, detail=f"{size} bytes exceeds max_file_mb={max_bytes / 1024 / 1024:g} ({max_bytes} bytes)")
 
 
 def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
+    max_bytes = _max_bytes(p)
     if data is None:
-        try:
-            with open(item.local_path, "rb") as fh:  # type: ignore[arg-type]
-                data = fh.read()
-        except (OSError, TypeError) as exc:
-            return Outcome(item, reason=UNREADABLE, detail=getattr(exc, "strerror", None) or str(exc))
+        got = _read_local(item, max_bytes)
+        if isinstance(got, Outcome):
+            return got
+        data = got
+    elif len(data) > max_bytes:  # a fetched object whose size the listing did not know
+        return _too_large(item, len(data), max_bytes)
     sha = hashlib.sha256(data).hexdigest()
     if item.label is None:
         return Outcome(item, reason=NO_LABEL, detail="file is not inside a class folder", sha256=sha)
@@ -110,8 +212,10 @@ def _process_inner(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dic
     dest = os.path.join(raw_dir, rel)
     if not os.path.exists(dest):
         # no fsync per image: rename keeps a killed run from exposing a partial file, and a
-        # rerun re-checks every stored file's size (_stored_intact) before reusing it
-        storage.write_bytes(dest, payload, durable=False)
+        # rerun re-checks every stored file's size (_stored_intact) before reusing it.
+        # A failure here is the output's (disk full, read-only): it stops the stage.
+        with _writing(dest):
+            storage.write_bytes(dest, payload, durable=False)
     record = {
         "id": sha[:16],
         "path": rel,
@@ -161,41 +265,74 @@ def _resolve_duplicates(outcomes: list[Outcome]) -> None:
                 o.detail = f"same content as {group[0].item.uri}"
 
 
-def _prune_unreferenced(raw_dir: Path, keep: set[str]) -> int:
-    """Remove stored images no longer in the manifest, and leftovers of killed runs.
+def _prune_unreferenced(raw_dir: Path, keep: set[str], owned: set[str]) -> tuple[int, list[str]]:
+    """Remove the stored images ingest wrote itself (*owned*) that the new manifest no longer lists
+    (*keep*), and temp files of killed runs: ``(removed, what was left alone)``.
 
-    The store is two levels deep (``images/<sha[:2]>/<file>``); scandir with plain strings
-    keeps this pass at a few milliseconds per thousand files.
+    Everything else under ``images/`` -- files ingest did not record, other folders -- is someone
+    else's: it stays where it is and is returned (relative to *raw_dir*) for a warning. The store
+    is two levels deep (``images/<sha[:2]>/<file>``); scandir with plain strings keeps this pass at
+    a few milliseconds per thousand files.
     """
     removed = 0
+    foreign: list[str] = []
     images = os.path.join(raw_dir, "images")
     try:
         with os.scandir(images) as top:
-            entries = list(top)
+            entries = sorted(top, key=lambda e: e.name)
     except FileNotFoundError:
-        return 0
-    shards = []
+        return 0, []
     for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            shards.append(e)
-        else:  # nothing of ours lives directly under images/
-            os.unlink(e.path)
-            removed += 1
-    for shard in shards:
-        left = 0
-        with os.scandir(shard.path) as entries:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)  # nothing of ours nests deeper
-                    removed += 1
-                elif f"images/{shard.name}/{e.name}" in keep:
-                    left += 1
-                else:
-                    os.unlink(e.path)
-                    removed += 1
-        if not left:
+        if e.name.startswith(storage.TMP_MARKER) and not e.is_dir(follow_symlinks=False):
+            removed += _unlink(e.path)
+        elif e.is_dir(follow_symlinks=False) and _SHARD_NAME.fullmatch(e.name):
+            removed += _prune_shard(e, keep, owned, foreign)
+        else:  # nothing of ours lives directly under images/, or in folders not named like a shard
+            foreign.append(f"images/{e.name}" + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    return removed, foreign
+
+
+def _prune_shard(shard: os.DirEntry, keep: set[str], owned: set[str], foreign: list[str]) -> int:
+    removed = left = 0
+    with os.scandir(shard.path) as entries:
+        for e in sorted(entries, key=lambda e: e.name):
+            rel = f"images/{shard.name}/{e.name}"
+            if e.is_dir(follow_symlinks=False):
+                foreign.append(rel + "/")  # nothing of ours nests deeper
+                left += 1
+            elif rel in keep:
+                left += 1
+            elif e.name.startswith(storage.TMP_MARKER) or (rel in owned and _STORED_NAME.fullmatch(e.name)):
+                removed += _unlink(e.path)
+            else:
+                foreign.append(rel)
+                left += 1
+    if not left:
+        with contextlib.suppress(OSError):
             os.rmdir(shard.path)
     return removed
+
+
+def _unlink(path: str) -> int:
+    with _writing(path, manifest_kept=False):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return 1
+
+
+def _previous_paths(raw_dir: Path) -> set[str]:
+    """The ``path`` column of the manifest a previous run left (what ingest stored there), if any."""
+    try:
+        with open(raw_dir / "manifest.csv", newline="", encoding="utf-8") as fh:
+            return {row.get("path") or "" for row in csv.DictReader(fh)} - {""}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+
+
+def _warn_foreign(raw_dir: Path, foreign: list[str]) -> None:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    warn(f"left {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} under {raw_dir / 'images'} that ingest did not "
+         f"write (never deleted): {shown}")
 
 
 VALIDATION_VERSION = 2  # bump when decode_image's rules change: invalidates every stored outcome
@@ -215,12 +352,14 @@ class IngestState:
     Written line by line as files finish (flushed, so a SIGKILL loses at most the
     line being written; a torn last line is ignored when read back), compacted
     atomically at the end of a run. The first line holds the params key; a journal
-    written under other validation params is ignored.
+    written under other validation params is ignored, except for :attr:`owned`: the
+    stored paths it records are still images ingest wrote (and this run may prune them).
     """
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
         self.entries: dict[str, dict[str, Any]] = {}
+        self.owned: set[str] = set()  # every stored path this journal ever recorded
         self._fh: Optional[IO[str]] = None
         self._lines = 0  # entry lines in the file: more than len(entries) when a URI was redone
         self._torn = False
@@ -236,9 +375,8 @@ class IngestState:
         if not lines:
             return
         try:
-            if json.loads(lines[0]).get("params_key") != self.key:
-                return
-        except ValueError:
+            current = json.loads(lines[0]).get("params_key") == self.key
+        except (ValueError, AttributeError):
             return
         for line in lines[1:]:
             try:
@@ -247,8 +385,11 @@ class IngestState:
                 self._torn = True  # by a kill
                 continue
             if isinstance(e, dict) and "uri" in e:
-                self.entries[e["uri"]] = e
-                self._lines += 1
+                if isinstance(e.get("record"), dict) and isinstance(e["record"].get("path"), str):
+                    self.owned.add(e["record"]["path"])
+                if current:
+                    self.entries[e["uri"]] = e
+                    self._lines += 1
 
     def lookup(self, item: SourceItem) -> Optional[dict[str, Any]]:
         e = self.entries.get(item.uri)
@@ -257,18 +398,19 @@ class IngestState:
         return None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or not self.entries and not self._header_ok()
-        if fresh:
-            storage.write_text(self.path, json.dumps({"params_key": self.key}) + "\n")
-        self._fh = open(self.path, "a+", encoding="utf-8")
-        self._fh.seek(0, os.SEEK_END)
-        if self._fh.tell() > 0:
-            self._fh.seek(self._fh.tell() - 1)
-            last = self._fh.read(1)
-            if last != "\n":  # a torn line from a killed run: never glue the next entry to it
-                self._fh.write("\n")
-        self._fh.flush()
+        with _writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or not self.entries and not self._header_ok()
+            if fresh:
+                storage.write_text(self.path, json.dumps({"params_key": self.key}) + "\n")
+            self._fh = open(self.path, "a+", encoding="utf-8")
+            self._fh.seek(0, os.SEEK_END)
+            if self._fh.tell() > 0:
+                self._fh.seek(self._fh.tell() - 1)
+                last = self._fh.read(1)
+                if last != "\n":  # a torn line from a killed run: never glue the next entry to it
+                    self._fh.write("\n")
+            self._fh.flush()
 
     def _header_ok(self) -> bool:
         try:
@@ -278,22 +420,32 @@ class IngestState:
             return False
 
     def record(self, o: Outcome) -> None:
-        if o.reason == UNREADABLE or not o.item.fingerprint:
-            return  # transient (network, permissions) or unidentifiable: retried next run
+        if o.reason in _NOT_JOURNALED or not o.item.fingerprint:
+            return  # transient (network, permissions), free to find again, or unidentifiable: retried next run
         e: dict[str, Any] = {"uri": o.item.uri, "fp": o.item.fingerprint, "label": o.item.label, "sha": o.sha256}
         if o.record is not None:
             e["record"] = {k: o.record[k] for k in ("id", "path", "width", "height", "format", "source_mode", "sha256", "bytes")}
+            self.owned.add(o.record["path"])
         else:
             e["reason"], e["detail"] = o.reason, o.detail
         self.entries[o.item.uri] = e
         self._appended += 1
         assert self._fh is not None
-        self._fh.write(json.dumps(e, ensure_ascii=False) + "\n")
-        self._fh.flush()
+        with _writing(self.path):
+            self._fh.write(json.dumps(e, ensure_ascii=False) + "\n")
+            self._fh.flush()
+
+    def abort(self) -> None:
+        """Close the journal after a failed run, as it is (the lines written so far stay valid)."""
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
 
     def close(self, keep: set[str]) -> None:
         if self._fh is not None:
-            self._fh.close()
+            with _writing(self.path):
+                self._fh.close()
             self._fh = None
         kept = [u for u in sorted(keep) if u in self.entries]
         if not (self._appended or self._torn) and self._lines == len(self.entries) == len(kept):
@@ -301,7 +453,8 @@ class IngestState:
         lines = [json.dumps({"params_key": self.key})]
         lines += [json.dumps(self.entries[u], ensure_ascii=False) for u in kept]
         # not fsynced: the journal is a cache; a torn or lost one only means files are decoded again
-        storage.write_text(self.path, "\n".join(lines) + "\n", durable=False)
+        with _writing(self.path):
+            storage.write_text(self.path, "\n".join(lines) + "\n", durable=False)
 
 
 def _outcome_from_entry(item: SourceItem, e: dict[str, Any]) -> Outcome:
@@ -449,7 +602,8 @@ class _DecodeThreads:
                 return it, res
             self.fetched.put((it, res))  # the end marker stays for the other threads
             if res is not _DONE:
-                raise StageError(f"fetching remote objects failed: {type(res).__name__}: {res}")
+                raise StageError(redact_text(f"fetching remote objects failed: {type(res).__name__}: {res}",
+                                             [it.remote for it in self.remote]))
             return None
 
     def next_job(self) -> Optional[tuple[SourceItem, Any]]:
@@ -470,7 +624,8 @@ class _DecodeThreads:
                     return
                 it, data = job
                 if isinstance(data, BaseException):
-                    self.finish(Outcome(it, reason=UNREADABLE, detail=f"fetch failed: {type(data).__name__}: {data}"), None)
+                    detail = redact_text(f"fetch failed: {type(data).__name__}: {data}", [it.remote])
+                    self.finish(Outcome(it, reason=UNREADABLE, detail=detail), None)
                     continue
                 if data is not None:
                     data = bytes(data)
@@ -481,23 +636,42 @@ class _DecodeThreads:
             self.stop.set()
 
 
-def _clean_leftovers(*folders: Path) -> None:
-    """Temp files of a killed run (never visible under a final name) are removed."""
-    for folder in folders:
+def _clean_leftovers(raw_dir: Path, state_path: Path) -> None:
+    """Temp files of a killed run (never visible under a final name) are removed: in the output (which
+    this run holds the lock of) and this output's journal's own in the state folder (other outputs'
+    journals there may be in the middle of a write)."""
+    for folder, suffix in ((raw_dir, ""), (state_path.parent, f"-{state_path.name}")):
         if folder.is_dir():
             for path in folder.iterdir():
-                if path.name.startswith(storage.TMP_MARKER):
+                if path.name.startswith(storage.TMP_MARKER) and path.name.endswith(suffix):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def run(params: Params) -> IngestReport:
+    """Ingest ``ingest.source`` into ``paths.raw``; see the module docstring. No message it raises
+    carries a credential of a source URL."""
+    try:
+        return _run(params)
+    except CvpipeError as exc:
+        text = redact_text(str(exc), params.ingest.sources)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from None
+    except Exception as exc:
+        text = redact_text(f"{type(exc).__name__}: {exc}", params.ingest.sources)
+        if text == f"{type(exc).__name__}: {exc}":
+            raise
+        raise StageError(text) from None
+
+
+def _run(params: Params) -> IngestReport:
     p: IngestParams = params.ingest
     for src in p.sources:
         check_source(src)
     raw_dir = Path(params.paths.raw)
     if storage.is_remote(params.paths.raw):
         raise StageError("paths.raw must be a local folder (DVC tracks it); sources may be remote")
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    _refuse_overlap(p.sources, raw_dir)  # before anything is read or written
     started = time.perf_counter()
     src_opts = SourceOptions(gcs_token=p.gcs_token, max_archive_bytes=p.max_archive_bytes)
     report = IngestReport()
@@ -505,56 +679,163 @@ def run(params: Params) -> IngestReport:
     stats: dict[str, int] = {}
     items = list_sources(p.sources, src_opts, stats)
     if not items:
-        raise StageError(f"no files found in ingest.source {p.source!r}")
+        raise StageError(f"no files found in ingest.source {redact_url(str(p.source))!r}")
+    _refuse_items_inside(items, raw_dir)
     report.listed = len(items)
     report.bytes_transferred += stats.get("bytes", 0)
 
+    with _writing(raw_dir):
+        raw_dir.mkdir(parents=True, exist_ok=True)
+    with _output_lock(raw_dir):
+        _ingest(params, items, raw_dir, src_opts, report)
+    report.seconds = round(time.perf_counter() - started, 3)
+    with _writing(storage.join(params.paths.metrics, "ingest.json"), manifest_kept=False):
+        storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
+    _print_report(report, raw_dir)
+    return report
+
+
+def _ingest(params: Params, items: list[SourceItem], raw_dir: Path, src_opts: SourceOptions, report: IngestReport) -> None:
+    """The part of a run that holds the output's lock: process, write the manifest and quarantine, prune."""
+    p = params.ingest
+    previous = _previous_paths(raw_dir)  # stored by an earlier run: ingest's own, whatever the journal says
     state = _open_state(p, raw_dir)
-    outcomes, todo = _reuse_known(items, state, raw_dir, report)
-    resolved = _process_with_progress(items, todo, outcomes, raw_dir, p, src_opts, state, report)
-    state.close(set(outcomes))
+    try:
+        listed_rejects, outcomes, todo = _reuse_known(items, state, raw_dir, report, _max_bytes(p))
+        resolved = _process_with_progress(items, todo, outcomes, raw_dir, p, src_opts, state, report)
+        state.close(set(outcomes))
+    except BaseException:
+        state.abort()
+        raise
+    resolved += listed_rejects
 
     accepted = sorted((o.record for o in resolved if o.record), key=lambda r: (r["label"], r["source_uri"]))
-    rejected = sorted((o for o in resolved if o.record is None), key=lambda o: o.item.uri)
+    rejected = sorted((o for o in resolved if o.record is None), key=lambda o: (o.item.uri, o.item.label or ""))
     if not accepted:
         raise StageError(f"no valid image among {len(items)} files; see the reasons in {raw_dir / 'quarantine.csv'}")
 
-    storage.write_csv(  # untouched when the bytes are unchanged: a rerun that changes nothing changes no file
-        str(raw_dir / "quarantine.csv"),
-        manifest.QUARANTINE_COLUMNS,
-        (
-            {"source_uri": o.item.uri, "label": o.item.label or "", "reason": o.reason, "detail": o.detail, "sha256": o.sha256}
-            for o in rejected
-        ),
-        only_if_changed=True,
-    )
-    storage.write_csv(str(raw_dir / "manifest.csv"), manifest.MANIFEST_COLUMNS, accepted, only_if_changed=True)
-    _prune_unreferenced(raw_dir, {r["path"] for r in accepted})
-
+    with _writing(raw_dir / "quarantine.csv"):
+        storage.write_csv(  # untouched when the bytes are unchanged: a rerun that changes nothing changes no file
+            str(raw_dir / "quarantine.csv"),
+            manifest.QUARANTINE_COLUMNS,
+            (
+                {"source_uri": o.item.uri, "label": o.item.label or "", "reason": o.reason, "detail": o.detail, "sha256": o.sha256}
+                for o in rejected
+            ),
+            only_if_changed=True,
+        )
+    with _writing(raw_dir / "manifest.csv"):
+        storage.write_csv(str(raw_dir / "manifest.csv"), manifest.MANIFEST_COLUMNS, accepted, only_if_changed=True)
+    owned = previous | state.owned | {o.record["path"] for o in outcomes.values() if o.record}
+    _, foreign = _prune_unreferenced(raw_dir, {r["path"] for r in accepted}, owned)
+    if foreign:
+        _warn_foreign(raw_dir, foreign)
     _count(report, accepted, rejected)
-    report.seconds = round(time.perf_counter() - started, 3)
-    storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
-    _print_report(report, raw_dir)
-    return report
+
+
+def _refuse_overlap(sources: list[str], raw_dir: Path) -> None:
+    """Exit 2, nothing touched, when the output and a source contain one another (real paths; bucket/prefix)."""
+    out = source_location(str(raw_dir))
+    for src in sources:
+        loc = source_location(src)
+        if overlaps(loc, out):
+            assert loc is not None and out is not None
+            how = "is" if loc[1] == out[1] else ("is inside" if out[1].startswith(loc[1]) else "contains")
+            raise ParamsError(
+                f"paths.raw: the output {str(raw_dir)!r} {how} the source {redact_url(src)!r} (real paths: {out[1]} "
+                f"and {loc[1]}); ingest would store into, and prune, what it reads: choose an output outside every "
+                "source. Nothing was written."
+            )
+
+
+def _refuse_items_inside(items: list[SourceItem], raw_dir: Path) -> None:
+    """Exit 2, nothing touched, when a listed file (a manifest row, an extracted archive) lies inside the output."""
+    out = source_location(str(raw_dir))
+    assert out is not None
+    inside = [it for it in items if it.local_path and (it.local_path == out[1] or it.local_path.startswith(out[1] + os.sep))]
+    if inside:
+        raise ParamsError(
+            f"paths.raw: {len(inside)} listed file(s) lie inside the output {str(raw_dir)!r}, e.g. {inside[0].uri!r}: "
+            "ingest would store into, and prune, what it reads: choose an output outside every source. Nothing was written."
+        )
+
+
+def _holder() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+@contextlib.contextmanager
+def _output_lock(raw_dir: Path):
+    """Hold ``<raw>/.cvpipe-ingest.lock`` (an OS file lock: released by the kernel if the holder dies),
+    with the holder's pid, host and start time written in it while held; a second run exits 2 naming them.
+
+    The file stays (empty) after the run: removing a lock file races with a process about to take it.
+    """
+    from filelock import FileLock, Timeout
+
+    path = raw_dir / LOCK_NAME
+    holder = (_holder() + "\n").encode()
+
+    def write_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+
+    lock = FileLock(str(path), timeout=0, on_acquired=write_holder)
+    with _writing(path):
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:  # an OSError itself: caught before _writing would call it a write failure
+            raise UsageError(
+                f"another ingest is writing into {raw_dir}: {_describe_holder(path)} (lock file {path}); "
+                "run one at a time per output"
+            ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.truncate(path, 0)  # before the release: the next holder writes its own name
+        lock.release()
 
 
 def _open_state(p: IngestParams, raw_dir: Path) -> IngestState:
     """The journal of this raw folder (one per folder, under ``ingest.state_dir``), opened for appending."""
     state_path = Path(p.state_dir) / f"state-{hashlib.sha256(str(raw_dir.resolve()).encode()).hexdigest()[:16]}.jsonl"
-    _clean_leftovers(raw_dir, state_path.parent)
+    with _writing(state_path.parent):
+        _clean_leftovers(raw_dir, state_path)
     state = IngestState(state_path, _params_key(p))
     state.open()
     return state
 
 
-def _reuse_known(items: list[SourceItem], state: IngestState, raw_dir: Path,
-                 report: IngestReport) -> tuple[dict[str, Outcome], list[SourceItem]]:
-    """Outcomes known without reading a file (junk, or unchanged in the journal and intact on disk), and the rest to do."""
+def _reuse_known(items: list[SourceItem], state: IngestState, raw_dir: Path, report: IngestReport,
+                 max_bytes: int) -> tuple[list[Outcome], dict[str, Outcome], list[SourceItem]]:
+    """What is known without reading a file: ``(rejected by the listing, outcomes by URI, the rest to do)``.
+
+    Junk, items the listing rejected (unreadable folders, FIFOs, conflicting labels...: one outcome
+    per naming, never journaled), files above ``ingest.max_file_mb`` by their listed size, and
+    items unchanged in the journal whose stored copy is intact.
+    """
+    listed_rejects: list[Outcome] = []
     outcomes: dict[str, Outcome] = {}
     todo: list[SourceItem] = []
     for it in items:
         if it.junk:
             outcomes[it.uri] = Outcome(it, reason=JUNK, detail="OS/editor metadata or hidden file")
+            continue
+        if it.rejected is not None:
+            listed_rejects.append(Outcome(it, reason=it.rejected[0], detail=it.rejected[1]))
+            continue
+        if it.size > max_bytes:
+            outcomes[it.uri] = _too_large(it, it.size, max_bytes)
             continue
         e = state.lookup(it)
         if e is not None and "record" in e and not _stored_intact(raw_dir, e["record"]):
@@ -564,7 +845,7 @@ def _reuse_known(items: list[SourceItem], state: IngestState, raw_dir: Path,
             report.reused += 1
         else:
             todo.append(it)
-    return outcomes, todo
+    return listed_rejects, outcomes, todo
 
 
 def _process_with_progress(items: list[SourceItem], todo: list[SourceItem], outcomes: dict[str, Outcome], raw_dir: Path,
