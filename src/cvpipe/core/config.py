@@ -3,7 +3,14 @@
 The file is validated at load time with pydantic. Every error names the key path
 and the offending value (``train.lr: must be greater than 0 (got -0.1)``) and is
 raised as :class:`~cvpipe.core.errors.ParamsError` so the CLI exits with code 2
-before any stage writes anything.
+before any stage writes anything. Quoted values are cut at 200 characters (saying how long
+they were) and at most 20 errors are listed.
+
+The file (at most 1 MiB of UTF-8) and every ``-S`` value are read by a restricted YAML
+loader: no anchors or aliases (no expansion bombs), nesting at most 32 levels deep.
+Floats must be finite; seeds, batch sizes and worker counts are bounded; paths are
+non-empty and free of control characters; devices are ``auto``, ``cpu``, ``mps``,
+``cuda`` or ``cuda:N``.
 
 Command-line flags override values from the file through dotted keys
 (``train.epochs=3``), the same syntax as ``dvc exp run -S``.
@@ -12,13 +19,14 @@ Command-line flags override values from the file through dotted keys
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cvpipe.core.errors import ParamsError
+from cvpipe.core.errors import ParamsError, clip, shorten
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -26,27 +34,56 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 WARMUP_FRACTION = 0.05
 
 
+# bounds of values that are counts of things a machine runs or holds at once, and of seeds
+MAX_SEED = 2**32 - 1  # numpy's seeding range (np.random.seed, RandomState)
+MAX_BATCH = 2**20
+MAX_WORKERS = 1024
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]{0,3}))?")
+# C0/C1 control characters and the line breaks YAML knows: never part of a path or source a params file names
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _check_device(v: str) -> str:
-    if v not in ("auto", "cpu", "mps") and not (v == "cuda" or v.startswith("cuda:")):
-        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    if not _DEVICE.fullmatch(v):
+        raise ValueError("must be auto, cpu, mps, cuda or cuda:N (N a GPU index)")
     return v
+
+
+def control_character(text: str) -> Optional[str]:
+    """The first control character (newline, tab, NUL, ...) in *text*, escaped (``'\\n'``); None when there is none."""
+    m = _CONTROL.search(text)
+    return None if m is None else repr(m.group())[1:-1]
+
+
+def _check_path(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must be a non-empty path")
+    bad = control_character(v)
+    if bad:
+        raise ValueError(f"must not contain control characters (found {bad})")
+    return v
+
+
+# a file or folder a stage reads or writes: an empty string would mean the current folder
+PathStr = Annotated[str, AfterValidator(_check_path)]
 
 
 class _Section(BaseModel):
     """Base for every params section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class PathsParams(_Section):
-    raw: str = "data/raw"
-    prepared: str = "data/prepared"
-    models: str = "models"
-    metrics: str = "metrics"
-    plots: str = "plots"
-    wandb: str = "wandb"
-    exports: str = "exports"
-    reports: str = "reports"
+    raw: PathStr = "data/raw"
+    prepared: PathStr = "data/prepared"
+    models: PathStr = "models"
+    metrics: PathStr = "metrics"
+    plots: PathStr = "plots"
+    wandb: PathStr = "wandb"
+    exports: PathStr = "exports"
+    reports: PathStr = "reports"
 
 
 class IngestParams(_Section):
@@ -54,14 +91,17 @@ class IngestParams(_Section):
     min_size: int = Field(8, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)
     max_aspect_ratio: float = Field(20.0, ge=1)
-    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="0 = one per CPU core")
     background: tuple[int, int, int] = (255, 255, 255)
-    gcs_token: Optional[str] = Field(
+    gcs_token: Optional[PathStr] = Field(
         None, description="gcsfs token: null = GOOGLE_APPLICATION_CREDENTIALS / ADC, 'anon' for public buckets, or a key file"
     )
     max_archive_bytes: int = Field(2 * 1024**3, ge=1, description="refuse archives that unpack to more than this")
     transfer_concurrency: int = Field(32, ge=1, le=1024, description="remote objects fetched at once")
-    state_dir: str = Field(".cvpipe/ingest", description="incremental state, kept outside the DVC output")
+    state_dir: PathStr = Field(".cvpipe/ingest", description="incremental state, kept outside the DVC output")
+    max_file_mb: float = Field(
+        1024.0, gt=0, allow_inf_nan=False, description="a source file larger than this (MiB) is quarantined unread (too_large)"
+    )
 
     @field_validator("source")
     @classmethod
@@ -69,6 +109,10 @@ class IngestParams(_Section):
         items = [v] if isinstance(v, str) else v
         if not items or any(not str(s).strip() for s in items):
             raise ValueError("must name at least one non-empty source")
+        for s in items:
+            bad = control_character(str(s))
+            if bad:
+                raise ValueError(f"{shorten(s)} contains a control character ({bad})")
         return v
 
     @field_validator("background")
@@ -86,9 +130,9 @@ class IngestParams(_Section):
 class PreprocessParams(_Section):
     image_size: int = Field(32, ge=16, le=4096, description="square side in pixels the model sees")
     resize_mode: Literal["shorter_side_center_crop", "pad_to_square", "stretch"] = "shorter_side_center_crop"
-    workers: int = Field(0, ge=0, description="0 = one per CPU core")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="0 = one per CPU core")
     oversample: int = Field(
-        0, ge=0, description="minimum images per class in train, topped up with augmented copies; 0 = off"
+        0, ge=0, le=10_000_000, description="minimum images per class in train, topped up with augmented copies; 0 = off"
     )
 
 
@@ -97,7 +141,7 @@ class SplitParams(_Section):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     test_from: Literal["val", "train"] = Field(
         "val",
         description="predefined only, when ingest found no test/ folder: 'val' = the val folder becomes test "
@@ -117,6 +161,18 @@ class SplitParams(_Section):
         return self
 
 
+def _non_finite(value: Any, where: str = "") -> Optional[str]:
+    """The path (``args.scale.1``) of the first inf/nan float inside *value*, None when every float is finite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "the value")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 class AugmentParams(_Section):
     """Training-time augmentation, as albumentations transforms: ``[{Name: {arg: value}}]``."""
 
@@ -127,14 +183,18 @@ class AugmentParams(_Section):
     def _one_transform_per_item(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, item in enumerate(v):
             if len(item) != 1:
-                raise ValueError(f"item {i} must map exactly one transform name to its arguments (got {item!r})")
+                raise ValueError(f"item {i} must map exactly one transform name to its arguments (got {shorten(item)})")
+            ((name, args),) = item.items()
+            where = _non_finite(args)
+            if where is not None:
+                raise ValueError(f"item {i} ({clip(str(name), 60)}): {clip(where, 100)} must be a finite number")
         return v
 
 
 class TrainParams(_Section):
     arch: str = "resnet18"
     pretrained: bool = False
-    pretrained_path: Optional[str] = None
+    pretrained_path: Optional[PathStr] = None
     finetune: Literal["full", "linear_probe", "staged"] = "full"
     freeze_epochs: int = Field(0, ge=0, description="staged: epochs with a frozen backbone before unfreezing")
     epochs: int = Field(15, ge=1, le=10_000, description="epochs to run; with time_budget_minutes, the most epochs the budget may plan")
@@ -143,7 +203,7 @@ class TrainParams(_Section):
         description="wall-clock budget of one train run (process start to last checkpoint); the epoch count and the "
         "cosine schedule are sized from the throughput measured in the first steps. null = run train.epochs",
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     lr: float = Field(2e-3, gt=0, le=10)
     head_lr: Optional[float] = Field(None, gt=0, le=10, description="classifier LR; null = lr")
     layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise LR decay; null = off")
@@ -162,17 +222,17 @@ class TrainParams(_Section):
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
     class_balance: Literal["none", "sampler", "loss"] = "none"
-    accum_steps: int = Field(1, ge=1)
+    accum_steps: int = Field(1, ge=1, le=1024)
     clip_grad: Optional[float] = Field(None, gt=0)
     monitor: Literal["val_acc", "val_loss", "ema_val_acc", "ema_val_loss"] = "val_acc"
     early_stop_patience: int = Field(0, ge=0, description="0 = off")
     early_stop_min_delta: float = Field(0.0, ge=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    workers: Optional[int] = Field(None, ge=0, description="DataLoader workers; null = auto")
+    workers: Optional[int] = Field(None, ge=0, le=MAX_WORKERS, description="DataLoader workers; null = auto")
     deterministic: bool = False
     auto_resume: bool = True
 
@@ -212,14 +272,14 @@ class EvaluateParams(_Section):
     weights: Literal["auto", "model", "ema"] = Field(
         "auto", description="auto: the EMA weights when train.monitor picked the checkpoint by an ema_ metric, else the model's"
     )
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     top_k: int = Field(5, ge=2, description="top-k accuracy (reported when k < number of classes)")
     tta_flip: bool = Field(False, description="average the softmax of the image and its horizontal flip")
     ece_bins: int = Field(15, ge=2, le=100)
     gallery_size: int = Field(16, ge=0, le=100, description="most confident mistakes drawn in mistakes.png")
     table_images: int = Field(200, ge=0, description="test images (with predictions) logged to the W&B table")
-    latency_runs: int = Field(30, ge=1, description="timed batch-1 forward passes (after warmup); the median is reported")
-    throughput_batch: int = Field(32, ge=1)
+    latency_runs: int = Field(30, ge=1, le=100_000, description="timed batch-1 forward passes (after warmup); the median is reported")
+    throughput_batch: int = Field(32, ge=1, le=MAX_BATCH)
     export: bool = Field(True, description="write TorchScript + ONNX to <paths.exports>/<arch>/ and check parity")
     parity_tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between eager and exports")
     parity_images: int = Field(64, ge=1, description="test images the parity check runs on")
@@ -248,7 +308,7 @@ class BakeoffParams(_Section):
             ov = dict(ov or {})
             bad = sorted(set(ov) - (set(TrainParams.model_fields) - {"arch"}))
             if bad:
-                raise ValueError(f"{arch}: {', '.join(bad)} is not a train.* key")
+                raise ValueError(f"{clip(str(arch), 60)}: {clip(', '.join(bad), 100)} is not a train.* key")
             out[str(arch)] = ov
         return out
 
@@ -258,7 +318,7 @@ class ServeParams(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    model: str = Field("models/best", description="promoted model folder, or a train checkpoint .pt; local or gs://")
+    model: PathStr = Field("models/best", description="promoted model folder, or a train checkpoint .pt; local or gs://")
     top_k: int = Field(5, ge=1, le=1000)
     max_upload_bytes: int = Field(10 * 1024**2, ge=1, description="larger uploads get 413")
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused before decoding (decompression bomb)")
@@ -266,7 +326,7 @@ class ServeParams(_Section):
     max_aspect_ratio: float = Field(20.0, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="a request (upload + inference) slower than this gets 504/408")
     inference_threads: int = Field(2, ge=1, le=64, description="requests decoded and run through the model at once")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    torch_threads: int = Field(0, ge=0, le=MAX_WORKERS, description="torch intra-op threads; 0 = torch's default")
     device: str = "cpu"
 
     @field_validator("device")
@@ -305,7 +365,8 @@ class Params(_Section):
             except ValidationError as exc:
                 e = exc.errors()[0]
                 loc = ".".join(str(p) for p in e["loc"])
-                raise ValueError(f"bakeoff.archs.{arch}{'.' + loc if loc else ''}: {e['msg']}") from None
+                got = "" if isinstance(e.get("input"), dict) else f" (got {shorten(e.get('input'))})"
+                raise ValueError(f"bakeoff.archs.{clip(str(arch), 60)}{'.' + loc if loc else ''}: {e['msg']}{got}") from None
         return self
 
     def for_arch(self, arch: str, keep: frozenset[str] = frozenset()) -> "Params":
@@ -329,35 +390,110 @@ class Params(_Section):
 
 # --------------------------------------------------------------------------- loading
 
+MAX_PARAMS_BYTES = 1024**2  # a params file is a few kilobytes; anything near this is not one
+MAX_YAML_DEPTH = 32  # nesting levels (the deepest params are augment arguments, about 6)
+MAX_ERRORS_SHOWN = 20
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what a params file never needs and what makes loading unbounded:
+
+    * anchors and aliases (``&a``/``*a``, merge keys): a few hundred bytes of aliases expand to
+      billions of nodes (the "billion laughs"), which validation and error messages would walk;
+    * nesting deeper than :data:`MAX_YAML_DEPTH` (the composer recurses: ``[[[[...`` overflows the stack);
+    * integers too long for Python to convert (``int()`` refuses more than 4,300 digits).
+
+    Each is a :class:`yaml.MarkedYAMLError` with the line and column where it appears.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML anchors and aliases are not allowed in params (found {clip(what, 60)}); write the value out",
+                event.start_mark,
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"values nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(str(node.value)):,} characters is too long", node.start_mark
+            ) from None
+
+
+_ParamsLoader.add_constructor("tag:yaml.org,2002:int", _ParamsLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """*text* parsed as a params file is (no aliases, bounded nesting); raises :class:`yaml.YAMLError`."""
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # belt and braces: the depth cap above should make this unreachable
+        raise yaml.YAMLError(f"values nested too deep (more than {MAX_YAML_DEPTH} levels)") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``at line 3, column 5: <problem>`` for a YAML error, short whatever the input was."""
+    if isinstance(exc, yaml.reader.ReaderError):  # its str() spans two lines
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f" at character {exc.position + 1}: unacceptable character #x{char:04x} ({exc.reason})"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}: {clip(str(problem), 300)}"
+
+
+def _format_validation_error(err: ValidationError, source: str, cli_keys: frozenset[str] = frozenset()) -> str:
+    errors = err.errors()
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        loc = ".".join(clip(str(p), 60) for p in e["loc"]) or "<top level>"
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{loc}: {msg}{shown}")
+        shown = "" if isinstance(got, dict) else f" (got {shorten(got)})"
+        if any(loc == k or loc.startswith(k + ".") for k in cli_keys):
+            shown += " (set on the command line)"
+        if not e["loc"] and re.match(r"[\w.]+: ", msg):  # a check across sections names its own key
+            lines.append(f"{clip(msg, 300)}{shown}")
+        else:
+            lines.append(f"{loc}: {clip(msg, 300)}{shown}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"... and {len(errors) - MAX_ERRORS_SHOWN:,} more errors")
     head = f"invalid params in {source}: " if len(lines) == 1 else f"invalid params in {source}:\n  "
     return head + "\n  ".join(lines)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML (as params.yaml is)."""
     if "=" not in item:
-        raise ParamsError(f"override {item!r} must look like section.key=value")
+        raise ParamsError(f"override {shorten(item)} must look like section.key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ParamsError(f"override {item!r} has an empty key")
+        raise ParamsError(f"override {shorten(item)} has an empty key")
+    key = clip(key, 200)
+    if re.search("[\udc80-\udcff]", item):  # bytes the command line could not decode (surrogateescape)
+        raise ParamsError(f"{key}: the value given with -S is not UTF-8 text")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ParamsError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+        raise ParamsError(f"{key}: the value given with -S is not valid YAML{_yaml_problem(exc)}") from None
     return key, value
 
 
@@ -381,6 +517,28 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+def read_params_file(path: Path) -> Any:
+    """The YAML document in *path*: at most :data:`MAX_PARAMS_BYTES`, UTF-8, loaded by :class:`_ParamsLoader`."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_PARAMS_BYTES + 1)
+    except OSError as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path} is larger than {MAX_PARAMS_BYTES // 1024**2} MiB: not a params file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ParamsError(
+            f"{path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (save the file as UTF-8)"
+        ) from None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML{_yaml_problem(exc)}") from None
+
+
 def load_params(path: Union[str, Path, None] = None, overrides: Optional[dict[str, Any]] = None) -> Params:
     """Read, override and validate params.
 
@@ -390,16 +548,7 @@ def load_params(path: Union[str, Path, None] = None, overrides: Optional[dict[st
     path = Path(path) if path is not None else Path(DEFAULT_PARAMS_FILE)
     data: Any = {}
     if path.exists():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ParamsError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        data = read_params_file(path)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -411,4 +560,4 @@ def load_params(path: Union[str, Path, None] = None, overrides: Optional[dict[st
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
-        raise ParamsError(_format_validation_error(exc, str(path))) from None
+        raise ParamsError(_format_validation_error(exc, str(path), frozenset(overrides or ()))) from None

@@ -29,10 +29,10 @@ from pydantic import BaseModel, ValidationError
 
 from cvpipe import __version__
 from cvpipe.core import storage
-from cvpipe.core.config import IngestParams, Params
+from cvpipe.core.config import IngestParams, Params, control_character, parse_yaml
 from cvpipe.core.console import console, is_quiet, progress
-from cvpipe.core.errors import StageError, UsageError
-from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
+from cvpipe.core.errors import StageError, UsageError, shorten
+from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources, redact_url
 from cvpipe.init import recipe
 from cvpipe.init.recipe import Choice, DataProfile, MachineProfile, RecipeOptions, SizeStats
 
@@ -99,12 +99,14 @@ def scan_source(sources: list[str], ingest: IngestParams, scan_limit: int = 2000
         check_source(src)
     opts = SourceOptions(gcs_token=ingest.gcs_token, max_archive_bytes=ingest.max_archive_bytes)
     listed = list_sources(sources, opts)
-    labelled = [it for it in listed if it.label is not None and not it.junk]
+    # items rejected while listing (FIFOs, loops, conflicting labels) are never read: ingest quarantines them
+    labelled = [it for it in listed if it.label is not None and not it.junk and it.rejected is None]
+    shown = ", ".join(redact_url(s) for s in sources)
     if not labelled:
-        raise StageError(f"no image files inside class folders in {', '.join(sources)} ({len(listed)} files listed)")
+        raise StageError(f"no image files inside class folders in {shown} ({len(listed)} files listed)")
     classes = Counter(it.label for it in labelled)
     if len(classes) < 2:
-        raise StageError(f"found only the class {next(iter(classes))!r} in {', '.join(sources)}: a classifier needs at least 2")
+        raise StageError(f"found only the class {next(iter(classes))!r} in {shown}: a classifier needs at least 2")
     sample = _spread(labelled, scan_limit)
     hashes: set[str] = set()
     shorter: list[int] = []
@@ -124,7 +126,7 @@ def scan_source(sources: list[str], ingest: IngestParams, scan_limit: int = 2000
             shorter.append(min(size))
             longer.append(max(size))
     if not shorter:
-        raise StageError(f"none of the {len(sample)} files scanned in {', '.join(sources)} is a readable image")
+        raise StageError(f"none of the {len(sample)} files scanned in {shown} is a readable image")
     return DataProfile(
         sources=tuple(sources),
         class_counts=dict(sorted(classes.items())),  # type: ignore[arg-type]
@@ -168,6 +170,20 @@ def machine_profile() -> MachineProfile:
 # ----------------------------------------------------------------------------- options
 
 
+def check_text_arguments(sources: list[str], params_path: Union[str, Path], options: RecipeOptions) -> None:
+    """Refuse (exit 2) a SOURCE, ``--params`` or ``--pretrained-path`` holding a control character (newline, tab,
+    NUL, ...): params.yaml could not name it as a path, and no stage could use it."""
+    named = [("SOURCE", s) for s in sources] + [("--params", str(params_path))]
+    if options.pretrained_path is not None:
+        named.append(("--pretrained-path", options.pretrained_path))
+    if options.arch is not None:
+        named.append(("--arch", options.arch))
+    for what, text in named:
+        bad = control_character(text)
+        if bad:
+            raise UsageError(f"{what} {shorten(text)}: contains a control character ({bad}); rename it or pick another path")
+
+
 def check_options(options: RecipeOptions) -> None:
     """Refuse contradictory or impossible ``cvpipe init`` options (exit 2) before anything is scanned."""
     from cvpipe.torchkit.models import check_arch
@@ -193,10 +209,23 @@ def check_options(options: RecipeOptions) -> None:
 # ----------------------------------------------------------------------------- writing params.yaml
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """SafeDumper that writes a value seen twice twice: params files may hold no anchors or aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _flow(value: Any) -> str:
-    """One-line YAML for *value* (flow style)."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 30).strip()
+    """One-line YAML for *value* (flow style), written by a YAML dumper."""
+    text = yaml.dump(value, Dumper=_NoAliasDumper, default_flow_style=True, sort_keys=False, width=1 << 30).strip()
     return text[: -len("...")].strip() if text.endswith("\n...") else text
+
+
+def _comment_text(text: str) -> str:
+    """*text* safe inside a ``#`` comment: every character YAML could read as a line break (or any other
+    non-printable one) is written escaped (``\\n``), so a comment always ends where its line ends."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _line(indent: int, text: str, comment: Optional[str]) -> list[str]:
@@ -204,6 +233,7 @@ def _line(indent: int, text: str, comment: Optional[str]) -> list[str]:
     line = " " * indent + text
     if not comment:
         return [line]
+    comment = _comment_text(comment)
     if len(line) + len(comment) + 3 > MAX_LINE:
         return [" " * indent + f"# {comment}", line]
     return [f"{line.ljust(COMMENT_COLUMN - 1)} # {comment}" if len(line) < COMMENT_COLUMN - 1 else f"{line}  # {comment}"]
@@ -216,9 +246,9 @@ def _key_lines(key: str, value: Any, choice: Optional[Choice[Any]], description:
     for part in choice.parts:
         if isinstance(value, list):  # one transform: {Name: {args}}
             ((name, args),) = part.value.items()
-            lines += _line(4, f"- {name}: {_flow(args)}", part.reason)
+            lines += _line(4, f"- {_flow(name)}: {_flow(args)}", part.reason)
         else:  # a mapping entry: name -> its value
-            lines += _line(4, f"{part.value}: {_flow(value[part.value])}", part.reason)
+            lines += _line(4, f"{_flow(part.value)}: {_flow(value[part.value])}", part.reason)
     return lines
 
 
@@ -226,13 +256,13 @@ def _header(profile: DataProfile, machine: MachineProfile, command: str) -> list
     counts = profile.class_counts
     folders = ", ".join(f"{k} {v}" for k, v in profile.split_counts.items()) or "none"
     sh, lo = profile.shorter_side, profile.longer_side
-    return [
+    return [_comment_text(line) for line in [
         f"# cvpipe parameters, written by `{command}` (cvpipe {__version__}).",
         "# Choices made for this data and machine carry their reason; the other keys are cvpipe's defaults",
         "# (the repository's params.yaml documents every key). Validated when any stage starts; override any",
         "# value with `cvpipe <stage> -S section.key=value` or `dvc exp run -S section.key=value`.",
         "#",
-        f"# Data: {profile.source}",
+        f"# Data: {redact_url(profile.source)}",
         f"#   {profile.num_images:,} images in {profile.num_classes} classes: {min(counts.values()):,} to "
         f"{max(counts.values()):,} per class (imbalance max/min {profile.imbalance_ratio:.2f})",
         f"#   given split (train/ val/ test/ folders or a split column): {folders}; {profile.unlabelled} file(s) outside class folders (ingest quarantines them)",
@@ -241,7 +271,7 @@ def _header(profile: DataProfile, machine: MachineProfile, command: str) -> list
         f"#   {profile.duplicates} exact duplicate(s), {profile.unreadable} unreadable file(s) among them",
         f"# Machine: {machine.describe()}; train.device auto -> {machine.accelerator}, train.amp auto -> {machine.amp}",
         "",
-    ]
+    ]]
 
 
 def _validated(data: dict[str, Any]) -> Params:
@@ -266,7 +296,11 @@ def render_params(profile: DataProfile, machine: MachineProfile, choices: dict[s
             lines += _key_lines(key, value, choices.get(f"{section}.{key}"), model.model_fields[key].description)
         lines.append("")
     text = "\n".join(lines)
-    if yaml.safe_load(text) != data:  # the comments and flow values must not change what loads
+    try:  # the comments and flow values must not change what loads, with the loader every stage uses
+        loaded = parse_yaml(text)
+    except yaml.YAMLError:
+        loaded = None
+    if loaded != data:
         raise StageError("cvpipe init: the rendered params.yaml does not load back to the values chosen (a bug)")
     return text
 
@@ -278,16 +312,25 @@ def relative_to_params(params_path: Path, path: str) -> str:
     return os.path.relpath(Path(path).resolve(), params_path.resolve().parent)
 
 
+def _ingest_params(sources: list[str]) -> IngestParams:
+    """``ingest.source`` set to the SOURCE arguments, validated as params.yaml will be (exit 2 when it is not)."""
+    try:
+        return IngestParams(source=sources)
+    except ValidationError as exc:
+        raise UsageError(f"SOURCE: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def run(
     sources: list[str], params_path: Union[str, Path], options: RecipeOptions, *, command: str,
     force: bool = False, scan_limit: int = 2000,
 ) -> dict[str, Choice[Any]]:
     """Scan, choose, write *params_path* (refusing to overwrite it unless *force*); returns the choices."""
     target = Path(params_path)
+    check_text_arguments(sources, target, options)
     if target.exists() and not force:
         raise UsageError(f"{target} exists; pass --force to overwrite it")
     check_options(options)
-    profile = scan_source(sources, IngestParams(source=sources), scan_limit)
+    profile = scan_source(sources, _ingest_params(sources), scan_limit)
     written = [relative_to_params(target, s) for s in sources]
     if options.pretrained_path is not None:
         options = replace(options, pretrained_path=relative_to_params(target, options.pretrained_path))
@@ -305,7 +348,7 @@ def run(
 def _print_summary(target: Path, profile: DataProfile, machine: MachineProfile, choices: dict[str, Choice[Any]]) -> None:
     from rich.table import Table
 
-    scan = Table(title=f"cvpipe init: scanned {profile.source}", title_justify="left", show_header=False)
+    scan = Table(title=f"cvpipe init: scanned {redact_url(profile.source)}", title_justify="left", show_header=False)
     scan.add_row("classes", f"{profile.num_classes} ({', '.join(f'{k} {v}' for k, v in list(profile.class_counts.items())[:8])}"
                  f"{', ...' if profile.num_classes > 8 else ''})")
     scan.add_row("images", f"{profile.num_images:,} (imbalance max/min {profile.imbalance_ratio:.2f})")
