@@ -462,7 +462,8 @@ def _mkdir(p: Path) -> Path:
 
 def test_redaction_and_overlap_rules():
     """The two helpers the stage (and the app's model summary) rely on, case by case."""
-    from cvpipe.data.sources import overlaps, redact_text, redact_url, source_location
+    from cvpipe.core.urls import redact_text, redact_url
+    from cvpipe.data.sources import overlaps, source_location
 
     assert redact_url("http://u:p@h:8/a/b.zip?Token=x&page=2&X-Goog-Signature=y#k") == \
         "http://***@h:8/a/b.zip?Token=***&page=2&X-Goog-Signature=***#k"

@@ -18,9 +18,9 @@ from cvpipe.core.config import load_params
 from cvpipe.core.errors import StageError
 from cvpipe.data.images import fit_array, open_for_size
 from cvpipe.data.prepared import PreparedDataset
+from cvpipe.data.resize import phash
 from cvpipe.ingest import stage as ingest
 from cvpipe.preprocess import stage as preprocess
-from cvpipe.data.resize import phash
 from cvpipe.preprocess.splits import near_duplicate_groups, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- helpers

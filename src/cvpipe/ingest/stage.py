@@ -48,6 +48,7 @@ from cvpipe.core import storage
 from cvpipe.core.config import IngestParams, Params
 from cvpipe.core.console import console, info, is_quiet, progress, warn
 from cvpipe.core.errors import CvpipeError, ParamsError, StageError, UsageError
+from cvpipe.core.urls import redact_text, redact_url
 from cvpipe.data import manifest
 from cvpipe.data.images import ImageRejected, decode_image
 from cvpipe.data.sources import (
@@ -58,8 +59,6 @@ from cvpipe.data.sources import (
     filesystem_for,
     list_sources,
     overlaps,
-    redact_text,
-    redact_url,
     source_location,
 )
 

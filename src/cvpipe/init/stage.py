@@ -32,7 +32,8 @@ from cvpipe.core import storage
 from cvpipe.core.config import IngestParams, Params, control_character, parse_yaml
 from cvpipe.core.console import console, is_quiet, progress
 from cvpipe.core.errors import StageError, UsageError, shorten
-from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources, redact_url
+from cvpipe.core.urls import redact_url
+from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
 from cvpipe.init import recipe
 from cvpipe.init.recipe import Choice, DataProfile, MachineProfile, RecipeOptions, SizeStats
 
