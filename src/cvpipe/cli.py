@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from cvpipe import __version__
 from cvpipe.core.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
@@ -79,7 +80,7 @@ def _stage(quiet: bool, debug: bool, fn: Callable[[], Any]) -> None:
     except CvpipeError as exc:
         if _debug:
             traceback.print_exc()
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # a value may look like markup
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -87,7 +88,7 @@ def _stage(quiet: bool, debug: bool, fn: Callable[[], Any]) -> None:
     except Exception as exc:  # unexpected: still one line unless --debug
         if _debug:
             traceback.print_exc()
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", soft_wrap=True)
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)", soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -333,20 +334,23 @@ def serve(
     p = cli.load({"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k})
     import uvicorn
 
+    from cvpipe.serve import memory
     from cvpipe.serve.app import create_app
+    from cvpipe.serve.guards import ServeLimits, uvicorn_options
     from cvpipe.serve.model import load_model
 
+    memory.tune_malloc()  # before uvicorn's threads: freed image buffers go back to the system
     s = p.serve
     served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
                         torch_threads=s.torch_threads)
-    console.print(
-        f"serving {served.arch} ({len(served.classes)} classes) from {s.model} on http://{s.host}:{s.port}/",
-        soft_wrap=True,
+    console.print(  # served.source: the model URL without its credentials
+        f"serving {served.arch} ({len(served.classes)} classes) from {served.source} on http://{s.host}:{s.port}/",
+        soft_wrap=True, markup=False,
     )
+    limits = ServeLimits()  # idle/header timeouts, request and connection caps: cvpipe.serve.guards
     uvicorn.run(
-        create_app(served, s), host=s.host, port=s.port,
-        log_level="warning" if cli.quiet else "info", timeout_keep_alive=5,
-        timeout_graceful_shutdown=5, limit_concurrency=256,
+        create_app(served, s, limits), host=s.host, port=s.port,
+        log_level="warning" if cli.quiet else "info", timeout_graceful_shutdown=5, **uvicorn_options(limits),
     )
 
 

@@ -3,7 +3,10 @@
 * :mod:`cvpipe.serve.model` loads a promoted model folder or a bare train
   checkpoint (local or ``gs://``) and runs the evaluation preprocessing;
 * :mod:`cvpipe.serve.app` builds the FastAPI app (``/predict``, ``/model``,
-  ``/healthz``, the page in ``static/``).
+  ``/healthz``, the page in ``static/``);
+* :mod:`cvpipe.serve.guards`: idle/slow-header timeouts, the cap on requests in progress,
+  refusal of ambiguous framing; :mod:`cvpipe.serve.memory`: freed image memory back to the
+  system; :mod:`cvpipe.serve.remote`: remote models cached per version, URLs redacted.
 """
 
 from cvpipe.serve.model import ServedModel, load_model

@@ -10,14 +10,22 @@ Endpoints
 
 Safety
 ------
+* connections: idle and slow-header timeouts, a cap on requests *in progress* (503 beyond it,
+  ``/healthz`` exempt) and refusal of ambiguous framing (Transfer-Encoding with
+  Content-Length: 400), all in :mod:`cvpipe.serve.guards` (:class:`BackgroundServer` and the
+  CLI run uvicorn with :func:`~cvpipe.serve.guards.uvicorn_options`);
 * uploads above ``serve.max_upload_bytes`` get 413 from :class:`LimitsMiddleware`
   before the body is read (Content-Length) or as soon as it grows past the limit
   (chunked bodies);
 * every request gets ``serve.request_timeout_s``: a slow upload gets 408, slow
   work (queue + inference) gets 504; the server keeps serving;
 * bad images are refused by :func:`cvpipe.data.images.decode_image` with 4xx JSON
-  ``{"error": <reason code>, "detail": <why>}``; an unexpected error is still a
-  JSON 500, never a dropped connection;
+  ``{"error": <reason code>, "detail": <why>}``, and whatever else the decoder raises on a
+  malformed file is a 422 ``corrupt`` too (:meth:`ServedModel.decoder_errors`); an unexpected
+  error elsewhere is still a JSON 500, never a dropped connection;
+* memory per request is bounded: images above ``LARGE_IMAGE_PIXELS`` are decoded one at a
+  time (:meth:`ServedModel.decode_slot`, taken before a compute slot, so small requests keep
+  flowing) and their memory is handed back to the system;
 * decoding and inference run in a worker thread (``serve.inference_threads`` at
   once), never on the event loop, so ``/healthz`` answers while a model runs.
 """
@@ -33,7 +41,7 @@ from typing import Any, Optional
 import anyio
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -41,6 +49,7 @@ from starlette.exceptions import HTTPException
 from cvpipe import __version__
 from cvpipe.core.config import ServeParams
 from cvpipe.data.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
+from cvpipe.serve.guards import ActiveRequestLimit, FramingGuard, ServeLimits, uvicorn_options
 from cvpipe.serve.model import Prediction, ServedModel
 
 log = logging.getLogger("cvpipe.serve")
@@ -151,7 +160,10 @@ class ErrorResponse(BaseModel):
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 504)}
 
 
-def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
+def create_app(model: ServedModel, settings: ServeParams, limits: Optional[ServeLimits] = None) -> FastAPI:
+    """The app around *model*; *limits* (default :class:`ServeLimits`) sets the request cap, which the
+    uvicorn options of the same limits complement with the connection-level ones."""
+    limits = limits or ServeLimits()
     app = FastAPI(
         title="cvpipe",
         version=__version__,
@@ -165,8 +177,11 @@ def create_app(model: ServedModel, settings: ServeParams) -> FastAPI:
     _add_model_routes(app, model, stats)
     _add_predict_route(app, model, settings, stats)
     _add_page(app, settings)
+    # the last added runs first: framing, then the request cap, then size and time limits
     app.add_middleware(LimitsMiddleware, max_body=settings.max_upload_bytes + MULTIPART_SLACK,
                        timeout_s=settings.request_timeout_s)
+    app.add_middleware(ActiveRequestLimit, max_active=limits.max_active_requests, exempt=limits.exempt_paths)
+    app.add_middleware(FramingGuard)
     return app
 
 
@@ -210,13 +225,14 @@ def _add_model_routes(app: FastAPI, model: ServedModel, stats: dict[str, Any]) -
         """The model card: architecture, classes, test metrics, data version, params summary, leaderboard."""
         return model.info()
 
-    @app.get("/model/confusion_matrix.png", tags=["model"], response_class=FileResponse,
-             responses={404: {"model": ErrorResponse}})
+    @app.get("/model/confusion_matrix.png", tags=["model"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
     async def confusion_matrix():
-        path = model.files.get("confusion_matrix.png")
-        if path is None:
+        """The confusion matrix image, held in memory since the model was loaded."""
+        png = model.assets.get("confusion_matrix.png")
+        if png is None:
             raise ApiError(404, "not_found", "this model has no confusion matrix image (run cvpipe evaluate / compare)")
-        return FileResponse(path, media_type="image/png")
+        return Response(png, media_type="image/png")
 
 
 def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, stats: dict[str, Any]) -> None:
@@ -242,7 +258,8 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
         deadline = time.monotonic() + settings.request_timeout_s
 
         def work():
-            with compute:
+            # a large image waits for the one large-decode slot before it takes a compute slot
+            with model.decode_slot(data, settings.max_pixels), compute:
                 if time.monotonic() > deadline:
                     return None  # the client already got its 504
                 return model.predict_bytes(data, k=k, max_pixels=settings.max_pixels, min_size=settings.min_size,
@@ -319,9 +336,14 @@ def _reason_text(exc: ImageRejected) -> str:
 
 
 class BackgroundServer:
-    """Run an app under a real uvicorn server in a thread (tests, notebooks): ``with BackgroundServer(app) as url``."""
+    """Run an app under a real uvicorn server in a thread (tests, notebooks): ``with BackgroundServer(app) as url``.
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **config: Any):
+    The server has the CLI's connection guards (:func:`~cvpipe.serve.guards.uvicorn_options` of *limits*);
+    *config* overrides any ``uvicorn.Config`` keyword.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, limits: Optional[ServeLimits] = None,
+                 **config: Any):
         import socket
 
         import uvicorn
@@ -331,7 +353,8 @@ class BackgroundServer:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **config))
+        options = {**uvicorn_options(limits), "log_level": "warning", **config}
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
         self.thread = threading.Thread(target=self.server.run, name="cvpipe-serve", daemon=True)
 
     def __enter__(self) -> str:

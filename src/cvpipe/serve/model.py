@@ -1,7 +1,8 @@
 """Load a trained model for serving, with the preprocessing it was evaluated with.
 
-Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied
-down once through :func:`cvpipe.core.storage.local_copy`):
+Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied down
+once per version of the remote object by :func:`cvpipe.serve.remote.fetch_model`, so a
+re-uploaded model is fetched again; credentials in the URL are never shown):
 
 * a **promoted model folder** (``models/best/``)::
 
@@ -32,12 +33,25 @@ Preprocessing is never re-typed; an upload takes the path a training image took:
    normalization train and evaluate use (uint8 NHWC -> float NCHW on the device).
 
 So a stored training image fed to the server gives the very array evaluate saw.
+
+Whatever an upload makes the decoder raise is a rejection (``ImageRejected``, a 4xx), never
+a 500. Memory per request is bounded: the header's pixel count is refused above
+``serve.max_pixels`` before decoding; images above :data:`LARGE_IMAGE_PIXELS` are decoded
+one at a time (:meth:`ServedModel.decode_slot`), each kept as one full-size copy (a
+non-JPEG's decoded pixels are used as they are instead of being re-encoded and decoded a
+second time), and their memory is handed back to the system afterwards
+(:mod:`cvpipe.serve.memory`). Optional files the card shows (the confusion matrix image) are
+read into memory at load: removing them while serving changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +61,20 @@ import numpy as np
 
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
-from cvpipe.data.images import DecodedImage, decode_image, fit_array
+from cvpipe.core.urls import redact_text, redact_url
+from cvpipe.data.images import BOMB, CORRUPT, DecodedImage, ImageRejected, decode_image, fit_array
+from cvpipe.serve import memory
+from cvpipe.serve.remote import fetch_model
 from cvpipe.torchkit.loaders import BatchNormalizer
 from cvpipe.torchkit.runtime import Runtime
+
+log = logging.getLogger("cvpipe.serve")
+
+# images with more pixels than this (~12 MB as RGB) are decoded one at a time
+LARGE_IMAGE_PIXELS = 4_000_000
+# optional files held in memory from load (the rest are read once, at load, into the card)
+ASSET_FILES = ("confusion_matrix.png",)
+_LARGE_DECODE = threading.Lock()
 
 OPTIONAL_FILES = {
     "preprocess.json": "preprocessing (taken from the checkpoint instead)",
@@ -96,6 +121,7 @@ class ServedModel:
     decode_side: int = 0  # preprocess decoded JPEGs at the scale covering this side (>= image_size)
     card: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Optional[Path]] = field(default_factory=dict)  # optional file -> local path or None
+    assets: dict[str, bytes] = field(default_factory=dict)  # ASSET_FILES' bytes, read at load
     notes: list[str] = field(default_factory=list)  # what is missing, said plainly
     leaderboard: Optional[list[dict[str, str]]] = None
     leaderboard_md: Optional[str] = None
@@ -112,11 +138,50 @@ class ServedModel:
         return decode_image(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
 
     def to_array(self, decoded: DecodedImage, original: bytes) -> np.ndarray:
-        """The evaluation input: (H, W, 3) uint8 at image_size, decoded and resized as preprocess did."""
+        """The evaluation input: (H, W, 3) uint8 at image_size, decoded and resized as preprocess did.
+
+        A JPEG goes the stored bytes' way (the original when clean, else ingest's re-encode) through
+        :func:`cvpipe.data.resize.decode_for_size`, at the reduced DCT scale preprocess used. Any other
+        format is stored as a lossless PNG of the decoded pixels, which preprocess decodes back to the
+        same pixels: those are used as they are, with no second full-size decode (and ``decoded.image``
+        is released as soon as they are copied: one full-size copy at a time).
+        """
         from cvpipe.data.resize import decode_for_size
 
+        if decoded.image is not None and decoded.format != "JPEG":
+            pixels = np.asarray(decoded.image)
+            decoded.image = None  # one full-size copy at a time
+            return fit_array(pixels, self.image_size, self.resize_mode)
         stored, _ = decoded.encoded(original)
         return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
+
+    @contextlib.contextmanager
+    def decode_slot(self, data: bytes, max_pixels: int):
+        """Held around decoding *data*: images above LARGE_IMAGE_PIXELS (up to *max_pixels*) one at a time,
+        their memory returned to the system afterwards; smaller ones (and bombs, refused unread) pass."""
+        pixels = header_pixels(data)
+        if not LARGE_IMAGE_PIXELS < pixels <= max_pixels:
+            yield
+            return
+        with _LARGE_DECODE:
+            try:
+                yield
+            finally:
+                memory.trim()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def decoder_errors():
+        """Around decoding an upload: anything the decoder raises is an :class:`ImageRejected` (a 4xx)."""
+        try:
+            yield
+        except ImageRejected:
+            raise
+        except MemoryError:
+            raise ImageRejected(BOMB, "the image needs more memory to decode than the server has free") from None
+        except Exception as exc:  # a decoder bug on a malformed file: the file is refused, the server stays up
+            log.warning("decoder failure on an upload: %s: %s", type(exc).__name__, exc)
+            raise ImageRejected(CORRUPT, f"the decoder failed on this file ({type(exc).__name__}: {exc})") from None
 
     def to_tensor(self, arrays: list[np.ndarray]):
         """uint8 (H, W, 3) arrays -> the normalized float (B, 3, H, W) batch on the device, as evaluate builds it."""
@@ -148,9 +213,12 @@ class ServedModel:
     def predict_bytes(self, data: bytes, *, k: int, max_pixels: int, min_size: int = 1,
                       max_aspect_ratio: Optional[float] = None) -> Prediction:
         t0 = time.perf_counter()
-        decoded = self.decode(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
+        with self.decoder_errors():
+            decoded = self.decode(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
         t1 = time.perf_counter()
-        x = self.to_tensor([self.to_array(decoded, data)])
+        with self.decoder_errors():
+            arr = self.to_array(decoded, data)
+        x = self.to_tensor([arr])
         t2 = time.perf_counter()
         probs = self.forward(x)[0]
         t3 = time.perf_counter()
@@ -179,12 +247,24 @@ class ServedModel:
             "params_summary": card.get("params_summary"),
             "model_cost": card.get("model_cost"),
             "trained_epochs": card.get("trained_epochs"),
-            "confusion_matrix_url": "/model/confusion_matrix.png" if self.files.get("confusion_matrix.png") else None,
+            "confusion_matrix_url": "/model/confusion_matrix.png" if "confusion_matrix.png" in self.assets else None,
             "leaderboard": self.leaderboard,
             "leaderboard_md": self.leaderboard_md,
             "files": {name: path is not None for name, path in self.files.items()},
             "notes": self.notes,
         }
+
+
+def header_pixels(data: bytes) -> int:
+    """The pixel count *data*'s image header declares; 0 when Pillow cannot read a header (the decoder refuses it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        return int(width) * int(height)
+    except Exception:  # any malformed header: decode_image names the problem
+        return 0
 
 
 # ---------------------------------------------------------------------- loading
@@ -206,8 +286,19 @@ def _params_summary(params: Optional[dict[str, Any]]) -> Optional[dict[str, Any]
     for section, keys in SUMMARY_KEYS.items():
         sec = params.get(section)
         if isinstance(sec, dict):
-            out[section] = {k: sec[k] for k in keys if k in sec}
+            out[section] = {k: _redacted(sec[k]) for k in keys if k in sec}
     return out or None
+
+
+def _redacted(value: Any) -> Any:
+    """*value* with every URL in it (a string, or strings in lists and dicts) redacted: a source may carry credentials."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
 
 
 def _metrics_from_evaluate(ev: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +321,7 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
+    shown = redact_url(str(uri))  # the form every message and the card show
     layout, ckpt_path, files = _locate(uri)
     ckpt = load_checkpoint(str(ckpt_path))
     for key in ("arch", "classes", "model"):
@@ -238,10 +330,10 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     arch = str(ckpt["arch"])
 
     prep = _read_json(files.get("preprocess.json")) or {}
-    image_size, resize_mode, mean, std = _preprocessing(uri, prep, ckpt)
+    image_size, resize_mode, mean, std = _preprocessing(shown, prep, ckpt)
     classes = _read_json(files.get("classes.json")) or list(ckpt["classes"])
     if list(classes) != list(ckpt["classes"]):
-        raise StageError(f"{uri}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
+        raise StageError(f"{shown}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
 
     card = _read_json(files.get("card.json")) or {}
     if not isinstance(card, dict):
@@ -263,7 +355,7 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     model = ServedModel(
         arch=arch, decode_side=_decode_side(prep, ckpt, image_size), classes=list(classes), image_size=int(image_size),
         resize_mode=str(resize_mode), mean=[float(v) for v in mean], std=[float(v) for v in std], module=module,
-        device=dev, source=str(uri), layout=layout, card=full_card, files=files, notes=notes,
+        device=dev, source=shown, layout=layout, card=full_card, files=files, assets=_read_assets(files), notes=notes,
         leaderboard=leaderboard, leaderboard_md=leaderboard_md,
     )
     model.warm_up()
@@ -272,24 +364,25 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
 
 def _locate(uri: str) -> tuple[str, Path, dict[str, Optional[Path]]]:
     """The layout ("folder" or "checkpoint"), the local checkpoint and the folder's optional files (local path or None)."""
-    if not storage.exists(uri):
+    shown = redact_url(str(uri))
+    try:
+        found = storage.exists(uri)
+        local = fetch_model(uri) if found and storage.is_remote(uri) else Path(uri)
+    except Exception as exc:  # credentials, network, permissions: one line, without the URL's secrets
+        raise StageError(redact_text(f"cannot fetch the model {shown}: {type(exc).__name__}: {exc}", [str(uri)])) from None
+    if not found:
         raise StageError(
-            f"no model at {uri}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
+            f"no model at {shown}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
         )
-    local = storage.local_copy(uri)
-    if storage.is_remote(uri):
-        fs, rpath = storage.get_fs(uri)
-        if fs.isfile(rpath):  # a remote *file* is copied into a folder of its own
-            local = local / Path(rpath).name
     if not local.is_dir():
         return "checkpoint", local, {}
     ckpt_path = local / "model.pt"
     if not ckpt_path.is_file():
-        raise StageError(f"{uri} is a folder without model.pt: not a promoted model folder")
+        raise StageError(f"{shown} is a folder without model.pt: not a promoted model folder")
     return "folder", ckpt_path, {name: _find_local(local, name) for name in OPTIONAL_FILES}
 
 
-def _preprocessing(uri: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def _preprocessing(shown: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """image_size, resize_mode, mean, std: preprocess.json's where it says, else the checkpoint's."""
     norm = ckpt.get("normalize") or {}
     image_size = prep.get("image_size", ckpt.get("image_size"))
@@ -297,7 +390,7 @@ def _preprocessing(uri: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tupl
     mean = prep.get("mean", norm.get("mean"))
     std = prep.get("std", norm.get("std"))
     if image_size is None or mean is None or std is None:
-        raise StageError(f"{uri}: the saved preprocessing is incomplete (image_size={image_size}, mean={mean}, std={std})")
+        raise StageError(f"{shown}: the saved preprocessing is incomplete (image_size={image_size}, mean={mean}, std={std})")
     return image_size, resize_mode, mean, std
 
 
@@ -342,6 +435,18 @@ def _full_card(card: dict[str, Any], metrics: Optional[dict[str, Any]], ckpt: di
         "model_cost": card.get("model_cost") or card.get("cost") or {"params_m": params_m, "checkpoint_mb": size_mb},
         "trained_epochs": card.get("trained_epochs") or ckpt.get("epoch"),
     }
+
+
+def _read_assets(files: dict[str, Optional[Path]]) -> dict[str, bytes]:
+    """The bytes of the ASSET_FILES the model has, read now: the card never depends on the files staying."""
+    assets = {}
+    for name in ASSET_FILES:
+        if files.get(name) is not None:
+            try:
+                assets[name] = files[name].read_bytes()
+            except OSError as exc:
+                raise StageError(f"cannot read {files[name]}: {exc.strerror or exc}") from None
+    return assets
 
 
 def _leaderboard(files: dict[str, Optional[Path]]) -> tuple[Optional[list[dict[str, str]]], Optional[str]]:
