@@ -347,7 +347,7 @@ def serve(
         f"serving {served.arch} ({len(served.classes)} classes) from {served.source} on http://{s.host}:{s.port}/",
         soft_wrap=True, markup=False,
     )
-    limits = ServeLimits()  # idle/header timeouts, request and connection caps: cvpipe.serve.guards
+    limits = ServeLimits.from_params(s)  # idle/header timeouts, request and connection caps: cvpipe.serve.guards
     uvicorn.run(
         create_app(served, s, limits), host=s.host, port=s.port,
         log_level="warning" if cli.quiet else "info", timeout_graceful_shutdown=5, **uvicorn_options(limits),

@@ -328,6 +328,11 @@ class ServeParams(_Section):
     inference_threads: int = Field(2, ge=1, le=64, description="requests decoded and run through the model at once")
     torch_threads: int = Field(0, ge=0, le=MAX_WORKERS, description="torch intra-op threads; 0 = torch's default")
     device: str = "cpu"
+    idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="a connection that sends nothing for this long is closed")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request head not complete within this gets 408")
+    max_active_requests: int = Field(64, ge=1, le=100_000, description="requests in progress at once; more get 503 (not /healthz)")
+    max_connections: int = Field(2048, ge=1, le=1_000_000, description="open sockets; above it the longest-idle one is closed")
+    large_image_pixels: int = Field(4_000_000, ge=1, description="images above this are decoded one at a time")
 
     @field_validator("device")
     @classmethod

@@ -23,7 +23,7 @@ Safety
   ``{"error": <reason code>, "detail": <why>}``, and whatever else the decoder raises on a
   malformed file is a 422 ``corrupt`` too (:meth:`ServedModel.decoder_errors`); an unexpected
   error elsewhere is still a JSON 500, never a dropped connection;
-* memory per request is bounded: images above ``LARGE_IMAGE_PIXELS`` are decoded one at a
+* memory per request is bounded: images above ``serve.large_image_pixels`` are decoded one at a
   time (:meth:`ServedModel.decode_slot`, taken before a compute slot, so small requests keep
   flowing) and their memory is handed back to the system;
 * decoding and inference run in a worker thread (``serve.inference_threads`` at
@@ -163,7 +163,7 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 504)}
 def create_app(model: ServedModel, settings: ServeParams, limits: Optional[ServeLimits] = None) -> FastAPI:
     """The app around *model*; *limits* (default :class:`ServeLimits`) sets the request cap, which the
     uvicorn options of the same limits complement with the connection-level ones."""
-    limits = limits or ServeLimits()
+    limits = limits or ServeLimits.from_params(settings)
     app = FastAPI(
         title="cvpipe",
         version=__version__,
@@ -259,7 +259,7 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
 
         def work():
             # a large image waits for the one large-decode slot before it takes a compute slot
-            with model.decode_slot(data, settings.max_pixels), compute:
+            with model.decode_slot(data, settings.max_pixels, settings.large_image_pixels), compute:
                 if time.monotonic() > deadline:
                     return None  # the client already got its 504
                 return model.predict_bytes(data, k=k, max_pixels=settings.max_pixels, min_size=settings.min_size,

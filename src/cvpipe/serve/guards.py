@@ -42,6 +42,8 @@ from typing import Any, Optional
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cvpipe.core.config import ServeParams
+
 
 @dataclass(frozen=True)
 class ServeLimits:
@@ -50,6 +52,12 @@ class ServeLimits:
     max_active_requests: int = 64  # requests in progress at once; more get 503 (healthz exempt)
     max_connections: int = 2048  # open sockets; above it the oldest idle one is closed
     exempt_paths: tuple[str, ...] = ("/healthz",)
+
+    @classmethod
+    def from_params(cls, s: ServeParams) -> "ServeLimits":
+        """The limits ``serve.*`` sets (params.yaml or ``-S``)."""
+        return cls(idle_timeout_s=s.idle_timeout_s, header_timeout_s=s.header_timeout_s,
+                   max_active_requests=s.max_active_requests, max_connections=s.max_connections)
 
 
 def uvicorn_options(limits: Optional[ServeLimits] = None) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from cvpipe.torchkit.runtime import Runtime
 log = logging.getLogger("cvpipe.serve")
 
 # images with more pixels than this (~12 MB as RGB) are decoded one at a time
-LARGE_IMAGE_PIXELS = 4_000_000
+LARGE_IMAGE_PIXELS = 4_000_000  # serve.large_image_pixels' default
 # optional files held in memory from load (the rest are read once, at load, into the card)
 ASSET_FILES = ("confusion_matrix.png",)
 _LARGE_DECODE = threading.Lock()
@@ -156,11 +156,11 @@ class ServedModel:
         return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
 
     @contextlib.contextmanager
-    def decode_slot(self, data: bytes, max_pixels: int):
-        """Held around decoding *data*: images above LARGE_IMAGE_PIXELS (up to *max_pixels*) one at a time,
+    def decode_slot(self, data: bytes, max_pixels: int, large_pixels: int = LARGE_IMAGE_PIXELS):
+        """Held around decoding *data*: images above *large_pixels* (up to *max_pixels*) one at a time,
         their memory returned to the system afterwards; smaller ones (and bombs, refused unread) pass."""
         pixels = header_pixels(data)
-        if not LARGE_IMAGE_PIXELS < pixels <= max_pixels:
+        if not large_pixels < pixels <= max_pixels:
             yield
             return
         with _LARGE_DECODE:
