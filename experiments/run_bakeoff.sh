@@ -50,7 +50,8 @@ cp models/best/card.json "$OUT/card.json"
 # W&B offline run summaries (the run folders themselves stay in $WORK/wandb; `wandb sync` uploads them)
 "$PY" - "$OUT/wandb/runs.json" <<'PYEOF'
 import json, sys
-from cvpipe.wandb_offline import find_runs, read_run
+sys.path.insert(0, "tests")  # the offline-run reader lives with the tests (tests/wandb_offline.py)
+from wandb_offline import find_runs, read_run
 runs = []
 for p in find_runs("wandb"):
     r = read_run(p)
