@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,9 +32,15 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Pillow refuses to *load* past its own bomb limit (and warns below it); we check against
-# our own limit before decoding, so Pillow's guard is off.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own bomb guard stays on: some plugins allocate inside ``Image.open`` (a GIF frame with
+# disposal 2 fills a background of the frame's size before we can read the header), and only
+# Pillow's check runs before that. It refuses past 2x ``MAX_IMAGE_PIXELS`` and warns past 1x; the
+# limit follows the largest ``max_pixels`` asked for (:func:`_allow_pixels`), so Pillow never refuses
+# what our own check (below) would accept, and the warning is silenced once here, at import
+# (``warnings.catch_warnings`` per call is not thread-safe; ingest decodes in threads).
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, ingest.max_pixels' default
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # Reason codes written to quarantine.csv (stable: tests and users match on them).
@@ -188,7 +195,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 def decode_image(
     data: bytes,
     *,
-    max_pixels: int = 89_478_485,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 1,
     max_aspect_ratio: Optional[float] = None,
     background: tuple[int, int, int] = (255, 255, 255),
@@ -208,6 +215,13 @@ def decode_image(
         raise ImageRejected(reason, f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__) from None
 
 
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's bomb limit to *max_pixels* if it is lower (it only ever grows, so concurrent
+    callers with different limits never make it stricter than what one of them allows)."""
+    if (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _decode_image(
     data: bytes,
     max_pixels: int,
@@ -219,14 +233,13 @@ def _decode_image(
         raise ImageRejected(EMPTY, "0 bytes")
     if data.startswith(b"version https://git-lfs"):
         raise ImageRejected(LFS_POINTER, "a Git LFS pointer, not the file it points to")
+    _allow_pixels(max_pixels)
     try:
-        # no DecompressionBombWarning to silence: MAX_IMAGE_PIXELS is None (and warnings.catch_warnings
-        # is not thread-safe; ingest decodes in threads)
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         kind = "text/HTML content" if _looks_like_text(data) else "unrecognized content"
         raise ImageRejected(NOT_IMAGE, kind) from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
+    except Image.DecompressionBombError as exc:  # past 2x the largest max_pixels: refused before allocating
         raise ImageRejected(BOMB, str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports a header cut short as OSError("Truncated File Read") and
