@@ -105,3 +105,18 @@ def test_fast_path_gives_pillows_outcome_on_every_real_file(real_data, monkeypat
     slow = [_outcome(d) for d in datas]
     assert [p.name for p, a, b in zip(paths, fast, slow) if a != b] == []
     assert sum(took_fast_path) >= 390  # the fast path did the work for the real photos
+
+
+def test_preprocess_raises_pillows_bomb_guard_to_ingests_limit(tmp_path):
+    """preprocess reads images ingest already validated against ``ingest.max_pixels``: resize_all lifts
+    Pillow's guard to that limit (it only grows), so a user's larger limit is not refused a second time."""
+    import numpy as np
+
+    from cvpipe.data.resize import resize_all
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "a.png")
+    limit = 3 * 10**9  # far above Pillow's default (89 MP) and anything an earlier test set
+    out = resize_all(str(tmp_path), ["a.png"], tmp_path / "out.npy", 16, "shorter_side_center_crop", 1,
+                     max_pixels=limit)
+    assert Image.MAX_IMAGE_PIXELS >= limit
+    assert out.shape == (1,) and np.load(tmp_path / "out.npy").shape == (1, 16, 16, 3)

@@ -35,7 +35,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # Pillow's own bomb guard stays on: some plugins allocate inside ``Image.open`` (a GIF frame with
 # disposal 2 fills a background of the frame's size before we can read the header), and only
 # Pillow's check runs before that. It refuses past 2x ``MAX_IMAGE_PIXELS`` and warns past 1x; the
-# limit follows the largest ``max_pixels`` asked for (:func:`_allow_pixels`), so Pillow never refuses
+# limit follows the largest ``max_pixels`` asked for (:func:`allow_pixels`), so Pillow never refuses
 # what our own check (below) would accept, and the warning is silenced once here, at import
 # (``warnings.catch_warnings`` per call is not thread-safe; ingest decodes in threads).
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default, ingest.max_pixels' default
@@ -215,9 +215,10 @@ def decode_image(
         raise ImageRejected(reason, f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__) from None
 
 
-def _allow_pixels(max_pixels: int) -> None:
+def allow_pixels(max_pixels: int) -> None:
     """Raise Pillow's bomb limit to *max_pixels* if it is lower (it only ever grows, so concurrent
-    callers with different limits never make it stricter than what one of them allows)."""
+    callers with different limits never make it stricter than what one of them allows). Readers of
+    images ingest already validated (preprocess) call it with ``ingest.max_pixels``."""
     if (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
@@ -233,7 +234,7 @@ def _decode_image(
         raise ImageRejected(EMPTY, "0 bytes")
     if data.startswith(b"version https://git-lfs"):
         raise ImageRejected(LFS_POINTER, "a Git LFS pointer, not the file it points to")
-    _allow_pixels(max_pixels)
+    allow_pixels(max_pixels)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from cvpipe.core.errors import StageError
-from cvpipe.data.images import fit_array, open_for_size
+from cvpipe.data.images import DEFAULT_MAX_PIXELS, allow_pixels, fit_array, open_for_size
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 HASH_MIN_SIDE = 64  # perceptual hashes of resized/recompressed copies stay within ~4 bits from here up
@@ -179,14 +179,16 @@ def _pool_context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _worker_init() -> None:
-    """One OpenCV thread per worker: the pool already runs one process per core."""
+def _worker_init(max_pixels: int) -> None:
+    """One OpenCV thread per worker (the pool already runs one process per core); Pillow's bomb
+    guard at ingest's limit (a forkserver worker does not inherit the parent's)."""
     cv2.setNumThreads(1)
+    allow_pixels(max_pixels)
 
 
 def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: int, mode: str, workers: int,
                want_hash: bool = True, on_progress=None,
-               shapes: Optional[Sequence[tuple[int, int]]] = None) -> np.ndarray:
+               shapes: Optional[Sequence[tuple[int, int]]] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Resize every image in ``rels`` (relative to ``base_dir``) into a new ``(N, size, size, 3)`` uint8 .npy.
 
     ``shapes`` are the images' (width, height) if known (from ingest's manifest),
@@ -194,8 +196,10 @@ def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: i
 
     Runs over ``workers`` processes (each writes its rows straight into the
     shared memory-mapped file, so no pixels travel between processes).
-    Returns the perceptual hashes (uint64, zeros when ``want_hash`` is false).
+    Returns the perceptual hashes (uint64, zeros when ``want_hash`` is false). ``max_pixels``
+    (ingest's limit, which the stored images passed) keeps Pillow's bomb guard from refusing them.
     """
+    allow_pixels(max_pixels)
     n = len(rels)
     out = np.lib.format.open_memmap(str(out_path), mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     out.flush()
@@ -212,7 +216,8 @@ def resize_all(base_dir: str, rels: Sequence[str], out_path: str | Path, size: i
         return hashes
     chunk = max(8, min(64, n // (workers * 8)))
     chunks = [rows[s : s + chunk] for s in range(0, n, chunk)]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init,
+                             initargs=(max_pixels,)) as pool:
         futures = [pool.submit(_resize_chunk, base_dir, str(out_path), c, size, mode, want_hash) for c in chunks]
         for f, c in zip(futures, chunks):
             for i, h in f.result():

@@ -121,7 +121,7 @@ def run(params: Params) -> dict[str, Any]:
         t0 = time.perf_counter()
         hashes = resize_all(raw_dir, [r["path"] for r in rows], staging, size, pp.resize_mode, workers, want_hash,
                             on_progress=lambda k: bar.advance(task, k),
-                            shapes=[(int(r["width"]), int(r["height"])) for r in rows])
+                            shapes=[(int(r["width"]), int(r["height"])) for r in rows], max_pixels=params.ingest.max_pixels)
         resize_seconds = time.perf_counter() - t0
 
         splits, leaks, dup_groups = _split_without_leaks(params, rows, labels, classes, hashes, root)
