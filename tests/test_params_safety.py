@@ -18,22 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cvpipe
+from conftest import REPO, cvpipe, write_params
 
 PROBE = "compare"  # loads and validates all of params.yaml, then exits 1 in an empty folder
 
 
 def _params_with(folder: Path, key: str, value) -> Path:
     """The repository's params.yaml with *key* (dotted) set to *value*, written by a YAML dumper."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return write_params(folder, {key: value})
 
 
 def _run(folder: Path, *args: str, timeout: float = 120):
