@@ -31,36 +31,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cvpipe(args: list[str], cwd: Path) -> float:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cvpipe", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"cvpipe {' '.join(args)} failed in {cwd}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
-def write_params(folder: Path, overrides: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+from _common import REPO, cvpipe, write_params  # noqa: E402  (bench/ is on sys.path)
 
 
 def prepare_digits(work: Path) -> Path:

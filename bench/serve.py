@@ -26,9 +26,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,23 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, cvpipe, free_port, start_server  # noqa: E402  (bench/ is on sys.path)
 sys.path.insert(0, str(REPO / "src"))
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def env_with_src() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "disabled",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-
-def cvpipe(args: list[str], cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cvpipe", *args], cwd=cwd, env=env_with_src(), capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"cvpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 def train_small_model(data: Path, work: Path, per_class: int) -> Path:
@@ -103,12 +90,6 @@ def raw_latency(model_path: str, photos: list[Path], iters: int) -> dict[str, fl
     return {"arch": m.arch, "image_size": m.image_size, "torch_threads": torch.get_num_threads(),
             "raw_batch1_ms_p50": round(statistics.median(times), 3), "raw_batch1_ms_p95": round(percentile(times, 95), 3),
             "inprocess_pipeline_ms_p50": round(statistics.median(pipeline), 3)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def burst(url: str, photos: list[Path], n: int, concurrency: int, warmup: int) -> dict:
@@ -170,34 +151,16 @@ def main() -> None:
               f"in-process decode+preprocess+model p50 {raw['inprocess_pipeline_ms_p50']} ms", flush=True)
 
         port = free_port()
-        log = open(work / "serve.log", "w")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cvpipe", "serve", "--quiet", "--model", model_path, "--host", "127.0.0.1",
-             "--port", str(port), "-S", f"serve.inference_threads={a.inference_threads}"],
-            cwd=work, env=env_with_src(), stdout=log, stderr=subprocess.STDOUT,
-        )
+        server = start_server(model_path, work, port, a.inference_threads, timeout_s=120)
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx
 
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"cvpipe serve exited {server.returncode}:\n{(work / 'serve.log').read_text()}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    sys.exit("cvpipe serve did not come up within 120 s")
-                time.sleep(0.3)
             res = asyncio.run(burst(url, photos, a.requests, a.concurrency, a.warmup))
             alive = httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         finally:
             server.terminate()
             server.wait(timeout=30)
-            log.close()
 
     lat = res["latencies"]
     ok = len(lat)

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, free_port, start_server  # noqa: E402  (bench/ is on sys.path)
+
 sys.path.insert(0, str(REPO / "src"))
 
 TARGETS = {"soak_5xx": 0, "healthz_p99_s": 1.0, "rss_ratio": 1.5}
@@ -56,17 +56,6 @@ TARGETS = {"soak_5xx": 0, "healthz_p99_s": 1.0, "rss_ratio": 1.5}
 
 def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values), q)), 4) if values else None
-
-
-def env_with_src() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "disabled",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -99,30 +88,6 @@ def large_images(photo: Path) -> list[tuple[str, bytes]]:
     jpg = io.BytesIO()
     Image.open(photo).convert("RGB").resize((6000, 4000), Image.BILINEAR).save(jpg, format="JPEG", quality=85)
     return [("large_40mp.png", png.getvalue()), ("large_24mp.jpg", jpg.getvalue())]
-
-
-def start_server(model: str, work: Path, port: int, inference_threads: int) -> subprocess.Popen:
-    import httpx
-
-    log = open(work / "serve.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cvpipe", "serve", "--quiet", "--model", model, "--host", "127.0.0.1",
-         "--port", str(port), "-S", f"serve.inference_threads={inference_threads}"],
-        cwd=work, env=env_with_src(), stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while True:
-        if server.poll() is not None:
-            sys.exit(f"cvpipe serve exited {server.returncode}:\n{(work / 'serve.log').read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            server.kill()
-            sys.exit("cvpipe serve did not come up within 180 s")
-        time.sleep(0.3)
 
 
 class Soak:
@@ -329,7 +294,7 @@ def main() -> None:
         large = large_images(photos[0])
         port = free_port()
         server = start_server(str(Path(model).resolve()) if Path(model).exists() else model, work, port,
-                              a.inference_threads)
+                              a.inference_threads, timeout_s=180)
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx

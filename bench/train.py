@@ -26,33 +26,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cvpipe(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "cvpipe", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"cvpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-
-
-def write_params(folder: Path, overrides: dict) -> None:
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+from _common import REPO, cvpipe, write_params  # noqa: E402  (bench/ is on sys.path)
 
 
 def last_epoch(folder: Path, arch: str) -> dict:
