@@ -80,7 +80,9 @@ run_stage() {
   local stage=$1; shift
   local shell=$1; shift
   [ -f "$PROJECT/params.yaml" ] || die "$PROJECT/params.yaml not found"
-  local args=(run --rm --user "$(id -u):$(id -g)" -w /work
+  # --init: Docker's tini is PID 1 and forwards signals, so `docker stop` ends the stage at once
+  # instead of waiting out its timeout (Python as PID 1 has no default SIGTERM handler)
+  local args=(run --rm --init --user "$(id -u):$(id -g)" -w /work
               -v "$PROJECT/params.yaml:/work/params.yaml:ro"
               -e CVPIPE_CACHE=/work/.cvpipe/cache)
   local d

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -51,20 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, work: Path, port: int, inference_threads: int, timeout_s: float) -> subprocess.Popen:
-    """``cvpipe serve`` on 127.0.0.1:*port* (log in ``work/serve.log``), once ``/healthz`` answers 200."""
+def start_server(model: str, work: Path, port: int, inference_threads: int, timeout_s: float,
+                 extra_args: Sequence[str] = (), log_name: str = "serve.log", poll_s: float = 0.3) -> subprocess.Popen:
+    """``cvpipe serve`` on 127.0.0.1:*port* (log in ``work/<log_name>``), once ``/healthz`` answers 200.
+
+    *extra_args* go to the CLI after the defaults (``--backend onnx``, ``-S serve.batch_window_ms=2``);
+    *poll_s* is how often /healthz is tried (a bench timing the start polls faster)."""
     import httpx
 
-    with open(work / "serve.log", "w") as log:  # the child keeps its own descriptor
+    with open(work / log_name, "w") as log:  # the child keeps its own descriptor
         server = subprocess.Popen(
             [sys.executable, "-m", "cvpipe", "serve", "--quiet", "--model", model, "--host", "127.0.0.1",
-             "--port", str(port), "-S", f"serve.inference_threads={inference_threads}"],
+             "--port", str(port), "-S", f"serve.inference_threads={inference_threads}", *extra_args],
             cwd=work, env=env_with_src(), stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + timeout_s
     while True:
         if server.poll() is not None:
-            sys.exit(f"cvpipe serve exited {server.returncode}:\n{(work / 'serve.log').read_text()}")
+            sys.exit(f"cvpipe serve exited {server.returncode}:\n{(work / log_name).read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return server
@@ -73,4 +78,25 @@ def start_server(model: str, work: Path, port: int, inference_threads: int, time
         if time.monotonic() > deadline:
             server.kill()
             sys.exit(f"cvpipe serve did not come up within {timeout_s:.0f} s")
-        time.sleep(0.3)
+        time.sleep(poll_s)
+
+
+def machine() -> dict:
+    """What a timing depends on: the CPU model (kernels differ per ISA), the cores this process may use,
+    the load from other processes right now, and the versions of the runtimes that exist here."""
+    import importlib.metadata as md
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    versions = {}
+    for dist in ("torch", "onnxruntime", "uvicorn", "fastapi", "numpy"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {"cpu": cpu or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(), **versions}

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def copy_pipeline(repo: Path) -> Path:
     docker/requirements/<image>.txt)."""
     repo.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    extras = ["dvc.yaml", ".dvcignore", "scripts/stage", "docker-shell.sh", "Pipfile.lock"]
+    extras = ["dvc.yaml", ".dvcignore", "scripts/stage", "docker-shell.sh", "Pipfile.lock", "labels/overrides.csv"]
     extras += [p.relative_to(REPO).as_posix() for p in REPO.glob("*/Dockerfile")]
     extras += [p.relative_to(REPO).as_posix() for p in REPO.glob("docker/requirements/*.txt")]
     for rel in extras:
@@ -121,3 +122,37 @@ def cvpipe(*args: str, cwd: Path | None = None, env: dict | None = None, check: 
     if check and proc.returncode != 0:
         raise AssertionError(f"cvpipe {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# ---- headless Chromium (tests/test_browser.py, tests/test_review_browser.py) ----------------------
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def need_browser() -> None:
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return
+    msg = f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    need_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()

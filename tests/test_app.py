@@ -1,4 +1,7 @@
-"""cvpipe serve: the API against a model trained by the real sample pipeline (digits slice, 2 epochs)."""
+"""cvpipe serve: the API against a model trained by the real sample pipeline (digits slice, 2 epochs).
+
+The app serves evaluate's export folder (exports/resnet18: a uint8-pixel model.onnx) on ONNX
+Runtime; the bare checkpoint (models/resnet18/best.pt) on torch, and both give the same answers."""
 
 from __future__ import annotations
 
@@ -42,6 +45,14 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(trained):
+    """evaluate's export folder on the default backend: onnxruntime."""
+    return load_model(str(trained / "exports/resnet18"), metrics_dir=str(trained / "metrics"),
+                      plots_dir=str(trained / "plots"))
+
+
+@pytest.fixture(scope="module")
+def served_pt(trained):
+    """The bare train checkpoint: the torch backend."""
     return load_model(str(trained / "models/resnet18/best.pt"), metrics_dir=str(trained / "metrics"),
                       plots_dir=str(trained / "plots"))
 
@@ -71,6 +82,7 @@ def _manifest(proj: Path) -> dict[str, str]:
 def test_healthz_docs_and_model_card(client, trained):
     h = client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == "resnet18"
+    assert h.json()["backend"] == "onnxruntime"
 
     m = client.get("/model").json()
     ev = json.loads((trained / "metrics/resnet18/evaluate.json").read_text())
@@ -82,10 +94,14 @@ def test_healthz_docs_and_model_card(client, trained):
     assert m["preprocess"]["image_size"] == 32 and m["preprocess"]["resize_mode"] == "shorter_side_center_crop"
     assert m["model_cost"]["params_m"] == pytest.approx(tr["params_m"], abs=1e-3)
     assert m["leaderboard"] is None and any("leaderboard" in n for n in m["notes"])
+    assert m["layout"] == "folder" and m["backend"]["name"] == "onnxruntime" and m["backend"]["file"] == "model.onnx"
+    assert m["backend"]["intra_op_threads"] >= 1 and m["backend"]["graph_optimization"] == "ORT_ENABLE_ALL"
+    assert "pixels: uint8 NHWC" in m["backend"]["input"]
+    assert not any("model.pt" in n for n in m["notes"])  # the torch backend's file is not missed
 
     png = client.get(m["confusion_matrix_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.content == (trained / "plots/resnet18/confusion_matrix.png").read_bytes()
+    assert png.content == (trained / "exports/resnet18/confusion_matrix.png").read_bytes()
 
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/model", "/healthz"} <= set(spec["paths"])
@@ -110,7 +126,7 @@ def test_predict_is_the_evaluation_preprocessing_and_model(client, served, train
         r = client.post("/predict", files={"file": (f"{row['id']}.png", data, "image/png")}, params={"top_k": 10})
         assert r.status_code == 200, r.text
         body = r.json()
-        expected = served.forward(served.to_tensor([np.asarray(test.images[i])]))[0]
+        expected = served.probabilities([np.asarray(test.images[i])])[0]
         got = {t["label"]: t["probability"] for t in body["top_k"]}
         assert len(got) == 10 and sum(got.values()) == pytest.approx(1.0, abs=1e-4)
         for c, p in zip(served.classes, expected):
@@ -304,6 +320,7 @@ def test_cli_serve_end_to_end(trained):
             time.sleep(0.3)
         r = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x.png", _png(), "image/png")}, timeout=30)
         assert r.status_code == 200 and len(r.json()["top_k"]) == 3
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["backend"] == "torch"  # a bare .pt: torch
         m = httpx.get(f"http://127.0.0.1:{port}/model").json()  # card found via paths.metrics of the project
         assert m["test_metrics"]["accuracy"] == json.loads((trained / "metrics/resnet18/evaluate.json").read_text())["accuracy"]
     finally:
@@ -312,6 +329,10 @@ def test_cli_serve_end_to_end(trained):
 
     bad = cvpipe("serve", "--model", "models/nothing.pt", cwd=trained, check=False)
     assert bad.returncode == 1 and "no model at models/nothing.pt" in bad.stdout + bad.stderr
+    bad = cvpipe("serve", "--model", "models/resnet18/best.pt", "--backend", "onnx", cwd=trained, check=False)
+    assert bad.returncode == 1 and "serve.backend is onnx, but models/resnet18/best.pt" in bad.stdout + bad.stderr
+    bad = cvpipe("serve", "--backend", "tensorrt", cwd=trained, check=False)
+    assert bad.returncode == 2 and "serve.backend" in bad.stdout + bad.stderr
     bad = cvpipe("serve", "-S", "serve.port=0", cwd=trained, check=False)
     assert bad.returncode == 2 and "serve.port" in bad.stdout + bad.stderr
 
@@ -337,3 +358,189 @@ def test_load_from_gs_through_the_emulator(trained, tmp_path, monkeypatch):
     with TestClient(create_app(m, ServeParams())) as client:
         assert client.get("/model/confusion_matrix.png").status_code == 200
         assert client.post("/predict", files={"file": ("x.png", _png(), "image/png")}).status_code == 200
+
+
+# ---------------------------------------------------------------------- backends
+
+
+def test_torch_backend_serves_the_bare_checkpoint_with_the_same_answers(served, served_pt, trained):
+    from cvpipe.data.prepared import PreparedDataset
+
+    assert served.backend.name == "onnxruntime" and served_pt.backend.name == "torch" and served_pt.layout == "checkpoint"
+    with TestClient(create_app(served_pt, ServeParams())) as c:
+        assert c.get("/healthz").json()["backend"] == "torch"
+        assert c.get("/model").json()["backend"]["name"] == "torch"
+        assert c.post("/predict", files={"file": ("x.png", _png(), "image/png")}).status_code == 200
+
+    # the same folder (the evaluated weights: model.pt and model.onnx) on torch answers like onnxruntime
+    images = list(np.asarray(PreparedDataset(str(trained / "data/prepared")).split("test").images))
+    forced = load_model(str(trained / "exports/resnet18"), backend="torch", metrics_dir=str(trained / "metrics"))
+    ort_p, pt_p = served.probabilities(images), forced.probabilities(images)
+    assert forced.backend.name == "torch" and len(images) >= 20
+    assert np.abs(ort_p - pt_p).max() <= 1e-5 and (ort_p.argmax(1) == pt_p.argmax(1)).all()
+    with pytest.raises(StageError, match="serve.backend is onnx, but .*bare checkpoint has no model.onnx"):
+        load_model(str(trained / "models/resnet18/best.pt"), backend="onnx")
+    with pytest.raises(StageError, match="serve.backend must be one of auto, onnx, torch"):
+        load_model(str(trained / "exports/resnet18"), backend="tensorrt")
+
+
+def test_onnx_folder_needs_no_checkpoint_and_an_old_float_onnx_goes_to_torch(trained, tmp_path):
+    """A folder with only the uint8 model.onnx (+ preprocess/classes) serves on onnxruntime; one whose
+    model.onnx takes float NCHW (exported before #20) is served through torch under auto, refused under onnx."""
+    import torch
+
+    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
+
+    only_onnx = tmp_path / "only-onnx"
+    only_onnx.mkdir()
+    for name in ("model.onnx", "preprocess.json", "classes.json"):
+        shutil.copy(trained / "exports/resnet18" / name, only_onnx / name)
+    m = load_model(str(only_onnx), metrics_dir=str(trained / "metrics"))
+    assert m.backend.name == "onnxruntime" and m.arch == "resnet18" and m.card["model_cost"]["onnx_mb"] > 0
+    assert m.card["trained_epochs"] == 2 and m.card["params_summary"]["train"]["arch"] == "resnet18"
+
+    old = tmp_path / "old"
+    shutil.copytree(trained / "exports/resnet18", old)
+    ckpt = load_checkpoint(str(old / "model.pt"))
+    torch.onnx.export(model_from_checkpoint(ckpt).eval(), (torch.zeros(1, 3, 32, 32),), str(old / "model.onnx"),
+                      input_names=["input"], output_names=["logits"], dynamo=False)
+    m = load_model(str(old), metrics_dir=str(trained / "metrics"))
+    assert m.backend.name == "torch" and any("served through torch: model.onnx takes tensor(float)" in n for n in m.notes)
+    with pytest.raises(StageError, match="serve.backend is onnx, but .*re-run cvpipe evaluate"):
+        load_model(str(old), backend="onnx")
+    (old / "model.pt").unlink()
+    with pytest.raises(StageError, match="has no model.pt for the torch backend"):
+        load_model(str(old))
+
+
+# ---------------------------------------------------------------------- micro-batching
+
+
+def test_batcher_routes_each_result_to_its_request_and_batches_arrivals_together():
+    import threading
+
+    from cvpipe.serve.batching import MicroBatcher
+
+    calls = []
+
+    def run(batch):  # row i -> the first pixel of item i, so every answer says whose it is
+        calls.append(len(batch))
+        return batch[:, 0, 0, :].astype(np.float32)
+
+    b = MicroBatcher(run, window_ms=200, max_batch=8)
+    out = {}
+
+    def ask(i):
+        out[i] = b.submit(np.full((4, 4, 3), i, np.uint8), timeout=10)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close()
+    assert {i: v.tolist() for i, v in out.items()} == {i: [i, i, i] for i in range(8)}
+    assert sum(calls) == 8 and len(calls) < 8 and max(calls) <= 8  # arrivals within the window shared a batch
+
+
+def test_batcher_isolates_a_failing_item_and_bounds_the_wait():
+    import threading
+    import time as _time
+
+    from cvpipe.serve.batching import MicroBatcher
+
+    def run(batch):
+        if (batch[:, 0, 0, 0] == 13).any():
+            raise ValueError("bad item")
+        return batch[:, 0, 0, :].astype(np.float32)
+
+    b = MicroBatcher(run, window_ms=100, max_batch=4)
+    results = {}
+
+    def ask(i):
+        try:
+            results[i] = b.submit(np.full((2, 2, 3), i, np.uint8), timeout=10)[0]
+        except ValueError as exc:
+            results[i] = str(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (11, 12, 13, 14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {11: 11.0, 12: 12.0, 13: "bad item", 14: 14.0}
+    b.close()
+
+    gate = threading.Event()
+    slow = MicroBatcher(lambda batch: (gate.wait(5), batch[:, 0, 0, :].astype(np.float32))[1], window_ms=1, max_batch=2)
+    t0 = _time.monotonic()
+    with pytest.raises(TimeoutError):
+        slow.submit(np.zeros((2, 2, 3), np.uint8), timeout=0.3)
+    assert _time.monotonic() - t0 < 2  # bounded: the caller is back well before the model
+    gate.set()
+    assert slow.submit(np.ones((2, 2, 3), np.uint8), timeout=10).tolist() == [1.0, 1.0, 1.0]  # still serving
+    slow.close()
+
+
+def test_micro_batched_app_gives_the_unbatched_answers(served, trained):
+    import concurrent.futures
+
+    paths = _manifest(trained)
+    datas = [(trained / "data/raw" / paths[r["id"]]).read_bytes() for r in _test_rows(trained)[:8]]
+    expected = [served.predict_bytes(d, k=3, max_pixels=10**8).top_k for d in datas]
+    app = create_app(served, ServeParams(batch_window_ms=50, max_batch_size=8, inference_threads=4))
+    with BackgroundServer(app) as url:
+        def post(d):
+            return httpx.post(f"{url}/predict", files={"file": ("x.png", d, "image/png")}, params={"top_k": 3}, timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, datas))
+    for r, exp in zip(answers, expected):
+        assert r.status_code == 200, r.text
+        got = r.json()["top_k"]
+        assert [t["label"] for t in got] == [t["label"] for t in exp]
+        assert [t["probability"] for t in got] == pytest.approx([t["probability"] for t in exp], abs=1e-5)
+    assert app.state.batcher.items >= 8 and app.state.batcher.batches < app.state.batcher.items
+    app.state.batcher.close()
+
+
+# ---------------------------------------------------------------------- thread settings
+
+
+def test_onnx_sessions_with_a_thread_pool_do_not_spin(trained):
+    """More than one intra-op thread: the session is built with allow_spinning 0 (ORT's workers would
+    busy-wait between runs, doubling the CPU per request on a shared box); one thread has no pool to spin."""
+    from cvpipe.serve.onnx_backend import OnnxBackend, session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2).get_session_config_entry(key) == "0"
+    assert session_options(2).intra_op_num_threads == 2 and session_options(2).inter_op_num_threads == 1
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default (spinning) left alone
+        session_options(1).get_session_config_entry(key)
+    backend = OnnxBackend(trained / "exports/resnet18/model.onnx", 2)
+    built = backend.session.get_session_options()  # what the live session was given
+    assert built.get_session_config_entry(key) == "0" and built.intra_op_num_threads == 2
+    assert backend.describe()["intra_op_allow_spinning"] == "0"
+
+
+def test_unset_thread_counts_share_the_cores_between_concurrent_runs(trained, monkeypatch):
+    """serve.onnx_threads / serve.torch_threads 0: cores // concurrent runs for both backends (torch's own
+    default, one thread per core for each run, oversubscribes the CPU when requests run at once)."""
+    import torch
+
+    from cvpipe.serve import model as model_mod
+
+    monkeypatch.setattr(model_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert [model_mod.auto_threads(n) for n in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # neither 2 nor 1: the load below must set it
+        pt = load_model(str(trained / "models/resnet18/best.pt"), concurrent_runs=2, metrics_dir=str(trained / "metrics"))
+        assert pt.backend.name == "torch" and torch.get_num_threads() == 2 and pt.info()["backend"]["torch_threads"] == 2
+        load_model(str(trained / "models/resnet18/best.pt"), torch_threads=1, concurrent_runs=2,
+                   metrics_dir=str(trained / "metrics"))
+        assert torch.get_num_threads() == 1  # an explicit serve.torch_threads wins
+        onnx = load_model(str(trained / "exports/resnet18"), concurrent_runs=4, metrics_dir=str(trained / "metrics"))
+        assert onnx.backend.threads == 1 and onnx.info()["backend"]["intra_op_threads"] == 1
+    finally:
+        torch.set_num_threads(before)

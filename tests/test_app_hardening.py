@@ -80,9 +80,18 @@ def png_bytes(size=(48, 40), color=(200, 30, 30)) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    """A promoted model folder: model.pt, card.json and confusion_matrix.png."""
+    """A promoted model folder as evaluate exports it (model.pt, the uint8-pixel model.onnx the app serves on
+    onnxruntime, preprocess.json, classes.json), with card.json and confusion_matrix.png."""
+    import torch
+
+    from cvpipe.evaluate import export
+    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
+
     folder = tmp_path_factory.mktemp("model") / "best"
-    save_checkpoint(folder / "model.pt")
+    ckpt = load_checkpoint(str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")))
+    folder.mkdir(parents=True)
+    export.write_bundle(folder, ckpt, model_from_checkpoint(ckpt).eval(), "model",
+                        torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     (folder / "card.json").write_text(json.dumps({"test_metrics": {"accuracy": 0.5}, "data_version": "v1"}))
     Image.new("RGB", (60, 60), (10, 200, 10)).save(folder / "confusion_matrix.png")
     return folder
@@ -391,7 +400,9 @@ def test_transfer_encoding_with_content_length_is_refused(server):
 def loaded(model_folder):
     from cvpipe.serve.model import load_model
 
-    return load_model(str(model_folder))
+    model = load_model(str(model_folder))
+    assert model.backend.name == "onnxruntime"  # the folder is served as the app image serves it
+    return model
 
 
 def test_any_decoder_exception_is_a_4xx(loaded, monkeypatch):

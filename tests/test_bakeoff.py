@@ -65,8 +65,15 @@ def bakeoff(tmp_path_factory):
 
 def test_dvc_repro_matrix_evaluates_each_arch_and_compares(bakeoff):
     repo = bakeoff["repo"]
-    stages = {f"{s}@{a}" for s in ("train", "evaluate") for a in ARCHS} | {"ingest", "preprocess", "compare"}
+    stages = {f"{s}@{a}" for s in ("train", "evaluate") for a in ARCHS} | {"ingest", "preprocess", "audit", "compare"}
     assert _ran(bakeoff["first"]) == stages
+    # dvc.yaml runs the stages without --quiet: piped to a log, train prints one line per epoch and
+    # compare its leaderboard table
+    first = bakeoff["first"]  # stdout then stderr
+    for e in (1, 2):
+        assert first.count(f"epoch {e}/2: train_loss=") == len(ARCHS), first[-3000:]
+    assert not [line for line in first.splitlines() if "━" in line and "epoch" in line]  # no train bars in a log
+    assert "leaderboard by accuracy" in first and "throughput_img_s" in first  # the table, not squeezed to 80 columns
     evals = {a: json.loads((repo / f"metrics/{a}/evaluate.json").read_text()) for a in ARCHS}
     with open(repo / "reports/leaderboard.csv", newline="") as fh:
         board = list(csv.DictReader(fh))

@@ -1,7 +1,7 @@
 """End to end in a real browser: Debian's headless Chromium (Selenium + chromedriver) drives the served page.
 
 A resnet18 is trained for 2 epochs at 64 px on a slice of hymenoptera_data by the real
-pipeline; the page gets a real ant/bee photo through its file picker and the test reads
+pipeline and served from evaluate's export folder on onnxruntime; the page gets a real ant/bee photo through its file picker and the test reads
 the predicted label off the page. Set CVPIPE_SCREENSHOT=docs/app-screenshot.png to keep
 the screenshot (the README shows that file).
 
@@ -12,37 +12,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import cvpipe, write_params
+from conftest import cvpipe, need_browser, write_params
 from PIL import Image
 
 from cvpipe.core.config import ServeParams
 from cvpipe.serve.app import BackgroundServer, create_app
 from cvpipe.serve.model import load_model
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PER_CLASS = 30
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.realdata]
 
 
-def _need_browser() -> None:
-    if CHROMIUM.exists() and CHROMEDRIVER.exists():
-        return
-    msg = f"headless Chromium needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def hymenoptera_model(real_data, tmp_path_factory) -> Path:
-    _need_browser()
+    need_browser()
     src = tmp_path_factory.mktemp("hym-slice")
     for cls in ("ants", "bees"):
         (src / cls).mkdir()
@@ -59,34 +47,15 @@ def hymenoptera_model(real_data, tmp_path_factory) -> Path:
     return proj
 
 
-@pytest.fixture
-def browser(tmp_path):
-    _need_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def test_page_predicts_a_real_photo_and_shows_the_model_card(hymenoptera_model, real_data, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     proj = hymenoptera_model
-    model = load_model(str(proj / "models/resnet18/best.pt"), metrics_dir=str(proj / "metrics"), plots_dir=str(proj / "plots"))
-    assert model.classes == ["ants", "bees"]
+    # evaluate's export folder: served on onnxruntime, as the app image serves it
+    model = load_model(str(proj / "exports/resnet18"), metrics_dir=str(proj / "metrics"), plots_dir=str(proj / "plots"))
+    assert model.classes == ["ants", "bees"] and model.backend.name == "onnxruntime"
     photo = sorted((real_data / "hymenoptera_data/val/bees").glob("*.jpg"))[0]
 
     with BackgroundServer(create_app(model, ServeParams())) as url:
@@ -99,6 +68,7 @@ def test_page_predicts_a_real_photo_and_shows_the_model_card(hymenoptera_model, 
         wait.until(lambda d: d.execute_script("return document.getElementById('confusion').complete "
                                               "&& document.getElementById('confusion').naturalWidth > 0"))
         assert "test accuracy" in browser.find_element(By.ID, "metrics").text
+        assert "onnxruntime (model.onnx)" in browser.find_element(By.ID, "metrics").text
 
         browser.find_element(By.ID, "file-input").send_keys(str(photo))
         label_el = wait.until(EC.visibility_of_element_located((By.ID, "predicted-label")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import cvpipe, make_digits_slice, write_params
 
 from cvpipe.train import budget as budget_mod
-from cvpipe.train.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
+from cvpipe.train.budget import TimeBudget, epoch_estimate, planned_warmup
 
 
 class Clock:
@@ -38,30 +39,68 @@ def test_plan_fits_the_budget_minus_the_reserve(clock):
     assert b.fit(0, 10_000.0) == 1  # at least one epoch, even when one does not fit
 
 
-def test_first_replan_may_grow_later_ones_only_shrink(clock):
+def test_replans_grow_and_shrink_at_any_point(clock):
     b = TimeBudget(minutes=10, max_epochs=1000)
-    planned = b.fit(0, 20.0)  # a pessimistic estimate from a few steps
+    planned = b.fit(0, 20.0)  # a pessimistic estimate: the first seconds were slow (a busy machine)
     clock.now += 10
-    grown = b.replan(planned, 1, 8.0)
-    assert grown > planned
-    clock.now += 8
-    assert b.replan(grown, 2, 4.0) == grown  # faster now: the decaying cosine is not stretched
-    clock.now += 300  # the machine got busy
-    shrunk = b.replan(grown, 3, 8.0)
-    assert shrunk == 3 + int((600 - 318 - 12) // 8) < grown
+    grown = b.replan(1, 8.0)
+    assert grown == 1 + int((600 - 10 - 12) // 8) > planned
+    clock.now += 300
+    assert b.replan(30, 4.0) == 30 + int((600 - 310 - 12) // 4) > grown  # faster later: grows again mid-decay
+    clock.now += 100  # the machine got busy
+    shrunk = b.replan(35, 30.0)
+    assert shrunk == 35 + int((600 - 410 - 12) // 30)
     clock.now = 1000 + 600
-    assert b.replan(shrunk, 40, 8.0) == 40  # out of time: stop after this epoch
+    assert b.replan(40, 8.0) == 40  # out of time: stop after this epoch
 
 
-def test_growth_allowed_only_during_warmup_and_the_flat_top_of_the_cosine(clock):
-    assert may_grow(done_in_phase=2, phase_epochs=40, warmup=2)  # end of warmup
-    assert may_grow(5, 40, 2)  # 3 of 38 decay epochs: LR still >= 97.5 % of the peak
-    assert not may_grow(6, 40, 2)
-    b = TimeBudget(minutes=10, max_epochs=1000)
-    b.replans = 3
-    clock.now += 60
-    assert b.replan(20, 3, 5.0, may_grow=True) == 3 + int((600 - 60 - 12) // 5)
-    assert b.replan(20, 3, 5.0, may_grow=False) == 20
+def test_a_one_epoch_plan_grows_inside_that_epoch(clock):
+    """A slow probe (a CPU hog in the first seconds) plans 1 epoch; a quarter into it the pace is 4x
+    faster: the re-plan counts the 3/4 still pending and grows the plan before the epoch ends."""
+    b = TimeBudget(minutes=1, max_epochs=1000)  # 60 s, 2 s reserved
+    clock.now += 20
+    assert b.fit(0, 30.0) == 1
+    clock.now += 2  # a quarter of epoch 1 took 2 s: 8 s per epoch, 6 s still pending
+    assert b.replan(1, 8.0, pending_s=6.0) == 1 + int((60 - 22 - 2 - 6) // 8) == 4
+    clock.now = 1000 + 57
+    assert b.replan(5, 8.0, pending_s=6.0) == 5  # never below the epoch in progress
+
+
+def _lrs(sched, opt, updates):
+    out = []
+    for u in updates:
+        sched.step_update(num_updates=u)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+@pytest.mark.parametrize("new_epochs", [40, 12])
+def test_retimed_schedule_continues_the_lr_smoothly_and_ends_at_the_floor(new_epochs):
+    """Stretching (20 -> 40 epochs) or shrinking (20 -> 12) the cosine mid-decay: the LR at the re-plan is
+    the same, it never jumps by more than a normal step of the steeper schedule, never rises, and ends at min_lr."""
+    import torch
+
+    from cvpipe.core.config import TrainParams
+    from cvpipe.train import finetune
+    from cvpipe.train.budget import RetimedScheduler
+
+    upe, at = 10, 80  # updates per epoch; re-plan after 8 epochs (warmup 2)
+    tp = TrainParams(epochs=20, warmup_epochs=2, lr=0.1, min_lr=1e-4)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tp.lr)
+    sched = RetimedScheduler(finetune.build_scheduler(opt, tp, 20, upe), 20 * upe, 2 * upe)
+    before = _lrs(sched, opt, range(at + 1))
+    tp2 = tp.model_copy(update={"epochs": new_epochs})
+    sched = sched.retimed(finetune.build_scheduler(opt, tp2, new_epochs, upe), new_epochs * upe, at)
+    after = _lrs(sched, opt, range(at, new_epochs * upe + 1))
+    assert after[0] == pytest.approx(before[-1], rel=1e-9)  # continuous at the re-plan
+    steepest = 0.1 * math.pi / 2 / (min(new_epochs, 20) * upe - at)  # max |dLR/du| of the steeper remainder, roughly
+    assert max(abs(a - b) for a, b in zip(after, after[1:])) <= 2 * steepest
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))  # past warmup: the LR only falls
+    assert after[-1] == pytest.approx(1e-4, rel=1e-6)
+    # the clock is checkpointed: a rebuilt scheduler with the saved state gives the same LR
+    fresh = RetimedScheduler(finetune.build_scheduler(opt, tp2, new_epochs, upe), new_epochs * upe, 2 * upe)
+    fresh.load_state_dict(sched.state_dict())
+    assert _lrs(fresh, opt, [at + 5]) == pytest.approx(after[5:6])
 
 
 def test_epoch_estimate_skips_the_first_epoch():

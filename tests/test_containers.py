@@ -1,7 +1,11 @@
 """The stage images, built and run for real (Docker engine required; CI starts one).
 
 * every folder with a Dockerfile builds (ingest, preprocess, train, evaluate, and app once it exists);
-* each image: non-root user, ENTRYPOINT ``cvpipe <stage>``, OCI labels, no torch in ingest/preprocess;
+* each image: non-root user, ENTRYPOINT ``cvpipe <stage>``, OCI labels, no torch in ingest/preprocess/app;
+* the app image (#20): under 1 GB, exactly the lock's "packages app" pins, no torch; run with the
+  promoted model of the local pipeline mounted at /models/best it turns healthy (its own
+  HEALTHCHECK), answers /predict through ONNX Runtime with the probabilities evaluate computed,
+  classifies a real photo, and stops gracefully on SIGTERM as PID 1;
 * a stale Pipfile.lock fails the build; .dockerignore keeps data, venvs, caches and keys out;
 * ingest -> preprocess -> train -> evaluate through the containers (docker-shell.sh) gives the
   same prepared data and metrics as the same params run locally (deterministic, same seed);
@@ -15,6 +19,7 @@ No docker client at all -> skipped, unless CVPIPE_REQUIRE_DOCKER=1 (CI), where i
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -118,7 +123,7 @@ def test_images_run_as_non_root_and_carry_only_their_stage(docker, images):
                  "print(json.dumps({m: u.find_spec(m) is not None for m in ['torch', 'pytest', 'dvc', 'cvpipe', 'gcsfs']}))")
         have = json.loads(_sh([docker, "run", "--rm", "--entrypoint", "python", image, "-c", probe]).stdout)
         assert have["cvpipe"] and not have["pytest"] and not have["dvc"], (image, have)  # no dev or pipeline tools
-        assert have["torch"] == (stage not in ("ingest", "preprocess")), (image, have)
+        assert have["torch"] == (stage in ("train", "evaluate")), (image, have)  # app serves through ONNX Runtime
         assert have["gcsfs"] == (stage == "ingest"), (image, have)
         # the CLI works as the entrypoint
         assert "Usage" in _sh([docker, "run", "--rm", image, "--help"]).stdout.decode()
@@ -129,9 +134,9 @@ def test_images_run_as_non_root_and_carry_only_their_stage(docker, images):
 
 
 def test_train_evaluate_share_the_torch_layer(docker, images):
-    """The ~6 GB torch/CUDA layer is built once: train's and evaluate's (and app's) layer lists share it."""
+    """The ~6 GB torch/CUDA layer is built once: train's and evaluate's layer lists share it (app has no torch)."""
     base = _inspect(docker, "python:3.11-slim-bookworm")["RootFS"]["Layers"]
-    torch_images = [s for s in images if s not in ("ingest", "preprocess")]
+    torch_images = ["train", "evaluate"]
     layer_lists = [_inspect(docker, images[s])["RootFS"]["Layers"] for s in torch_images]
     shared = set(layer_lists[0]).intersection(*map(set, layer_lists[1:]))
     # base + (venv, user) + torch.txt + the torch install
@@ -254,7 +259,7 @@ def local_run(tmp_path_factory, digits_slice) -> dict:
     for stage in STAGES:
         cvpipe(stage, "--quiet", cwd=project)
     print(f"\n[containers] local pipeline: {time.monotonic() - t0:.1f}s")
-    return _results(project)
+    return {**_results(project), "project": project}  # the project: the app tests promote its model
 
 
 def test_pipeline_in_containers_equals_local_run_and_leaks_no_secret(docker, images, local_run, digits_slice, tmp_path):
@@ -357,3 +362,143 @@ def test_dvc_repro_through_containers_then_no_op(docker, images, digits_slice, t
         fh.write("# edited\n")
     status = _sh([dvc, "status"], cwd=work, env=env).stdout.decode()
     assert "train/Dockerfile" in status and "ingest:" not in status, status
+
+
+# ---- the app image: torch-free, serving through ONNX Runtime (#20) -----------------------------
+
+APP_IMAGE_MAX_BYTES = 1_000_000_000  # the torch image was 6.5 GB for a 45 MB model
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    """name -> version of ``name==version`` lines (pip freeze, or the lock's export with its markers and hashes)."""
+    out = {}
+    for line in lines:
+        if "==" in line and not line.startswith((" ", "#", "-")):
+            name, version = line.split(";")[0].split()[0].split("==")
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
+def test_app_image_is_small_torch_free_and_exactly_the_lock(docker, images):
+    info = _inspect(docker, images["app"])
+    print(f"\n[containers] {images['app']}: {info['Size'] / 1e6:.0f} MB")
+    assert info["Size"] < APP_IMAGE_MAX_BYTES, info["Size"]
+    assert info["Config"]["Healthcheck"]["Test"][0] == "CMD"
+    proc = _sh([docker, "run", "--rm", "--entrypoint", "python", images["app"], "-c", "import torch"], check=False)
+    assert proc.returncode != 0 and b"No module named 'torch'" in proc.stderr, proc.stderr
+    frozen = _sh([docker, "run", "--rm", "--entrypoint", "pip", images["app"], "list", "--format=freeze"]).stdout.decode()
+    installed = _pins(frozen.splitlines())
+    installed.pop("cvpipe")  # the package itself, installed --no-deps from the context
+    locked = _pins((REPO / "docker/requirements/app.txt").read_text().splitlines())
+    for tool in ("pip", "setuptools", "wheel"):  # the venv's own, not the lock's
+        installed.pop(tool, None)
+    assert installed == locked
+    assert not {"torch", "torchvision", "timm", "triton"} & set(installed)
+
+
+@pytest.fixture(scope="module")
+def promoted(local_run) -> Path:
+    """The local pipeline's model, promoted by ``cvpipe compare`` to <project>/models/best (with model.onnx)."""
+    project = local_run["project"]
+    cvpipe("compare", "--quiet", cwd=project)
+    best = project / "models" / "best"
+    assert (best / "model.onnx").is_file()
+    return best
+
+
+def _state(docker: str, name: str) -> dict:
+    return json.loads(_sh([docker, "inspect", "--format", "{{json .State}}", name]).stdout)
+
+
+@pytest.fixture(scope="module")
+def app_container(docker, images, promoted):
+    """The app image run as a user would (its CMD, promoted folder read-only at /models/best), once healthy.
+
+    Only the healthcheck's interval is shortened (1 s instead of 30 s): the command Docker runs is the image's own."""
+    name = f"cvpipe-apptest-{secrets.token_hex(3)}"
+    _sh([docker, "run", "-d", "--name", name, "-p", "127.0.0.1::8000", "-v", f"{promoted}:/models/best:ro",
+         "--health-interval", "1s", "--health-start-period", "60s", images["app"]])
+    try:
+        t0 = time.monotonic()
+        while (state := _state(docker, name))["Health"]["Status"] != "healthy":
+            if not state["Running"] or time.monotonic() - t0 > 120:
+                logs = _sh([docker, "logs", name], check=False)
+                pytest.fail(f"app container not healthy ({state['Health']['Status']}, running={state['Running']}):\n"
+                            f"{(logs.stdout + logs.stderr).decode()[-4000:]}")
+            time.sleep(0.5)
+        print(f"\n[containers] app container healthy after {time.monotonic() - t0:.1f}s")
+        port = _sh([docker, "port", name, "8000/tcp"]).stdout.decode().split()[0].rsplit(":", 1)[1]
+        yield {"name": name, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        _sh([docker, "rm", "-f", name], check=False)
+
+
+def test_app_container_serves_the_promoted_model_through_onnx_runtime(docker, app_container, local_run, promoted):
+    """The container (ORT on the uint8 graph, the image's locked decoders) gives the probabilities torch eager
+    fp32 gives here on the same folder's model.pt. (Not predictions.csv: evaluate scores under train.amp, bf16
+    where the CPU has it, which moves probabilities by ~1e-3; the export's parity is checked against fp32.)"""
+    import httpx
+
+    from cvpipe.serve.model import load_model
+
+    url = app_container["url"]
+    assert _sh([docker, "exec", app_container["name"], "id", "-u"]).stdout.decode().strip() != "0"
+    model = httpx.get(f"{url}/model", timeout=10).json()
+    assert model["backend"]["name"] == "onnxruntime", model  # auto: the folder's uint8-pixel model.onnx
+    assert httpx.get(f"{url}/healthz", timeout=10).json()["backend"] == "onnxruntime"
+    eager = load_model(str(promoted), backend="torch")
+    k = len(model["classes"])
+    with open(local_run["project"] / "plots/resnet18/predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:12]  # stored test images
+    for row in rows:
+        data = Path(row["source_uri"]).read_bytes()
+        r = httpx.post(f"{url}/predict", params={"top_k": k}, files={"file": ("x.png", data, "image/png")}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = {t["label"]: t["probability"] for t in r.json()["top_k"]}
+        want = {t["label"]: t["probability"] for t in eager.predict_bytes(data, k=k, max_pixels=10**8).top_k}
+        assert got.keys() == want.keys()
+        assert max(abs(got[c] - want[c]) for c in want) < 1e-4, (row["source_uri"], got, want)
+    # bad input is a 4xx from the container too
+    r = httpx.post(f"{url}/predict", files={"file": ("x.jpg", b"not an image at all", "image/jpeg")}, timeout=30)
+    assert r.status_code == 415, r.text
+
+
+@pytest.mark.realdata
+def test_app_container_classifies_a_real_photo(app_container, real_data):
+    import httpx
+    from PIL import Image, ImageOps
+
+    photo = sorted((real_data / "hymenoptera_data/val/bees").glob("*.jpg"))[0]
+    r = httpx.post(f"{app_container['url']}/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    classes = httpx.get(f"{app_container['url']}/model", timeout=10).json()["classes"]
+    assert body["label"] in classes and 0.0 < body["probability"] <= 1.0
+    with Image.open(photo) as im:
+        width, height = ImageOps.exif_transpose(im).size
+    assert (body["image"]["width"], body["image"]["height"]) == (width, height)
+    assert body["latency_ms"]["inference"] > 0
+
+
+def test_app_container_stops_gracefully_as_pid_1(docker, images, promoted):
+    """No tini in the image: ``cvpipe serve`` is PID 1 (exec form) and uvicorn's SIGTERM handler ends it
+    cleanly; the kernel would otherwise ignore SIGTERM for PID 1 and ``docker stop`` would SIGKILL after -t."""
+    name = f"cvpipe-apptest-{secrets.token_hex(3)}"
+    _sh([docker, "run", "-d", "--name", name, "-v", f"{promoted}:/models/best:ro",
+         "--health-interval", "1s", images["app"]])
+    try:
+        t0 = time.monotonic()
+        while _state(docker, name)["Health"]["Status"] != "healthy":
+            assert time.monotonic() - t0 < 120 and _state(docker, name)["Running"]
+            time.sleep(0.5)
+        cmdline = _sh([docker, "exec", name, "cat", "/proc/1/cmdline"]).stdout.split(b"\0")
+        assert cmdline[1].endswith(b"/cvpipe") and b"serve" in cmdline, cmdline
+        t0 = time.monotonic()
+        _sh([docker, "stop", "-t", "30", name])
+        stopped_in = time.monotonic() - t0
+        state = _state(docker, name)
+        print(f"\n[containers] app container stopped in {stopped_in:.1f}s, exit code {state['ExitCode']}")
+        assert stopped_in < 15 and state["ExitCode"] == 0, (stopped_in, state)
+    finally:
+        _sh([docker, "rm", "-f", name], check=False)

@@ -14,12 +14,16 @@ from cvpipe.evaluate import export
 from cvpipe.torchkit.models import create, data_config
 
 
-def _real_batch(real_data: Path, size: int, mean, std, n: int = 8) -> torch.Tensor:
+def _real_batch(real_data: Path, size: int, mean, std, n: int = 8) -> tuple[torch.Tensor, np.ndarray]:
+    """(normalized NCHW tensors as evaluate makes them, the uint8 NHWC pixels they come from)."""
+    from cvpipe.torchkit.loaders import BatchNormalizer
+    from cvpipe.torchkit.runtime import resolve_runtime
+
     files = sorted((real_data / "hymenoptera_data" / "val").rglob("*.jpg"))[:n]
     assert len(files) == n
-    arr = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files]).astype(np.float32) / 255
-    x = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])
+    norm = BatchNormalizer(mean, std, resolve_runtime("cpu", "off", False, key="train"))
+    return norm(torch.from_numpy(pixels)).contiguous(), pixels
 
 
 @pytest.mark.realdata
@@ -31,10 +35,10 @@ def test_torchscript_and_onnx_parity_on_real_images(arch, real_data, tmp_path):
     size = 64 if arch == "resnet18" else model.pretrained_cfg["input_size"][-1]  # the ViT at its own size (no pos-embed resampling)
     ckpt = {"arch": arch, "classes": ["ants", "bees"], "normalize": cfg, "image_size": size, "resize_mode": "shorter_side_center_crop",
             "epoch": 0, "params": {}, "dataset_hash": "x", "model": model.state_dict()}
-    x = _real_batch(real_data, size, cfg["mean"], cfg["std"])
+    x, pixels = _real_batch(real_data, size, cfg["mean"], cfg["std"])
     sizes = export.write_bundle(tmp_path, ckpt, model, "model", x[:1])
     assert sizes["model.onnx"] > 1000 and sizes["model.ts"] > 1000
-    rep = export.parity(model, tmp_path, x)
+    rep = export.parity(model, tmp_path, x, pixels)
     assert rep["images"] == 8
     assert rep["torchscript_max_abs_diff"] <= 1e-4 and rep["onnx_max_abs_diff"] <= 1e-4, rep
     assert rep["argmax_agree_onnx"] == 1.0 and rep["argmax_agree_torchscript"] == 1.0
@@ -43,6 +47,7 @@ def test_torchscript_and_onnx_parity_on_real_images(arch, real_data, tmp_path):
 
     pre = json.loads((tmp_path / "preprocess.json").read_text())
     assert pre["image_size"] == size and pre["mean"] == pytest.approx(cfg["mean"]) and pre["std"] == pytest.approx(cfg["std"])
+    assert pre["onnx_input"].startswith("uint8 NHWC RGB")
     assert json.loads((tmp_path / "classes.json").read_text()) == ["ants", "bees"]
     from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
 
@@ -52,7 +57,7 @@ def test_torchscript_and_onnx_parity_on_real_images(arch, real_data, tmp_path):
         assert torch.allclose(model_from_checkpoint(back).eval()(x), model(x), atol=1e-6)
 
 
-def test_onnx_batch_axis_is_dynamic(tmp_path):
+def test_onnx_takes_uint8_nhwc_pixels_with_a_dynamic_batch_and_carries_its_metadata(tmp_path):
     import onnxruntime as ort
 
     model = create("test_resnet", num_classes=3).eval()
@@ -60,6 +65,14 @@ def test_onnx_batch_axis_is_dynamic(tmp_path):
             "resize_mode": "stretch", "epoch": 1, "params": {}, "dataset_hash": "x", "model": model.state_dict()}
     export.write_bundle(tmp_path, ckpt, model, "model", torch.randn(1, 3, 32, 32))
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "pixels" and inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
+    rng = np.random.default_rng(0)
     for n in (1, 5):
-        out = sess.run(["logits"], {"input": np.random.randn(n, 3, 32, 32).astype(np.float32)})[0]
+        out = sess.run(["logits"], {"pixels": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)})[0]
         assert out.shape == (n, 3)
+    with pytest.raises(Exception):  # a float NCHW batch is not what the graph takes
+        sess.run(["logits"], {"pixels": np.zeros((1, 3, 32, 32), np.float32)})
+    meta = json.loads(sess.get_modelmeta().custom_metadata_map["cvpipe"])
+    assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c"] and meta["epoch"] == 1
+    assert meta["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-4)

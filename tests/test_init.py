@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -234,7 +235,7 @@ def test_init_on_hymenoptera_writes_a_valid_commented_recipe(real_data, tmp_path
     from cvpipe.init.stage import machine_profile
 
     out = tmp_path / "params.yaml"
-    proc = cvpipe("init", str(real_data / "hymenoptera_data"), "--params", str(out), cwd=tmp_path)
+    proc = cvpipe("init", str(real_data / "hymenoptera_data"), "--params", str(out), "--no-estimate", cwd=tmp_path)
     assert "recipe written to" in proc.stderr
     p = load_params(out)
     assert p.split.strategy == "predefined" and p.split.test_from == "val"
@@ -300,6 +301,38 @@ def test_init_time_budget_pretrained_path_and_relative_source(tmp_path):
     assert list(p.bakeoff.archs) == ["resnet18"] and p.train.layer_decay == 0.75
     text = (project / "params.yaml").read_text()
     assert "1 exact duplicate(s), 1 unreadable" in text
+
+
+def test_init_says_how_long_the_planned_repro_takes_here(tmp_path):
+    """A real probe (a few training steps of each planned arch at 32 px): the line names the planned archs
+    and epochs, and its minutes are the per-epoch seconds it measured x the epochs, summed."""
+    from cvpipe.init import estimate
+
+    proc = cvpipe("init", "sample://digits", "--params", str(tmp_path / "params.yaml"), cwd=tmp_path)
+    p = load_params(tmp_path / "params.yaml")
+    m = re.search(r"dvc repro will take about ([\d.]+) min here \((\d+) archs x (\d+) epochs\)(; add --time-budget MIN to cap it)?",
+                  proc.stdout + proc.stderr)
+    assert m, (proc.stdout + proc.stderr)[-1500:]
+    assert int(m.group(2)) == len(p.bakeoff.archs) and int(m.group(3)) == p.train.epochs
+    assert float(m.group(1)) > 0 and (m.group(4) is not None) == (float(m.group(1)) > estimate.SUGGEST_BUDGET_ABOVE_MIN)
+    no_probe = cvpipe("init", "sample://digits", "--params", str(tmp_path / "p2.yaml"), "--no-estimate", cwd=tmp_path)
+    assert "dvc repro will take" not in no_probe.stdout + no_probe.stderr
+
+
+def test_repro_estimate_arithmetic_hint_and_budget(monkeypatch):
+    from cvpipe.init import estimate
+
+    calls = []
+    monkeypatch.setattr(estimate, "seconds_per_image", lambda arch, size, bs, n: calls.append((arch, bs)) or 0.01)
+    est = estimate.estimate_repro({"a": {}, "b": {"batch_size": 32, "epochs": 10}}, 64, 16, 100, 5, 100, 30, None)
+    # a: 100 epochs x 0.01 s x (7 steps x 16 + 30/3); b: 10 epochs x 0.01 s x (4 x 32 + 10)
+    assert est.minutes == pytest.approx((100 * 0.01 * (112 + 10) + 10 * 0.01 * (128 + 10)) / 60)
+    assert calls == [("a", 16), ("b", 32)]
+    assert est.message() == "dvc repro will take about 2.3 min here (2 archs x 100 epochs)"
+    long = estimate.ReproEstimate(95.0, 3, 100, {}, False)
+    assert long.message() == "dvc repro will take about 95 min here (3 archs x 100 epochs); add --time-budget MIN to cap it"
+    budgeted = estimate.estimate_repro({"a": {}, "b": {}}, 64, 16, 100, 5, 100, 30, 7.5)
+    assert budgeted.minutes == 15.0 and "--time-budget" not in budgeted.message() and len(calls) == 2  # nothing probed
 
 
 @pytest.mark.parametrize("args, message", [

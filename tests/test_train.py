@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,8 +267,10 @@ def test_staged_freezes_then_unfreezes_with_fresh_warmup(tmp_path, tiny_prepared
     # phase 2 restarted its update counter and its schedule: 2 epochs with 1 of warmup
     upe = saved[0]["phase_updates"]
     assert saved[1]["phase_updates"] == upe and saved[2]["phase_updates"] == 2 * upe
-    assert saved[1]["scheduler"]["t_initial"] == 2 * upe and saved[1]["scheduler"]["warmup_t"] == upe
-    assert saved[0]["scheduler"]["t_initial"] == upe
+    sched1, sched0 = saved[1]["scheduler"]["base"], saved[0]["scheduler"]["base"]  # timm's, under the re-timing clock
+    assert sched1["t_initial"] == 2 * upe and sched1["warmup_t"] == upe
+    assert sched0["t_initial"] == upe
+    assert saved[1]["scheduler"]["retime"] == {"u0": 0, "v0": 0.0, "rate": 1.0}  # no time budget: never re-timed
     rows = history(tmp_path)
     assert len(rows) == 3
 
@@ -495,3 +498,64 @@ def test_cli_nproc_shortcut(tmp_path, tiny_prepared):
     import json
 
     assert json.loads((tmp_path / "metrics" / ARCH / "train.json").read_text())["world_size"] == 2
+
+
+def _collectives_worker(rank: int, port: int, backend: str, out_dir: str) -> None:
+    """One rank of :func:`test_collectives_reduce_cpu_tensors_under_the_chosen_backend` (top level: spawn pickles it)."""
+    import json
+
+    import torch.distributed as tdist
+
+    from cvpipe.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    d = distributed.init("cpu", backend=backend)
+    try:
+        sums = distributed.all_sum([rank + 0.5, 10.0 * (rank + 1), 2.0**53], d)  # float64: 2**53 + 2**53 stays exact
+        gathered = distributed.gather_object({"rank": rank}, d)
+        distributed.barrier(d)
+        Path(out_dir, f"{rank}.json").write_text(json.dumps({"backend": tdist.get_backend(), "sums": sums, "gathered": gathered}))
+    finally:
+        distributed.shutdown(d)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_collectives_reduce_cpu_tensors_under_the_chosen_backend(tmp_path, device_type):
+    """The group :func:`distributed.init` builds can reduce what :func:`distributed.all_sum` hands it (a CPU
+    float64 tensor). On CUDA the backend string must give ``cpu`` to gloo (NCCL has no CPU path: an NCCL-only
+    group failed at the first metric reduction); that string's CPU half, ``cpu:gloo``, then runs the real
+    collectives in 2 processes here (NCCL itself cannot start without GPUs)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from cvpipe.train import distributed
+
+    backend = distributed.backend_for(device_type)
+    pairs = dict(p.split(":") for p in backend.split(",")) if ":" in backend else {"cpu": backend}
+    assert pairs["cpu"] == "gloo"
+    if device_type == "cuda":
+        assert backend == "cpu:gloo,cuda:nccl" and pairs["cuda"] == "nccl"
+    cpu_backend = "cpu:gloo" if ":" in backend else backend
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_collectives_worker, args=(port, cpu_backend, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert r["backend"] == cpu_backend
+        assert r["sums"] == [2.0, 30.0, 2.0**54]
+        assert r["gathered"] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_train_log_shows_one_plain_line_per_epoch_without_a_terminal(tmp_path, tiny_prepared):
+    """Under `dvc repro` piped to a log (no TTY) the progress is one line per epoch, no bars; -q: none."""
+    setup_project(tmp_path, tiny_prepared, epochs=3)
+    out = cvpipe("train", cwd=tmp_path).stderr
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], out[-2000:]
+    assert all(re.search(r"train_loss=\d\.\d{4} .*val_acc=\d\.\d{4} .* img/s \d+\.\ds$", line) for line in lines), lines
+    assert "━" not in out  # no bar frames in a log
+    quiet = cvpipe("train", "-q", "-S", "train.auto_resume=false", cwd=tmp_path).stderr
+    assert not [line for line in quiet.splitlines() if line.startswith("epoch ")]

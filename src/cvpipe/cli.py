@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from cvpipe import __version__
 from cvpipe.core.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
-from cvpipe.core.console import console, info, set_quiet
+from cvpipe.core.console import console, info, route_warnings, set_quiet
 from cvpipe.core.errors import CvpipeError, ParamsError, StageError
 
 app = typer.Typer(
@@ -131,13 +131,20 @@ def _stage_command(body: Callable[..., None]) -> Callable[..., None]:
     return body
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: runs while the options are parsed (eager), so no command is needed; the root
+    callback's body would only run after click had already failed with 'Missing command'."""
+    if value:
+        console.print(f"cvpipe {__version__}", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version, expose_value=False),
 ) -> None:
-    if version:
-        console.print(f"cvpipe {__version__}")
-        raise typer.Exit(0)
+    route_warnings()
 
 
 @app.command()
@@ -173,6 +180,10 @@ def init(
         help="Files whose bytes are read (header for the resolution, hash for duplicates), spread over the listing; every file is counted.",
     ),
     no_flip: bool = typer.Option(False, "--no-flip", help="No horizontal flips: for text, digits, signs, anything a mirror changes."),
+    estimate: bool = typer.Option(
+        True, "--estimate/--no-estimate",
+        help="Time a few training steps of each planned architecture and say how long `dvc repro` takes here.",
+    ),
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -186,7 +197,7 @@ def init(
             pretrained_path=pretrained_path, no_flip=no_flip,
         )
         command = " ".join(["cvpipe", *(shlex.quote(a) for a in sys.argv[1:])])
-        stage.run(list(source), params, options, command=command, force=force, scan_limit=scan_limit)
+        stage.run(list(source), params, options, command=command, force=force, scan_limit=scan_limit, estimate=estimate)
 
     _stage(quiet, debug, go)
 
@@ -306,6 +317,18 @@ def evaluate(
 
 
 @_stage_command
+def audit(
+    cli: _Frame,
+    folds: Optional[int] = typer.Option(None, "--folds", help="Override audit.folds: cross-fitting folds."),
+) -> None:
+    """Suspected label errors in train+val (cleanlab on cross-fitted probabilities): reports/label_issues.csv."""
+    p = cli.load({"audit.folds": folds})
+    from cvpipe.audit import stage
+
+    stage.run(p)
+
+
+@_stage_command
 def compare(
     cli: _Frame,
     metric: Optional[str] = typer.Option(None, "--metric", help="Override compare.metric: accuracy, macro_f1, weighted_f1, roc_auc, top_k_accuracy."),
@@ -329,27 +352,40 @@ def serve(
     host: Optional[str] = typer.Option(None, "--host", help="Override serve.host (0.0.0.0 to listen on every interface)."),
     port: Optional[int] = typer.Option(None, "--port", help="Override serve.port."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Override serve.top_k."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="Override serve.backend: auto (onnxruntime for a folder with a uint8-pixel model.onnx, "
+        "else torch), onnx or torch.",
+    ),
+    review: Optional[bool] = typer.Option(
+        None, "--review/--no-review",
+        help="Override serve.review: mount the label review page /review over the audit's suspects.",
+    ),
 ) -> None:
     """Serve a trained model: web page at /, POST /predict, GET /model, GET /healthz, API docs at /docs."""
-    p = cli.load({"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k})
+    p = cli.load({"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k,
+                  "serve.review": review, "serve.backend": backend})
     import uvicorn
 
     from cvpipe.serve import memory
     from cvpipe.serve.app import create_app
     from cvpipe.serve.guards import ServeLimits, uvicorn_options
     from cvpipe.serve.model import load_model
+    from cvpipe.serve.review import ReviewStore
 
     memory.tune_malloc()  # before uvicorn's threads: freed image buffers go back to the system
     s = p.serve
+    review_store = ReviewStore.from_params(p) if s.review else None  # before the model: a bad setting fails fast
     served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
-                        torch_threads=s.torch_threads)
+                        torch_threads=s.torch_threads, backend=s.backend, onnx_threads=s.onnx_threads,
+                        concurrent_runs=1 if s.batch_window_ms > 0 else s.inference_threads)  # the batcher: one run at a time
     console.print(  # served.source: the model URL without its credentials
-        f"serving {served.arch} ({len(served.classes)} classes) from {served.source} on http://{s.host}:{s.port}/",
+        f"serving {served.arch} ({len(served.classes)} classes) from {served.source} on {served.backend.name} "
+        f"at http://{s.host}:{s.port}/",
         soft_wrap=True, markup=False,
     )
     limits = ServeLimits.from_params(s)  # idle/header timeouts, request and connection caps: cvpipe.serve.guards
     uvicorn.run(
-        create_app(served, s, limits), host=s.host, port=s.port,
+        create_app(served, s, limits, review=review_store), host=s.host, port=s.port,
         log_level="warning" if cli.quiet else "info", timeout_graceful_shutdown=5, **uvicorn_options(limits),
     )
 

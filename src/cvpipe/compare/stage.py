@@ -23,7 +23,7 @@ from typing import Any
 
 from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
-from cvpipe.core.console import info
+from cvpipe.core.console import info, print_table
 from cvpipe.core.errors import StageError
 
 BUNDLE = ("model.pt", "model.onnx", "model.ts", "preprocess.json", "classes.json", "confusion_matrix.png")
@@ -103,6 +103,26 @@ def leaderboard_md(rows: list[dict[str, Any]], params: Params, winner: str) -> s
     )
 
 
+TABLE_COLUMNS = ("rank", "arch", "accuracy", "macro_f1", "ece", "params_m", "size_mb", "latency_ms", "throughput_img_s",
+                 "eligible", "pareto")
+
+
+def leaderboard_table(rows: list[dict[str, Any]], metric: str, winner: str):
+    """The leaderboard as a rich table for the terminal (leaderboard.md has every column): the ranking
+    metric, quality, cost and eligibility, the winner's row in bold."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    cols = list(TABLE_COLUMNS) if metric in TABLE_COLUMNS else [*TABLE_COLUMNS[:3], metric, *TABLE_COLUMNS[3:]]
+    table = Table(title=f"leaderboard by {metric}", title_justify="left", box=box.SIMPLE_HEAD)
+    for c in cols:
+        table.add_column(c, justify="left" if c == "arch" else "right", style="bold" if c == metric else None)
+    for r in rows:
+        table.add_row(*(Text(_fmt(r[c])) for c in cols), style="bold green" if r["arch"] == winner else None)
+    return table
+
+
 def plot_pareto(rows: list[dict[str, Any]], metric: str, path: str, winner: str) -> None:
     import matplotlib
 
@@ -136,7 +156,8 @@ def model_card(win: dict[str, Any], params: Params, ckpt: dict[str, Any]) -> dic
         "selected_by": {"metric": params.compare.metric, "max_latency_ms": params.compare.max_latency_ms,
                         "max_size_mb": params.compare.max_size_mb, "candidates": list(params.bakeoff.archs)},
         "classes": ev["classes"],
-        "data_version": {"prepared_fingerprint": ev.get("data_version"), "checkpoint_dataset_hash": ckpt.get("dataset_hash")},
+        "data_version": {"prepared_fingerprint": ev.get("data_version"), "checkpoint_dataset_hash": ckpt.get("dataset_hash"),
+                         "label_review": ev.get("label_review")},  # labels corrected in review since the previous version
         "metrics": {k: v for k, v in ev.items() if k not in ("cost", "export_parity")},
         "cost": ev["cost"],
         "export_parity": ev["export_parity"],
@@ -176,6 +197,7 @@ def run(params: Params) -> dict[str, Any]:
         "promoted": bool(params.compare.promote),
     }
     storage.write_json(storage.join(rep, "compare.json"), summary)
+    print_table(leaderboard_table(rows, params.compare.metric, win["arch"]))
 
     src = storage.join(params.paths.exports, win["arch"])
     ckpt = load_checkpoint(storage.join(src, "model.pt"))

@@ -99,6 +99,11 @@ class IngestParams(_Section):
     max_archive_bytes: int = Field(2 * 1024**3, ge=1, description="refuse archives that unpack to more than this")
     transfer_concurrency: int = Field(32, ge=1, le=1024, description="remote objects fetched at once")
     state_dir: PathStr = Field(".cvpipe/ingest", description="incremental state, kept outside the DVC output")
+    overrides: Optional[PathStr] = Field(
+        "labels/overrides.csv",
+        description="reviewers' decisions (keep/relabel/exclude per manifest id) applied after listing; null = none, "
+        "a missing file = no decisions yet",
+    )
     max_file_mb: float = Field(
         1024.0, gt=0, allow_inf_nan=False, description="a source file larger than this (MiB) is quarantined unread (too_large)"
     )
@@ -292,6 +297,38 @@ class CompareParams(_Section):
     promote: bool = Field(True, description="copy the winner to <paths.models>/best/")
 
 
+class AuditParams(_Section):
+    """``cvpipe audit``: cross-fitted probabilities for train+val, then cleanlab's confident learning."""
+
+    folds: int = Field(5, ge=2, le=50, description="cross-fitting folds: each image is scored by a model fitted without it")
+    features: Literal["auto", "pixels", "embeddings"] = Field(
+        "auto", description="what the cross-fitted model sees; auto = embeddings when a backbone is set, else pixels"
+    )
+    backbone: Optional[PathStr] = Field(
+        None, description="train checkpoint (best.pt/last.pt) or pretrained timm weights of train.arch; null = train.pretrained_path"
+    )
+    embedding_head: Literal["logistic", "knn"] = Field("logistic", description="model fitted on the embeddings")
+    regularization: float = Field(1.0, gt=0, le=1e6, description="C of the logistic regression on the embeddings (larger = less regularized)")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per forward pass when computing embeddings")
+    device: str = Field("auto", description="torch device for the embeddings: auto, cpu, cuda, cuda:1, mps")
+    pixel_size: int = Field(8, ge=4, le=128, description="side the prepared images are shrunk to for the pixel features")
+    pca_components: Optional[int] = Field(
+        32, ge=1, le=4096, description="PCA dimensions of the pixels before the nearest-neighbour search; null = no PCA"
+    )
+    neighbors: int = Field(15, ge=1, le=1000, description="k of the distance-weighted k-nearest-neighbour classifier")
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = Field(
+        "prune_by_noise_rate", description="cleanlab.filter.find_label_issues' filter_by"
+    )
+    seed: int = Field(42, ge=0, description="seeds the fold assignment")
+    gallery_size: int = Field(16, ge=0, le=400, description="top suspects drawn in plots/audit/suspects.png (0 = none)")
+    table_images: int = Field(200, ge=0, le=100_000, description="top suspects logged with their images to the W&B table")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
 class BakeoffParams(_Section):
     group: Optional[str] = Field(None, description="W&B group of the bake-off runs; null = <prepared>-<data hash>")
     archs: dict[str, Optional[dict[str, Any]]] = Field(
@@ -326,13 +363,20 @@ class ServeParams(_Section):
     max_aspect_ratio: float = Field(20.0, ge=1)
     request_timeout_s: float = Field(30.0, gt=0, description="a request (upload + inference) slower than this gets 504/408")
     inference_threads: int = Field(2, ge=1, le=64, description="requests decoded and run through the model at once")
-    torch_threads: int = Field(0, ge=0, le=MAX_WORKERS, description="torch intra-op threads; 0 = torch's default")
+    torch_threads: int = Field(0, ge=0, le=MAX_WORKERS, description="torch intra-op threads; 0 = cores / inference_threads")
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="auto: onnxruntime for a folder with a uint8-pixel model.onnx (cpu), else torch")
+    onnx_threads: int = Field(0, ge=0, le=MAX_WORKERS,
+                              description="onnxruntime intra-op threads per run; 0 = cores / inference_threads")
+    batch_window_ms: float = Field(0.0, ge=0, le=1000, description="micro-batching window; 0 = off")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most requests run as one micro-batch")
     device: str = "cpu"
     idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="a connection that sends nothing for this long is closed")
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request head not complete within this gets 408")
     max_active_requests: int = Field(64, ge=1, le=100_000, description="requests in progress at once; more get 503 (not /healthz)")
     max_connections: int = Field(2048, ge=1, le=1_000_000, description="open sockets; above it the longest-idle one is closed")
     large_image_pixels: int = Field(4_000_000, ge=1, description="images above this are decoded one at a time")
+    review: bool = Field(False, description="mount the label review page (/review) and API (/api/review/...)")
 
     @field_validator("device")
     @classmethod
@@ -357,6 +401,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     compare: CompareParams = Field(default_factory=CompareParams)
+    audit: AuditParams = Field(default_factory=AuditParams)
     bakeoff: BakeoffParams = Field(default_factory=BakeoffParams)
     wandb: WandbParams = Field(default_factory=WandbParams)
     serve: ServeParams = Field(default_factory=ServeParams)

@@ -9,6 +9,7 @@ whole and atomically by :func:`cvpipe.core.storage.write_csv`, so a reader never
 from __future__ import annotations
 
 import csv
+from typing import Any, Optional
 
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
@@ -27,6 +28,30 @@ MANIFEST_COLUMNS = [
     "split_hint",
 ]
 QUARANTINE_COLUMNS = ["source_uri", "label", "reason", "detail", "sha256"]
+# ``<paths.reports>/label_issues.csv``, written by ``cvpipe audit`` (one row per suspected label error, sorted
+# by rank) and read by the app's review page: ``path`` is the manifest's, relative to the raw folder; labels are
+# class names; ``self_confidence`` is the out-of-sample probability of the given label; ``mixed_label_group``
+# (true/false) says the image is in a near-duplicate group whose members carry different labels.
+LABEL_ISSUE_COLUMNS = [
+    "rank",
+    "id",
+    "path",
+    "source_uri",
+    "split",
+    "given_label",
+    "suggested_label",
+    "self_confidence",
+    "mixed_label_group",
+]
+# labels/overrides.csv (ingest.overrides): a reviewer's latest decision per manifest id, written by the review
+# API (cvpipe.serve.review) and applied by ingest (cvpipe.ingest.overrides). ``label`` is the new class name of
+# a relabel (empty otherwise); ``time`` is ISO 8601 UTC.
+OVERRIDE_COLUMNS = ["id", "action", "label", "reviewer", "time"]
+OVERRIDE_ACTIONS = ("keep", "relabel", "exclude")
+EXCLUDED_BY_REVIEW = "excluded_by_review"  # the quarantine reason of an image a reviewer excluded
+# <raw>/label_review.json: ingest's summary of the decisions applied (labels corrected since the previous
+# manifest, totals), carried by preprocess into the prepared meta.json and from there to evaluate, the card, W&B
+LABEL_REVIEW_NAME = "label_review.json"
 
 
 def read_manifest(raw_dir: str) -> list[dict[str, str]]:
@@ -37,3 +62,44 @@ def read_manifest(raw_dir: str) -> list[dict[str, str]]:
     fs, p = storage.get_fs(path)
     with fs.open(p, "r", encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_overrides(path: str) -> dict[str, dict[str, str]]:
+    """The decisions of an overrides file by id (the last row of an id wins); ``{}`` when it does not exist.
+
+    Shared by ingest, which applies them, and the review API, which rewrites the file: one reader,
+    one set of rules. A row with an unknown action, a relabel without a label, or a file without the
+    :data:`OVERRIDE_COLUMNS` header is a :class:`StageError` naming the file and line, never a guess.
+    """
+    if not storage.exists(path):
+        return {}
+    fs, p = storage.get_fs(path)
+    try:
+        with fs.open(p, "r", encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in OVERRIDE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise StageError(f"{path}: the header lacks {', '.join(missing)} (expected {','.join(OVERRIDE_COLUMNS)})")
+            out: dict[str, dict[str, str]] = {}
+            for row in reader:
+                rid, action, label = ((row.get(k) or "").strip() for k in ("id", "action", "label"))
+                where = f"{path} line {reader.line_num}"
+                if not rid:
+                    raise StageError(f"{where}: empty id")
+                if action not in OVERRIDE_ACTIONS:
+                    raise StageError(f"{where}: action {action!r} is not one of {', '.join(OVERRIDE_ACTIONS)}")
+                if action == "relabel" and not label:
+                    raise StageError(f"{where}: a relabel needs the new label")
+                out[rid] = {c: (row.get(c) or "").strip() for c in OVERRIDE_COLUMNS}
+            return out
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise StageError(f"{path}: not a readable overrides CSV ({exc})") from None
+
+
+def read_label_review(raw_dir: str) -> Optional[dict[str, Any]]:
+    """``<raw_dir>/label_review.json`` (see :data:`LABEL_REVIEW_NAME`), or None when ingest wrote none or it is unreadable."""
+    path = storage.join(raw_dir, LABEL_REVIEW_NAME)
+    try:
+        return storage.read_json(path) if storage.exists(path) else None
+    except (OSError, ValueError):
+        return None

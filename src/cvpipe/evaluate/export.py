@@ -5,13 +5,28 @@ Bundle layout (``<paths.exports>/<arch>/``, also what ``cvpipe compare`` promote
     model.pt          the checkpoint, slimmed to what inference needs (arch, classes, normalize,
                       image_size, resize_mode, model = the evaluated weights, epoch, params, dataset_hash)
     model.ts          TorchScript (torch.jit.trace)
-    model.onnx        ONNX (opset 18, dynamic batch axis)
-    preprocess.json   {"image_size", "resize_mode", "mean", "std", "interpolation", "input"}
+    model.onnx        ONNX (opset 18, dynamic batch axis), input ``pixels``: uint8 NHWC RGB
+    preprocess.json   {"image_size", "resize_mode", "mean", "std", "interpolation", "input", "onnx_input"}
     classes.json      ["class0", ...] (index = output logit)
 
-Both exports take float32 NCHW input already normalized ((x/255 - mean) / std) and return logits.
-``parity`` runs eager, TorchScript and ONNX Runtime on the same real images and reports the
-max absolute logit difference of each export against eager fp32.
+**model.onnx takes what the server has** (issue #20): ``pixels``, uint8, NHWC, RGB,
+``[batch, image_size, image_size, 3]`` (dynamic batch): the array
+:func:`cvpipe.data.resize.decode_for_size` + :func:`cvpipe.data.images.fit_array` give, the very
+array preprocess stores. The conversion to float, the normalization with the model's mean/std and
+the NHWC -> NCHW transpose are inside the graph (:class:`PixelModel`, the same arithmetic as
+:class:`cvpipe.torchkit.loaders.BatchNormalizer`), so a server needs no torch and cannot normalize
+differently from training. It returns ``logits`` [batch, classes]. The graph's metadata
+(``cvpipe`` key, JSON) carries arch, classes, epoch, data version, the train params (the server
+reads the JPEG decode side and the card's summary from them) and the parameter count, so the ONNX
+Runtime server needs no torch checkpoint.
+
+model.ts is unchanged: float32 NCHW already normalized ((x/255 - mean) / std), for torch users who
+batch their own tensors (moving it to uint8 would change its contract for no serving gain: the app
+never runs TorchScript).
+
+``parity`` runs eager on the normalized tensors (BatchNormalizer), TorchScript on the same tensors
+and ONNX Runtime on the raw uint8 pixels, and reports the max absolute logit difference of each
+export against eager fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +41,8 @@ import numpy as np
 from cvpipe.core.errors import StageError
 
 ONNX_OPSET = 18
+ONNX_INPUT = "pixels"
+ONNX_INPUT_LAYOUT = "uint8 NHWC RGB [batch, image_size, image_size, 3]; float, /255, mean/std and NCHW inside the graph; output: logits"
 SLIM_KEYS = ("arch", "classes", "normalize", "image_size", "resize_mode", "epoch", "params", "dataset_hash", "wandb_run_id")
 
 
@@ -43,8 +60,38 @@ def preprocess_config(ckpt: dict[str, Any]) -> dict[str, Any]:
         "mean": [float(v) for v in ckpt["normalize"]["mean"]],
         "std": [float(v) for v in ckpt["normalize"]["std"]],
         "interpolation": ckpt["normalize"].get("interpolation"),
-        "input": "float32 NCHW RGB, (pixel/255 - mean) / std; output: logits",
+        "input": "model.ts: float32 NCHW RGB, (pixel/255 - mean) / std; output: logits",
+        "onnx_input": ONNX_INPUT_LAYOUT,
     }
+
+
+def onnx_metadata(ckpt: dict[str, Any], model) -> dict[str, str]:
+    """What the ONNX Runtime server shows on the model card without loading model.pt (it has no torch)."""
+    params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 4)
+    meta = {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), "epoch": ckpt.get("epoch"),
+            "dataset_hash": ckpt.get("dataset_hash"), "params": ckpt.get("params"), "params_m": params_m}
+    return {"cvpipe": json.dumps(meta, default=str)}
+
+
+def pixel_model(model, mean, std):
+    """*model* behind the serving input: uint8 NHWC pixels in, logits out (see the module docstring)."""
+    import torch
+
+    class PixelModel(torch.nn.Module):
+        """Float, normalize and transpose in the graph, with BatchNormalizer's arithmetic
+        (``(x - 255*mean) / (255*std)`` in float32) so eager and export see the same numbers."""
+
+        def __init__(self, inner, mean, std):
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+        def forward(self, pixels):
+            x = pixels.permute(0, 3, 1, 2).float()
+            return self.inner((x - self.mean) / self.std)
+
+    return PixelModel(model, mean, std).eval()
 
 
 def to_torchscript(model, example) -> bytes:
@@ -73,7 +120,8 @@ def _onnx_export(model, args, path, **kw) -> None:
         ) from None
 
 
-def to_onnx(model, example) -> bytes:
+def to_onnx(model, pixels, metadata: dict[str, str]) -> bytes:
+    """ONNX of *model* (a :func:`pixel_model`) on uint8 NHWC *pixels*, with *metadata* in the graph's metadata_props."""
     import tempfile
     import warnings
 
@@ -82,13 +130,17 @@ def to_onnx(model, example) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _onnx_export(
-                model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+                model, (pixels,), str(path), input_names=[ONNX_INPUT], output_names=["logits"],
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
             )
         import onnx
 
-        onnx.checker.check_model(str(path))
-        return path.read_bytes()
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        return proto.SerializeToString()
 
 
 def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, example) -> dict[str, int]:
@@ -99,10 +151,13 @@ def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, exampl
     example = example.to("cpu").float().contiguous()
     buf = io.BytesIO()
     torch.save(slim_checkpoint(ckpt, {k: v.cpu() for k, v in cpu_model.state_dict().items()}, weights), buf)
+    size = int(ckpt["image_size"])
+    pixels = torch.zeros((1, size, size, 3), dtype=torch.uint8)
+    served = pixel_model(cpu_model, ckpt["normalize"]["mean"], ckpt["normalize"]["std"])
     files = {
         "model.pt": buf.getvalue(),
         "model.ts": to_torchscript(cpu_model, example),
-        "model.onnx": to_onnx(cpu_model, example),
+        "model.onnx": to_onnx(served, pixels, onnx_metadata(ckpt, cpu_model)),
         "preprocess.json": (json.dumps(preprocess_config(ckpt), indent=2) + "\n").encode(),
         "classes.json": (json.dumps(list(ckpt["classes"])) + "\n").encode(),
     }
@@ -111,13 +166,17 @@ def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, exampl
     return {name: len(data) for name, data in files.items()}
 
 
-def parity(model, folder: Path, inputs) -> dict[str, Any]:
-    """Max |logit difference| of TorchScript and ONNX Runtime against eager fp32 on ``inputs`` (normalized NCHW)."""
+def parity(model, folder: Path, inputs, pixels: np.ndarray) -> dict[str, Any]:
+    """Max |logit difference| against eager fp32 on ``inputs`` (the normalized NCHW tensors of the uint8
+    NHWC ``pixels``, as BatchNormalizer makes them): TorchScript on ``inputs``, ONNX Runtime on ``pixels``."""
     import warnings
 
     import torch
 
     x = inputs.to("cpu").float().contiguous()
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if pixels.shape != (x.shape[0], x.shape[2], x.shape[3], 3):
+        raise StageError(f"parity: pixels {pixels.shape} do not match the tensors {tuple(x.shape)} (uint8 NHWC expected)")
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         ref = model.to("cpu").float().eval()(x).numpy()
@@ -130,9 +189,10 @@ def parity(model, folder: Path, inputs) -> dict[str, Any]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    onnx_out = sess.run(["logits"], {"input": x.numpy()})[0]
+    onnx_out = sess.run(["logits"], {ONNX_INPUT: pixels})[0]
     return {
         "images": int(x.shape[0]),
+        "onnx_input": "uint8 NHWC pixels",
         "torchscript_max_abs_diff": float(np.abs(ts_out - ref).max()),
         "onnx_max_abs_diff": float(np.abs(onnx_out - ref).max()),
         "logit_abs_max": float(np.abs(ref).max()),

@@ -225,7 +225,8 @@ def _mistake_rows(mistakes: list[int], test, classes: list[str], targets, preds,
 def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, m: dict[str, Any], cal: dict[str, Any], out: dict[str, str],
                       ep) -> tuple[dict[str, Any], Optional[dict[str, Any]], dict[str, Any]]:
     """(model cost, export parity or None, evaluate.json's metrics): the cost is fp32 eager on this machine;
-    with ``evaluate.export``, the TorchScript + ONNX bundle is written and must match the eager logits."""
+    with ``evaluate.export``, the TorchScript + ONNX bundle is written and must match the eager logits:
+    ONNX Runtime from the raw uint8 test pixels (its input), eager from the normalized tensors."""
     import torch
 
     from cvpipe.torchkit.loaders import BatchNormalizer
@@ -243,10 +244,11 @@ def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, m: dict[str, Any]
     from cvpipe.evaluate import export
 
     cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
-    x = cpu_norm(torch.from_numpy(np.array(images[: ep.parity_images])))
+    pixels = np.array(images[: ep.parity_images])  # the uint8 NHWC test pixels: model.onnx's input
+    x = cpu_norm(torch.from_numpy(pixels))  # eager's input, normalized as evaluate does
     with storage.staged_dir(out["export_dir"]) as folder:
         sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1])
-        parity = export.parity(fp32_model, folder, x)
+        parity = export.parity(fp32_model, folder, x, pixels)
         parity["tolerance"] = ep.parity_tolerance
         worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
         if worst > ep.parity_tolerance:
@@ -311,6 +313,8 @@ def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str
         "trained_epochs": int(ckpt["epoch"]),
         "image_size": int(ckpt["image_size"]),
         "data_version": ds.meta.get("fingerprint"),
+        # ingest's label review summary (labels corrected since the previous data version), via the prepared meta.json
+        "label_review": ds.meta.get("label_review"),
         "accuracy": r6(m["accuracy"]),
         "top_k": m["top_k"],
         "top_k_accuracy": r6(m["top_k_accuracy"]),
@@ -346,6 +350,8 @@ def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs,
         if metrics["export_parity"]:
             summary.update({f"export/{k}": v for k, v in metrics["export_parity"].items()})
         summary["arch"] = name
+        review = metrics.get("label_review") or {}
+        summary.update({f"data/{k}": v for k, v in review.items() if isinstance(v, (int, float))})
         tracker.summary(summary)
         try:
             import wandb

@@ -61,6 +61,7 @@ from cvpipe.data.sources import (
     overlaps,
     source_location,
 )
+from cvpipe.ingest import overrides
 
 JUNK = "junk_file"
 NO_LABEL = "no_label"
@@ -123,6 +124,10 @@ class IngestReport:
     transferred: int = 0  # files whose bytes were read or downloaded
     bytes_transferred: int = 0  # including archive downloads
     decoded: int = 0  # files fully decoded and validated
+    # reviewers' decisions (ingest.overrides, cvpipe.ingest.overrides): applied this run
+    labels_relabelled: int = 0
+    images_excluded: int = 0
+    review: dict[str, Any] = field(default_factory=dict)  # details: old -> new labels, unknown ids, label_review.json
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -698,6 +703,8 @@ def _ingest(params: Params, items: list[SourceItem], raw_dir: Path, src_opts: So
     """The part of a run that holds the output's lock: process, write the manifest and quarantine, prune."""
     p = params.ingest
     previous = _previous_paths(raw_dir)  # stored by an earlier run: ingest's own, whatever the journal says
+    before = overrides.previous_labels(raw_dir)
+    decisions = overrides.load(p)  # a malformed overrides file stops the run before anything is written
     state = _open_state(p, raw_dir)
     try:
         listed_rejects, outcomes, todo = _reuse_known(items, state, raw_dir, report, _max_bytes(p))
@@ -707,6 +714,7 @@ def _ingest(params: Params, items: list[SourceItem], raw_dir: Path, src_opts: So
         state.abort()
         raise
     resolved += listed_rejects
+    review = overrides.apply(resolved, decisions)
 
     accepted = sorted((o.record for o in resolved if o.record), key=lambda r: (r["label"], r["source_uri"]))
     rejected = sorted((o for o in resolved if o.record is None), key=lambda o: (o.item.uri, o.item.label or ""))
@@ -730,6 +738,11 @@ def _ingest(params: Params, items: list[SourceItem], raw_dir: Path, src_opts: So
     if foreign:
         _warn_foreign(raw_dir, foreign)
     _count(report, accepted, rejected)
+    with _writing(raw_dir / manifest.LABEL_REVIEW_NAME, manifest_kept=False):
+        summary = overrides.write_summary(raw_dir, review, before, accepted)
+    report.labels_relabelled, report.images_excluded = review["labels_relabelled"], review["images_excluded"]
+    report.review = {k: v for k, v in review.items() if k not in ("labels_relabelled", "images_excluded")}
+    report.review["since_previous"] = summary
 
 
 def _refuse_overlap(sources: list[str], raw_dir: Path) -> None:
@@ -903,3 +916,6 @@ def _print_report(report: IngestReport, raw_dir: Path) -> None:
         f"manifest: {raw_dir / 'manifest.csv'} ({report.seconds:.1f}s; {report.transferred} transferred, "
         f"{report.decoded} decoded, {report.reused} reused)"
     )
+    if report.review.get("decisions"):
+        info(f"review decisions: {report.labels_relabelled} relabelled, {report.images_excluded} excluded, "
+             f"{report.review['labels_kept']} kept, {len(report.review['unknown_ids'])} unknown ids")

@@ -323,9 +323,12 @@ def _ingest_params(sources: list[str]) -> IngestParams:
 
 def run(
     sources: list[str], params_path: Union[str, Path], options: RecipeOptions, *, command: str,
-    force: bool = False, scan_limit: int = 2000,
+    force: bool = False, scan_limit: int = 2000, estimate: bool = True,
 ) -> dict[str, Choice[Any]]:
-    """Scan, choose, write *params_path* (refusing to overwrite it unless *force*); returns the choices."""
+    """Scan, choose, write *params_path* (refusing to overwrite it unless *force*); returns the choices.
+
+    With *estimate* (and not quiet) it then times a few training steps of each planned architecture and
+    says how long the planned ``dvc repro`` takes here (:mod:`cvpipe.init.estimate`)."""
     target = Path(params_path)
     check_text_arguments(sources, target, options)
     if target.exists() and not force:
@@ -343,6 +346,12 @@ def run(
     storage.write_text(target, render_params(profile, machine, choices, command))
     if not is_quiet():
         _print_summary(target, profile, machine, choices)
+        if estimate:
+            from cvpipe.init.estimate import from_choices
+
+            est = from_choices(choices, profile.num_classes, recipe.estimated_train_images(profile),
+                               recipe.estimated_val_images(profile))
+            console.print(est.message(), markup=False, soft_wrap=True)
     return choices
 
 

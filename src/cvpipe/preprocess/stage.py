@@ -29,7 +29,7 @@ from cvpipe.core import storage
 from cvpipe.core.config import Params
 from cvpipe.core.console import info, progress, warn
 from cvpipe.core.errors import StageError
-from cvpipe.data import augment
+from cvpipe.data import augment, manifest
 from cvpipe.data.prepared import SPLITS, SplitWriter, write_meta
 from cvpipe.data.resize import resize_all
 from cvpipe.preprocess.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
@@ -131,7 +131,8 @@ def run(params: Params) -> dict[str, Any]:
         card["near_duplicates"]["straddling_splits"] = len(leaks)
         (root / "augment.json").write_text(augment.to_json(pipeline))
         (root / "eval_transform.json").write_text(augment.to_json(augment.eval_pipeline(size)))
-        meta = {"image_size": size, "resize_mode": pp.resize_mode, "split_strategy": sp.strategy, "mean": mean, "std": std}
+        meta = {"image_size": size, "resize_mode": pp.resize_mode, "split_strategy": sp.strategy, "mean": mean, "std": std,
+                "label_review": manifest.read_label_review(raw_dir)}  # ingest's review summary, for the model card
         write_meta(root, classes, meta, {"splits": {k: v["count"] for k, v in card["splits"].items()}})
         card["seconds"] = {"decode_resize": round(resize_seconds, 3), "total": round(time.perf_counter() - started, 3)}
         card["images_per_second"] = round(len(rows) / max(resize_seconds, 1e-9), 1)

@@ -27,7 +27,12 @@ Safety
   time (:meth:`ServedModel.decode_slot`, taken before a compute slot, so small requests keep
   flowing) and their memory is handed back to the system;
 * decoding and inference run in a worker thread (``serve.inference_threads`` at
-  once), never on the event loop, so ``/healthz`` answers while a model runs.
+  once), never on the event loop, so ``/healthz`` answers while a model runs; with
+  ``serve.batch_window_ms`` > 0 the inference of requests arriving within the window runs as one
+  batch (:mod:`cvpipe.serve.batching`) while decoding stays in the request's thread.
+
+The model runs on ONNX Runtime or torch (:mod:`cvpipe.serve.model`); ``/healthz`` and ``/model``
+say which.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ from starlette.exceptions import HTTPException
 from cvpipe import __version__
 from cvpipe.core.config import ServeParams
 from cvpipe.data.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
+from cvpipe.serve.batching import MicroBatcher
 from cvpipe.serve.guards import ActiveRequestLimit, FramingGuard, ServeLimits, uvicorn_options
 from cvpipe.serve.model import Prediction, ServedModel
+from cvpipe.serve.review import ReviewStore, review_router
 
 log = logging.getLogger("cvpipe.serve")
 
@@ -160,9 +167,11 @@ class ErrorResponse(BaseModel):
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 504)}
 
 
-def create_app(model: ServedModel, settings: ServeParams, limits: Optional[ServeLimits] = None) -> FastAPI:
+def create_app(model: ServedModel, settings: ServeParams, limits: Optional[ServeLimits] = None,
+               review: Optional[ReviewStore] = None) -> FastAPI:
     """The app around *model*; *limits* (default :class:`ServeLimits`) sets the request cap, which the
-    uvicorn options of the same limits complement with the connection-level ones."""
+    uvicorn options of the same limits complement with the connection-level ones. *review* mounts the
+    label review page and API (:mod:`cvpipe.serve.review`)."""
     limits = limits or ServeLimits.from_params(settings)
     app = FastAPI(
         title="cvpipe",
@@ -177,6 +186,8 @@ def create_app(model: ServedModel, settings: ServeParams, limits: Optional[Serve
     _add_model_routes(app, model, stats)
     _add_predict_route(app, model, settings, stats)
     _add_page(app, settings)
+    if review is not None:
+        app.include_router(review_router(review))
     # the last added runs first: framing, then the request cap, then size and time limits
     app.add_middleware(LimitsMiddleware, max_body=settings.max_upload_bytes + MULTIPART_SLACK,
                        timeout_s=settings.request_timeout_s)
@@ -216,7 +227,7 @@ def _add_model_routes(app: FastAPI, model: ServedModel, stats: dict[str, Any]) -
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, Any]:
         """Liveness: answers while inference runs (the event loop is never blocked)."""
-        return {"status": "ok", "model": model.arch, "classes": len(model.classes),
+        return {"status": "ok", "model": model.arch, "backend": model.backend.name, "classes": len(model.classes),
                 "uptime_s": round(time.time() - stats["started"], 1), "predictions": stats["predictions"],
                 "rejected": stats["rejected"]}
 
@@ -243,6 +254,10 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
     # never starts the model.
     limiter = anyio.CapacityLimiter(settings.inference_threads * 4)
     compute = threading.BoundedSemaphore(settings.inference_threads)
+    batcher = None
+    if settings.batch_window_ms > 0:  # decoding holds a compute slot; inference waits in the batcher, not in a slot
+        batcher = MicroBatcher(model.backend.run, settings.batch_window_ms, settings.max_batch_size)
+        app.state.batcher = batcher  # its worker is a daemon thread idle on a queue; batcher.close() ends it
 
     @app.post("/predict", tags=["model"], response_model=PredictResponse, responses=ERRORS)
     async def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
@@ -262,8 +277,14 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
             with model.decode_slot(data, settings.max_pixels, settings.large_image_pixels), compute:
                 if time.monotonic() > deadline:
                     return None  # the client already got its 504
-                return model.predict_bytes(data, k=k, max_pixels=settings.max_pixels, min_size=settings.min_size,
-                                           max_aspect_ratio=settings.max_aspect_ratio)
+                arr, pred = model.prepare(data, max_pixels=settings.max_pixels, min_size=settings.min_size,
+                                          max_aspect_ratio=settings.max_aspect_ratio)
+                if batcher is None:
+                    return model.finish(pred, arr, k)
+            try:
+                return model.finish(pred, arr, k, lambda a: batcher.submit(a, deadline - time.monotonic()))
+            except TimeoutError:
+                return None
 
         t_queue = time.perf_counter()
         try:

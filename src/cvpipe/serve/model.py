@@ -1,21 +1,38 @@
 """Load a trained model for serving, with the preprocessing it was evaluated with.
 
+This module has no torch import (import-linter contract ``serve-torch-free``): the model runs in
+one of two backends,
+
+* :mod:`cvpipe.serve.onnx_backend` (ONNX Runtime): a promoted folder's ``model.onnx`` when it takes
+  raw uint8 NHWC pixels (evaluate's export since issue #20: float conversion, mean/std and channel
+  order inside the graph). What the card needs (arch, classes, epoch, data version, parameter count)
+  is in the graph's metadata, so ``model.pt`` is not even read;
+* :mod:`cvpipe.serve.torch_backend` (torch eager, imported only when chosen): a bare train checkpoint,
+  ``serve.backend: torch``, a non-CPU ``serve.device``, or a folder whose model.onnx is an older
+  float-NCHW export (served through torch under ``auto``, with a note on the card; normalizing in
+  numpy would be a second copy of the normalization).
+
+``serve.backend: auto`` (default) picks onnxruntime when the folder has a uint8-pixel model.onnx and
+``serve.device`` is cpu or auto, else torch; ``onnx`` or ``torch`` force one (``onnx`` on a model
+without such a graph is a clear error). ``/model`` and ``/healthz`` report the backend.
+
 Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied down
 once per version of the remote object by :func:`cvpipe.serve.remote.fetch_model`, so a
 re-uploaded model is fetched again; credentials in the URL are never shown):
 
 * a **promoted model folder** (``models/best/``)::
 
-      model.pt            the train checkpoint (required)
-      preprocess.json     image_size, resize_mode, mean, std
+      model.onnx          uint8-pixel ONNX graph (the onnxruntime backend)
+      model.pt            the train checkpoint (the torch backend)
+      preprocess.json     image_size, resize_mode, mean, std, decode_side
       classes.json        ["ants", "bees"]
       card.json           arch, test metrics, model cost, data version, params summary
-      confusion_matrix.png, leaderboard.md, leaderboard.csv, model.onnx, model.ts
+      confusion_matrix.png, leaderboard.md, leaderboard.csv, model.ts
 
-  Only ``model.pt`` is required; what the optional files would say is taken from
-  the checkpoint where it can be, and the rest is reported as missing.
+  ``model.onnx`` or ``model.pt`` is required (the backend's); what the optional files would say is
+  taken from the checkpoint or the graph's metadata where it can be, and the rest is reported as missing.
 
-* a **bare train checkpoint** (``models/resnet18/best.pt``): preprocessing and
+* a **bare train checkpoint** (``models/resnet18/best.pt``, torch backend): preprocessing and
   classes from its keys (``image_size``, ``resize_mode``, ``normalize``,
   ``classes``, ``arch``); the card from ``<metrics>/<arch>/evaluate.json`` and the
   confusion matrix from ``<plots>/<arch>/confusion_matrix.png`` when they exist.
@@ -28,11 +45,12 @@ Preprocessing is never re-typed; an upload takes the path a training image took:
    when it is a clean JPEG/PNG, else ingest's normalized re-encode);
 3. :func:`cvpipe.data.resize.decode_for_size` + :func:`cvpipe.data.images.fit_array` with the
    saved size and resize mode, exactly what preprocess did (JPEGs decoded at the same
-   reduced DCT scale);
-4. :class:`cvpipe.torchkit.loaders.BatchNormalizer` with the saved mean/std: the one
-   normalization train and evaluate use (uint8 NHWC -> float NCHW on the device).
+   reduced DCT scale): the uint8 (S, S, 3) array preprocess stored;
+4. the backend: model.onnx normalizes inside the graph; the torch backend with
+   :class:`cvpipe.torchkit.loaders.BatchNormalizer` (the normalization train and evaluate use).
 
-So a stored training image fed to the server gives the very array evaluate saw.
+So a stored training image fed to the server gives the very array evaluate saw
+(tests/test_raw_parity.py checks it byte for byte on real photos and awkward files).
 
 Whatever an upload makes the decoder raise is a rejection (``ImageRejected``, a 4xx), never
 a 500. Memory per request is bounded: the header's pixel count is refused above
@@ -51,11 +69,12 @@ import csv
 import io
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -65,8 +84,6 @@ from cvpipe.core.urls import redact_text, redact_url
 from cvpipe.data.images import BOMB, CORRUPT, DecodedImage, ImageRejected, decode_image, fit_array
 from cvpipe.serve import memory
 from cvpipe.serve.remote import fetch_model
-from cvpipe.torchkit.loaders import BatchNormalizer
-from cvpipe.torchkit.runtime import Runtime
 
 log = logging.getLogger("cvpipe.serve")
 
@@ -83,7 +100,8 @@ OPTIONAL_FILES = {
     "confusion_matrix.png": "confusion matrix image",
     "leaderboard.csv": "leaderboard from cvpipe compare",
     "leaderboard.md": "leaderboard from cvpipe compare (markdown)",
-    "model.onnx": "ONNX export",
+    "model.pt": "train checkpoint (the torch backend)",
+    "model.onnx": "ONNX export (the onnxruntime backend)",
     "model.ts": "TorchScript export",
 }
 
@@ -114,8 +132,7 @@ class ServedModel:
     resize_mode: str
     mean: list[float]
     std: list[float]
-    module: Any  # torch.nn.Module in eval mode
-    device: Any
+    backend: Any  # OnnxBackend or TorchBackend: run(uint8 NHWC) -> probabilities, describe()
     source: str
     layout: str  # "folder" or "checkpoint"
     decode_side: int = 0  # preprocess decoded JPEGs at the scale covering this side (>= image_size)
@@ -127,9 +144,6 @@ class ServedModel:
     leaderboard_md: Optional[str] = None
 
     def __post_init__(self) -> None:
-        # fp32, default memory format: the module is served as loaded (no autocast, no channels_last)
-        runtime = Runtime(self.device, amp_dtype=None, use_scaler=False, channels_last=False)
-        self._normalize = BatchNormalizer(self.mean, self.std, runtime)
         self.decode_side = max(self.decode_side, self.image_size)
 
     # ------------------------------------------------------------------ inference
@@ -153,12 +167,19 @@ class ServedModel:
             decoded.image = None  # one full-size copy at a time
             return fit_array(pixels, self.image_size, self.resize_mode)
         stored, _ = decoded.encoded(original)
-        return fit_array(decode_for_size(stored, self.decode_side), self.image_size, self.resize_mode)
+        # the stored bytes' size is the decoded (upright) size: no third header parse per request (preprocess
+        # passes the same size from ingest's manifest; decode_for_size re-decodes if a given size were wrong)
+        shape = (decoded.width, decoded.height)
+        return fit_array(decode_for_size(stored, self.decode_side, shape), self.image_size, self.resize_mode)
 
     @contextlib.contextmanager
     def decode_slot(self, data: bytes, max_pixels: int, large_pixels: int = LARGE_IMAGE_PIXELS):
         """Held around decoding *data*: images above *large_pixels* (up to *max_pixels*) one at a time,
-        their memory returned to the system afterwards; smaller ones (and bombs, refused unread) pass."""
+        their memory returned to the system afterwards; smaller ones (and bombs, refused unread) pass.
+
+        It reads the header before the slot is taken and :func:`decode_image` reads it again inside: a
+        header parse is ~0.04 ms on a 110 KB photo (app/README.md "Where a request's CPU goes"), so the
+        slot stays a plain wrapper rather than threading an open Pillow image through the decoder."""
         pixels = header_pixels(data)
         if not large_pixels < pixels <= max_pixels:
             yield
@@ -183,53 +204,49 @@ class ServedModel:
             log.warning("decoder failure on an upload: %s: %s", type(exc).__name__, exc)
             raise ImageRejected(CORRUPT, f"the decoder failed on this file ({type(exc).__name__}: {exc})") from None
 
-    def to_tensor(self, arrays: list[np.ndarray]):
-        """uint8 (H, W, 3) arrays -> the normalized float (B, 3, H, W) batch on the device, as evaluate builds it."""
-        import torch
-
-        # contiguous NCHW like the module's weights (the normalizer's permute leaves NHWC memory,
-        # which would send the convolutions down another kernel path)
-        return self._normalize(torch.from_numpy(np.stack(arrays))).contiguous()
-
-    def forward(self, x) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.module(x)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Softmax probabilities [len(arrays), classes] of uint8 (S, S, 3) arrays, run as one batch by the backend."""
+        return self.backend.run(np.stack(arrays))
 
     def warm_up(self) -> None:
         """One pass on a blank image: the first call pays one-off allocation costs, not the first user."""
-        import torch
-
-        with torch.inference_mode():
-            self.forward(self.to_tensor([np.zeros((self.image_size, self.image_size, 3), np.uint8)]))
+        self.probabilities([np.zeros((self.image_size, self.image_size, 3), np.uint8)])
 
     def top_k(self, probs: np.ndarray, k: int) -> list[dict[str, Any]]:
         k = max(1, min(k, len(self.classes)))
         order = np.argsort(-probs, kind="stable")[:k]
         return [{"label": self.classes[i], "index": int(i), "probability": round(float(probs[i]), 6)} for i in order]
 
-    def predict_bytes(self, data: bytes, *, k: int, max_pixels: int, min_size: int = 1,
-                      max_aspect_ratio: Optional[float] = None) -> Prediction:
+    def prepare(self, data: bytes, *, max_pixels: int, min_size: int = 1,
+                max_aspect_ratio: Optional[float] = None) -> tuple[np.ndarray, Prediction]:
+        """(the model input array, a Prediction without top-k yet): decoding and resizing, the part of a
+        request that runs in the request's own thread when inference is micro-batched."""
         t0 = time.perf_counter()
         with self.decoder_errors():
             decoded = self.decode(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
         t1 = time.perf_counter()
         with self.decoder_errors():
             arr = self.to_array(decoded, data)
-        x = self.to_tensor([arr])
         t2 = time.perf_counter()
-        probs = self.forward(x)[0]
-        t3 = time.perf_counter()
-        return Prediction(
-            top_k=self.top_k(probs, k),
-            decode_ms=(t1 - t0) * 1e3,
-            preprocess_ms=(t2 - t1) * 1e3,
-            inference_ms=(t3 - t2) * 1e3,
-            image={"format": decoded.format, "width": decoded.width, "height": decoded.height,
-                   "mode": decoded.source_mode, "frames": decoded.frames},
-        )
+        return arr, Prediction(top_k=[], decode_ms=(t1 - t0) * 1e3, preprocess_ms=(t2 - t1) * 1e3, inference_ms=0.0,
+                               image={"format": decoded.format, "width": decoded.width, "height": decoded.height,
+                                      "mode": decoded.source_mode, "frames": decoded.frames})
+
+    def finish(self, pred: Prediction, arr: np.ndarray, k: int,
+               infer: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Prediction:
+        """*pred* with the top-k of *arr*'s probabilities; *infer* (one array -> its probabilities) is the
+        micro-batcher's submit when ``serve.batch_window_ms`` > 0, else the backend runs the array alone."""
+        t0 = time.perf_counter()
+        probs = infer(arr) if infer is not None else self.probabilities([arr])[0]
+        pred.inference_ms = (time.perf_counter() - t0) * 1e3
+        pred.top_k = self.top_k(probs, k)
+        return pred
+
+    def predict_bytes(self, data: bytes, *, k: int, max_pixels: int, min_size: int = 1,
+                      max_aspect_ratio: Optional[float] = None) -> Prediction:
+        """Decode, resize and classify *data* in this thread."""
+        arr, pred = self.prepare(data, max_pixels=max_pixels, min_size=min_size, max_aspect_ratio=max_aspect_ratio)
+        return self.finish(pred, arr, k)
 
     # ------------------------------------------------------------------ description
     def info(self) -> dict[str, Any]:
@@ -240,6 +257,7 @@ class ServedModel:
             "num_classes": len(self.classes),
             "source": self.source,
             "layout": self.layout,
+            "backend": self.backend.describe(),
             "preprocess": {"image_size": self.image_size, "resize_mode": self.resize_mode,
                            "mean": self.mean, "std": self.std},
             "test_metrics": card.get("test_metrics"),
@@ -311,59 +329,114 @@ def _find_local(folder: Path, name: str) -> Optional[Path]:
     return p if p.is_file() else None
 
 
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def auto_threads(concurrent_runs: int) -> int:
+    """Intra-op threads per model run when ``serve.onnx_threads`` / ``serve.torch_threads`` is 0: the cores
+    this process may use shared by the *concurrent_runs* runs at once. Both libraries default to one thread
+    per core for *each* run; with two requests at once on 2 cores that is 4 busy threads on 2 cores, and
+    torch eager measured 80-160 ms per run that way under load against 10-11 ms with 1 thread each, and
+    16.4 CPU ms per resnet18 run at 64 px against 9.4 (bench/serve.py, app/README.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, concurrent_runs))
+
+
 def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", plots_dir: str = "plots",
-               torch_threads: int = 0) -> ServedModel:
-    """Load a promoted model folder or a bare checkpoint (local or remote); raise StageError when impossible."""
-    import torch
-
-    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
-    from cvpipe.torchkit.runtime import resolve_device
-
-    if torch_threads > 0:
-        torch.set_num_threads(torch_threads)
+               torch_threads: int = 0, backend: str = "auto", onnx_threads: int = 0,
+               concurrent_runs: int = 1) -> ServedModel:
+    """Load a promoted model folder or a bare checkpoint (local or remote) on the backend *backend*
+    picks (see the module docstring); raise StageError when impossible. *concurrent_runs* (model runs
+    at once: ``serve.inference_threads``, or 1 with the micro-batcher's single worker) sizes the
+    backend's intra-op threads (:func:`auto_threads`) when *onnx_threads* / *torch_threads* is 0."""
+    if backend not in BACKENDS:
+        raise StageError(f"serve.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     shown = redact_url(str(uri))  # the form every message and the card show
-    layout, ckpt_path, files = _locate(uri)
-    ckpt = load_checkpoint(str(ckpt_path))
-    for key in ("arch", "classes", "model"):
-        if key not in ckpt:
-            raise StageError(f"{ckpt_path} is not a cvpipe train checkpoint (no {key!r})")
-    arch = str(ckpt["arch"])
+    layout, local, files = _locate(uri)
+    notes: list[str] = []
+    onnx = _pick_onnx(shown, layout, files, backend, device, onnx_threads, concurrent_runs, notes)
+    if onnx is not None:
+        meta, run, size_path = dict(onnx.metadata), onnx, files["model.onnx"]
+        params_m, ckpt_path = meta.get("params_m"), None
+    else:
+        ckpt_path = local if layout == "checkpoint" else files.get("model.pt")
+        if ckpt_path is None:
+            raise StageError(f"{shown} has no model.pt for the torch backend ({'; '.join(notes) or 'serve.backend: torch'})")
+        from cvpipe.serve import torch_backend  # only here: the onnxruntime path never imports torch
+
+        meta, module, dev, params_m = torch_backend.load(ckpt_path, device, torch_threads or auto_threads(concurrent_runs))
+        size_path = ckpt_path
+    arch = str(meta["arch"])
 
     prep = _read_json(files.get("preprocess.json")) or {}
-    image_size, resize_mode, mean, std = _preprocessing(shown, prep, ckpt)
-    classes = _read_json(files.get("classes.json")) or list(ckpt["classes"])
-    if list(classes) != list(ckpt["classes"]):
-        raise StageError(f"{shown}: classes.json {classes} disagrees with the checkpoint's classes {ckpt['classes']}")
+    image_size, resize_mode, mean, std = _preprocessing(shown, prep, meta)
+    classes = _read_json(files.get("classes.json")) or list(meta["classes"])
+    if list(classes) != list(meta["classes"]):
+        what = "the model.onnx metadata's" if onnx is not None else "the checkpoint's"
+        raise StageError(f"{shown}: classes.json {classes} disagrees with {what} classes {meta['classes']}")
+    if onnx is not None and onnx.image_size not in (None, int(image_size)):
+        raise StageError(f"{shown}: model.onnx takes {onnx.image_size} px images, preprocess.json says {image_size}")
+    if onnx is None:
+        run = torch_backend.TorchBackend(module, mean, std, dev)
 
     card = _read_json(files.get("card.json")) or {}
     if not isinstance(card, dict):
         card = {}
-    notes: list[str] = []
     metrics, cm_path = _test_metrics(card, files.get("confusion_matrix.png"), layout, ckpt_path, arch, metrics_dir,
                                      plots_dir, notes)
     files["confusion_matrix.png"] = cm_path
     if metrics is None:
         notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
-
-    module = model_from_checkpoint(ckpt)
-    dev = resolve_device(device, "serve.device")
-    module.to(dev).eval()
-    full_card = _full_card(card, metrics, ckpt, module, ckpt_path)
+    full_card = _full_card(card, metrics, meta, params_m, size_path)
     leaderboard, leaderboard_md = _leaderboard(files)
-    notes += _missing_notes(layout, files)
+    notes += _missing_notes(layout, files, run.name)
 
     model = ServedModel(
-        arch=arch, decode_side=_decode_side(prep, ckpt, image_size), classes=list(classes), image_size=int(image_size),
-        resize_mode=str(resize_mode), mean=[float(v) for v in mean], std=[float(v) for v in std], module=module,
-        device=dev, source=shown, layout=layout, card=full_card, files=files, assets=_read_assets(files), notes=notes,
+        arch=arch, decode_side=_decode_side(prep, meta, image_size), classes=list(classes), image_size=int(image_size),
+        resize_mode=str(resize_mode), mean=[float(v) for v in mean], std=[float(v) for v in std], backend=run,
+        source=shown, layout=layout, card=full_card, files=files, assets=_read_assets(files), notes=notes,
         leaderboard=leaderboard, leaderboard_md=leaderboard_md,
     )
     model.warm_up()
     return model
 
 
+def _pick_onnx(shown: str, layout: str, files: dict[str, Optional[Path]], backend: str, device: str, onnx_threads: int,
+               concurrent_runs: int, notes: list[str]):
+    """The onnxruntime backend when *backend* and the model allow it, else None (torch), with the reason in *notes*."""
+    if backend == "torch":
+        return None
+    from cvpipe.serve import onnx_backend
+
+    why = ""
+    if layout == "checkpoint":
+        why = "a bare checkpoint has no model.onnx (serve a promoted model folder for onnxruntime)"
+    elif files.get("model.onnx") is None:
+        why = "the folder has no model.onnx"
+    elif backend == "auto" and device not in ("cpu", "auto"):
+        why = f"serve.device is {device} and the onnxruntime backend runs on the CPU"
+    if not why:
+        threads = onnx_threads or auto_threads(concurrent_runs)
+        try:
+            found, why = onnx_backend.open_pixel_model(files["model.onnx"], threads)
+        except StageError as exc:  # no onnxruntime, an unreadable graph: auto falls back to torch, saying why
+            if backend == "onnx":
+                raise
+            found, why = None, str(exc)
+        if found is not None:
+            return found
+    if backend == "onnx":
+        raise StageError(f"serve.backend is onnx, but {shown}: {why}")
+    if layout == "folder":
+        notes.append(f"served through torch: {why}")
+    return None
+
+
 def _locate(uri: str) -> tuple[str, Path, dict[str, Optional[Path]]]:
-    """The layout ("folder" or "checkpoint"), the local checkpoint and the folder's optional files (local path or None)."""
+    """The layout ("folder" or "checkpoint"), the local folder or checkpoint, and the folder's files (local path or None)."""
     shown = redact_url(str(uri))
     try:
         found = storage.exists(uri)
@@ -376,10 +449,10 @@ def _locate(uri: str) -> tuple[str, Path, dict[str, Optional[Path]]]:
         )
     if not local.is_dir():
         return "checkpoint", local, {}
-    ckpt_path = local / "model.pt"
-    if not ckpt_path.is_file():
-        raise StageError(f"{shown} is a folder without model.pt: not a promoted model folder")
-    return "folder", ckpt_path, {name: _find_local(local, name) for name in OPTIONAL_FILES}
+    files = {name: _find_local(local, name) for name in OPTIONAL_FILES}
+    if files["model.pt"] is None and files["model.onnx"] is None:
+        raise StageError(f"{shown} is a folder without model.pt or model.onnx: not a promoted model folder")
+    return "folder", local, files
 
 
 def _preprocessing(shown: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -423,17 +496,17 @@ def _confusion_matrix_near(evaluate_json: str, plots_dir: str, arch: str) -> Opt
     return None
 
 
-def _full_card(card: dict[str, Any], metrics: Optional[dict[str, Any]], ckpt: dict[str, Any], module,
-               ckpt_path: Path) -> dict[str, Any]:
-    """The served card: card.json's entries, the rest from the checkpoint and the loaded module."""
-    params_m = round(sum(p.numel() for p in module.parameters()) / 1e6, 4)
-    size_mb = round(ckpt_path.stat().st_size / 1e6, 2)
+def _full_card(card: dict[str, Any], metrics: Optional[dict[str, Any]], meta: dict[str, Any], params_m: Optional[float],
+               model_path: Path) -> dict[str, Any]:
+    """The served card: card.json's entries, the rest from the checkpoint (or the graph's metadata) and the model file."""
+    size_mb = round(model_path.stat().st_size / 1e6, 2)
+    size_key = "onnx_mb" if model_path.suffix == ".onnx" else "checkpoint_mb"
     return {
         "test_metrics": metrics,
-        "data_version": card.get("data_version") or ckpt.get("dataset_hash"),
-        "params_summary": card.get("params_summary") or card.get("params") or _params_summary(ckpt.get("params")),
-        "model_cost": card.get("model_cost") or card.get("cost") or {"params_m": params_m, "checkpoint_mb": size_mb},
-        "trained_epochs": card.get("trained_epochs") or ckpt.get("epoch"),
+        "data_version": card.get("data_version") or meta.get("dataset_hash"),
+        "params_summary": card.get("params_summary") or card.get("params") or _params_summary(meta.get("params")),
+        "model_cost": card.get("model_cost") or card.get("cost") or {"params_m": params_m, size_key: size_mb},
+        "trained_epochs": card.get("trained_epochs") or meta.get("epoch"),
     }
 
 
@@ -459,10 +532,13 @@ def _leaderboard(files: dict[str, Optional[Path]]) -> tuple[Optional[list[dict[s
     return leaderboard, leaderboard_md
 
 
-def _missing_notes(layout: str, files: dict[str, Optional[Path]]) -> list[str]:
-    """What the model lacks, said plainly: missing optional files of a folder, or what a bare checkpoint cannot give."""
+def _missing_notes(layout: str, files: dict[str, Optional[Path]], backend: str) -> list[str]:
+    """What the model lacks, said plainly: missing optional files of a folder, or what a bare checkpoint cannot give
+    (model.pt is not missed when onnxruntime serves: it is the torch backend's file)."""
     notes = []
     for name, what in OPTIONAL_FILES.items():
+        if name == "model.pt" and backend != "torch":
+            continue
         if layout == "folder" and files.get(name) is None:
             notes.append(f"{name} missing: no {what}")
     if layout == "checkpoint":
@@ -473,7 +549,8 @@ def _missing_notes(layout: str, files: dict[str, Optional[Path]]) -> list[str]:
 
 
 def _decode_side(prep: dict[str, Any], ckpt: dict[str, Any], image_size: Any) -> int:
-    """The side preprocess decoded JPEGs for: >= HASH_MIN_SIDE when it hashed for near-duplicates."""
+    """The side preprocess decoded JPEGs for: >= HASH_MIN_SIDE when it hashed for near-duplicates (the
+    checkpoint's params, or the same params in model.onnx's metadata; preprocess.json may say it)."""
     from cvpipe.data.resize import HASH_MIN_SIDE
 
     split_cfg = (ckpt.get("params") or {}).get("split") or {}

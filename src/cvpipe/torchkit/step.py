@@ -52,3 +52,33 @@ def unmixed_targets(mixup, y):
     from timm.data.mixup import mixup_target
 
     return mixup_target(y, mixup.num_classes, 1.0, mixup.label_smoothing)
+
+
+def time_train_steps(model, optimizer, batches, normalize: BatchNormalizer, criterion, mixup, rt: Runtime,
+                     steps: int, max_seconds: float = float("inf")) -> float:
+    """Median seconds of one training step (:func:`forward_loss`, backward, optimizer step) over ``steps``
+    batches from the iterator *batches*, after one untimed warm-up step (allocator, oneDNN/cuDNN kernel
+    choice, torch.compile); fewer (at least one) once ``max_seconds`` have gone, so a probe on a slow or
+    busy machine does not eat the time it is measuring for. Shared by the train stage's time-budget
+    probe and ``cvpipe init``'s estimate of how long the planned ``dvc repro`` takes, so both time the
+    step training runs."""
+    import statistics
+    import time
+
+    import torch
+
+    times: list[float] = []
+    started = time.perf_counter()
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        forward_loss(model, images, labels, normalize, criterion, mixup, rt).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - started > max_seconds:
+                break
+    return float(statistics.median(times))

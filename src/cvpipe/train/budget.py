@@ -5,11 +5,13 @@ and model building count) to its last checkpoint. Before the first epoch the tra
 stage times a few real steps on a throw-away copy of the model (:mod:`cvpipe.train.budget_run`
 does the measuring and applies the plans), and :class:`TimeBudget` turns the seconds per epoch
 into an epoch count and a warmup length, so timm's cosine schedule is built for the run that
-fits and completes instead of being cut off. After every epoch the plan is checked against the
-measured epoch time (the median of the epochs after the first, which carries one-time
-costs). While the LR is still warming up or on the flat top of the cosine (the first 10 %
-of its decay, LR >= 97.5 % of the peak) the plan may grow or shrink; after that it only
-shrinks, because stretching a cosine that is visibly decaying would raise the LR again.
+fits and completes instead of being cut off. After every epoch the plan is re-fitted to the
+measured epoch time (the median of the epochs after the first, which carries one-time costs),
+and within each epoch at its quarter marks to the epoch's own pace so far (a plan of one epoch,
+after a slow probe, can still grow before that epoch ends). It may grow or shrink at any point:
+:class:`RetimedScheduler` stretches or shrinks the rest of the schedule from where it stands, so
+the LR never jumps and a slow start (a busy machine in the first seconds, a pessimistic probe)
+no longer leaves the budget under-used. The probe stops timing after 5 % of the budget.
 
 No library does this: timm, Lightning (``max_time``) and HF Trainer stop a run when time is
 up, which leaves the schedule unfinished; here the schedule is sized to the time instead.
@@ -26,8 +28,6 @@ from cvpipe.core.config import WARMUP_FRACTION  # the recipe's warmup share, app
 # seconds kept free after the last epoch: final metrics, W&B finish and artifact, exit
 _RESERVE_MIN_S = 2.0
 _RESERVE_FRACTION = 0.02
-# the plan may still grow until this share of the cosine decay has run (LR >= 97.5 % of the peak)
-GROW_WHILE_DECAY_BELOW = 0.1
 
 _IMPORTED_AT = time.time()
 
@@ -68,29 +68,19 @@ class TimeBudget:
     def remaining_s(self) -> float:
         return self.deadline - self.reserve_s - time.time()
 
-    def fit(self, epochs_done: int, epoch_seconds: float) -> int:
-        """Total epochs that end before the deadline when each takes ``epoch_seconds``; at least one more
-        than ``epochs_done`` is never promised: the result can equal ``epochs_done`` (stop now)."""
-        extra = math.floor(max(self.remaining_s(), 0.0) / max(epoch_seconds, 1e-6))
+    def fit(self, epochs_done: int, epoch_seconds: float, pending_s: float = 0.0) -> int:
+        """Total epochs that end before the deadline when each takes ``epoch_seconds`` and ``pending_s`` are
+        still needed to finish epoch ``epochs_done`` (mid-epoch); at least one more than ``epochs_done`` is
+        never promised: the result can equal ``epochs_done`` (stop there)."""
+        extra = math.floor(max(self.remaining_s() - pending_s, 0.0) / max(epoch_seconds, 1e-6))
         return max(1, min(self.max_epochs, epochs_done + extra))
 
-    def replan(self, current: int, epochs_done: int, epoch_seconds: float, may_grow: bool = False) -> int:
-        """The epoch plan after ``epochs_done`` epochs of ``epoch_seconds`` each.
-
-        The first call, and any call with ``may_grow`` (see :func:`may_grow`), may grow the plan;
-        the others only shrink it.
-        """
-        fitted = self.fit(epochs_done, epoch_seconds)
+    def replan(self, epochs_done: int, epoch_seconds: float, pending_s: float = 0.0) -> int:
+        """The epoch plan once ``epochs_done`` epochs end (``pending_s`` from now), each taking ``epoch_seconds``:
+        whatever fits, grown or shrunk (:class:`RetimedScheduler` keeps the schedule smooth either way),
+        never below ``epochs_done``."""
         self.replans += 1
-        if self.replans == 1 or may_grow:
-            return max(fitted, epochs_done)
-        return max(min(current, fitted), epochs_done)
-
-
-def may_grow(done_in_phase: int, phase_epochs: int, warmup: int) -> bool:
-    """True while the LR warms up or sits on the cosine's flat top (the first 10 % of its decay)."""
-    decay_epochs = max(phase_epochs - warmup, 1)
-    return (done_in_phase - warmup) / decay_epochs <= GROW_WHILE_DECAY_BELOW
+        return max(self.fit(epochs_done, epoch_seconds, pending_s), epochs_done)
 
 
 def epoch_estimate(walls: list[float]) -> float:
@@ -100,3 +90,54 @@ def epoch_estimate(walls: list[float]) -> float:
 
     later = walls[1:] or walls
     return float(statistics.median(later[-5:]))
+
+
+class RetimedScheduler:
+    """A timm scheduler (per-update) whose remaining updates can be stretched or shrunk mid-run.
+
+    Hand-written because timm's schedulers are fixed at construction (``t_initial``) and rebuilding
+    one for a new length restarts or jumps its LR. Here the wrapped schedule runs on a virtual
+    clock: ``v = u`` until the last re-time at update ``u0``, then ``v = v0 + (u - u0) * rate``.
+    :meth:`retimed` moves to a schedule built for the new length at the same *relative* position
+    (``v0 = v * T'/T``: timm's cosine, step and poly LR depend on ``t/T`` only, so the LR is the
+    same there) and picks ``rate`` so the virtual clock reaches ``T'`` exactly when the run ends;
+    during warmup the position is kept as is (the warmup length does not change). The clock is in
+    the checkpoint (:meth:`state_dict`), so a resumed run continues the same curve.
+    """
+
+    def __init__(self, base, total_updates: int, warmup_updates: int):
+        self.base = base
+        self.total = int(total_updates)
+        self.warmup = int(warmup_updates)
+        self.u0, self.v0, self.rate = 0, 0.0, 1.0
+
+    def virtual(self, updates: int) -> float:
+        return self.v0 + (updates - self.u0) * self.rate
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        self.base.step_update(num_updates=self.virtual(num_updates), metric=metric)
+
+    def step(self, epoch: int, metric=None) -> None:
+        self.base.step(epoch, metric)  # per-epoch hook: a no-op for the per-update schedules built here
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "retime": {"u0": self.u0, "v0": self.v0, "rate": self.rate}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "retime" not in state:  # a checkpoint written before re-timing existed: the plain timm state
+            self.base.load_state_dict(state)
+            return
+        self.base.load_state_dict(state["base"])
+        r = state["retime"]
+        self.u0, self.v0, self.rate = int(r["u0"]), float(r["v0"]), float(r["rate"])
+
+    def retimed(self, base, total_updates: int, updates: int) -> "RetimedScheduler":
+        """The schedule *base* (built for ``total_updates``) entered after ``updates`` of this one, where its LR is
+        this one's; the rest of it spread over the ``total_updates - updates`` that remain."""
+        out = RetimedScheduler(base, total_updates, self.warmup)
+        v = self.virtual(updates)
+        v_new = v if v <= self.warmup else max(v * total_updates / max(self.total, 1), float(self.warmup))
+        out.u0, out.v0 = updates, min(v_new, float(total_updates))
+        left = total_updates - updates
+        out.rate = (total_updates - out.v0) / left if left > 0 else 1.0
+        return out

@@ -3,8 +3,8 @@
 
 Before the schedule exists, :func:`plan_budget` times a few real training steps, an eval
 pass and a checkpoint save on a throw-away copy of the model (:func:`measure_step_seconds`)
-and sizes the epochs and warmup to fit. After every epoch, :func:`replan_after_epoch` checks
-the plan against the measured epoch time and re-times the schedule (or ends the run here).
+and sizes the epochs and warmup to fit. After every epoch, :func:`replan_after_epoch` re-fits
+the plan to the measured epoch time and re-times the rest of the schedule (or ends the run here).
 A resumed run keeps its plan and the budget its earlier runs spent.
 """
 
@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
-
 from cvpipe.core import storage
 from cvpipe.core.config import TrainParams
 from cvpipe.core.console import info
@@ -23,11 +21,14 @@ from cvpipe.torchkit.evaluation import evaluate
 from cvpipe.torchkit.loaders import cycle, make_loader
 from cvpipe.torchkit.models import save_checkpoint
 from cvpipe.torchkit.runtime import Runtime
-from cvpipe.torchkit.step import forward_loss
+from cvpipe.torchkit.step import time_train_steps
 from cvpipe.train import checkpoint as ckpt_lib
 from cvpipe.train import distributed, finetune
-from cvpipe.train.budget import TimeBudget, epoch_estimate, may_grow, planned_warmup
+from cvpipe.train.budget import TimeBudget, epoch_estimate, planned_warmup
 from cvpipe.train.build import Net, RunState, TrainData
+
+
+PROBE_SHARE = 0.05  # the most of the budget the step-time probe may take before it stops timing
 
 
 @dataclass
@@ -41,7 +42,8 @@ class BudgetPlan:
         return tp.model_copy(update={"epochs": epochs, "warmup_epochs": planned_warmup(epochs, self.min_warmup)})
 
     def checkpoint_entry(self, tp: TrainParams) -> dict[str, Any]:
-        return {"planned_epochs": tp.epochs, "spent_s": self.budget.spent_s(), "info": self.details}
+        return {"planned_epochs": tp.epochs, "warmup_epochs": tp.warmup_epochs, "spent_s": self.budget.spent_s(),
+                "info": self.details}
 
     def summary_entry(self, tp: TrainParams) -> dict[str, Any]:
         return {**self.details, "planned_epochs": tp.epochs, "warmup_epochs": tp.warmup_epochs,
@@ -52,7 +54,7 @@ def plan_budget(tp: TrainParams, min_warmup: int, state: Optional[dict[str, Any]
                 rt: Runtime, dist: distributed.Dist, probe_path: Optional[str]) -> tuple[Optional[BudgetPlan], TrainParams]:
     """(the plan, *tp* with the planned epochs and warmup); (None, *tp*) without a time budget.
 
-    A resumed run (*state* with a ``budget``) keeps its plan, which from then on only shrinks.
+    A resumed run (*state* with a ``budget``) continues its plan (re-fitted after each epoch as before).
     """
     if tp.time_budget_minutes is None:
         return None, tp
@@ -60,12 +62,14 @@ def plan_budget(tp: TrainParams, min_warmup: int, state: Optional[dict[str, Any]
     budget = TimeBudget(tp.time_budget_minutes, tp.epochs, spent_before_s=float(saved.get("spent_s", 0.0)))
     if saved:
         planned = int(saved["planned_epochs"])
-        budget.replans = 1  # a resumed plan only shrinks
         details = dict(saved.get("info", {}))
     else:
         planned, details = _initial_plan(budget, tp, data, net, rt, dist, probe_path)
     plan = BudgetPlan(budget, details, min_warmup)
-    return plan, plan.apply(tp, planned)
+    planned_tp = plan.apply(tp, planned)
+    if "warmup_epochs" in saved:  # re-plans keep the first plan's warmup: the resumed schedule is the same curve
+        planned_tp = planned_tp.model_copy(update={"warmup_epochs": int(saved["warmup_epochs"])})
+    return plan, planned_tp
 
 
 def _initial_plan(budget: TimeBudget, tp: TrainParams, data: TrainData, net: Net, rt: Runtime, dist: distributed.Dist,
@@ -92,7 +96,7 @@ def measure_step_seconds(net: Net, tp: TrainParams, data: TrainData, rt: Runtime
     """(seconds per training step, seconds per image of an eval pass, seconds per checkpoint save),
     timed on a throw-away copy.
 
-    Real batches through the real augmentation and the train step (:func:`forward_loss`, backward,
+    Real batches through the real augmentation and the train step (:func:`time_train_steps`: forward, backward,
     optimizer), after one untimed warm-up step (allocator, oneDNN/cuDNN kernel choice, torch.compile);
     the last batch through the validation pass (:func:`evaluate`); and one real save of the model and
     optimizer state to *probe_path* (removed after). The model being trained, its optimizer and the
@@ -109,17 +113,11 @@ def measure_step_seconds(net: Net, tp: TrainParams, data: TrainData, rt: Runtime
                          drop_last=len(data.train_ds) >= data.rank_batch)
     step_model = torch.compile(probe) if tp.compile else probe
     finetune.train_mode(probe)
-    times: list[float] = []
     batches = cycle(loader)
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        images, labels = next(batches)
-        forward_loss(step_model, images, labels, net.normalize, net.criterion, net.mixup, rt).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _synchronize(rt)
-        if i:
-            times.append(time.perf_counter() - t0)
+    # at most PROBE_SHARE of the budget (at least one timed step): the in-epoch re-plans refine the estimate
+    max_s = PROBE_SHARE * tp.time_budget_minutes * 60.0 if tp.time_budget_minutes else float("inf")
+    step_s = time_train_steps(step_model, opt, batches, net.normalize, net.criterion, net.mixup, rt, steps, max_s)
+    images, labels = next(batches)
     t0 = time.perf_counter()
     evaluate(probe, [(images, labels)], net.normalize, rt, net.eval_criterion)
     _synchronize(rt)
@@ -132,7 +130,7 @@ def measure_step_seconds(net: Net, tp: TrainParams, data: TrainData, rt: Runtime
         storage.remove(probe_path)
     del probe, opt, step_model, loader
     ckpt_lib.set_rng_state(rng)
-    return float(np.median(times)), eval_per_image, save_s
+    return step_s, eval_per_image, save_s
 
 
 def _synchronize(rt: Runtime) -> None:
@@ -144,27 +142,40 @@ def _synchronize(rt: Runtime) -> None:
 
 def replan_after_epoch(plan: BudgetPlan, run: RunState, epoch: int, walls: list[float], dist: distributed.Dist,
                        updates_per_epoch: int) -> bool:
-    """Re-plan after 0-based ``epoch`` from the measured epoch *walls*; True when the run must end here.
+    """Re-plan after 0-based ``epoch`` from the measured epoch *walls*; True when the run must end here."""
+    wall = distributed.all_sum([epoch_estimate(walls)], dist)[0] / dist.world_size
+    return _apply(plan, run, epoch, plan.budget.replan(epoch + 1, wall), wall, updates_per_epoch)
 
-    A changed plan re-times the current phase's schedule where it stands (``run.tp`` and
-    ``run.phase.scheduler`` change). The plan grows only while the LR warms up or sits on the
-    cosine's flat top (:func:`may_grow`); a staged run keeps at least one unfrozen epoch.
+
+def replan_in_epoch(plan: BudgetPlan, run: RunState, epoch: int, done: float, elapsed_s: float, dist: distributed.Dist,
+                    updates_per_epoch: int) -> None:
+    """Re-plan a ``done`` share (0-1) into 0-based ``epoch``, ``elapsed_s`` after it started, from this epoch's own
+    pace: the freshest measure of the machine (a CPU hog that has just stopped, or started). Counting the
+    current epoch, the plan never ends before it; the validation and checkpoint time the pace leaves out is
+    corrected by the re-plan at the epoch's end."""
+    pace = distributed.all_sum([elapsed_s / max(done, 1e-6)], dist)[0] / dist.world_size
+    _apply(plan, run, epoch, plan.budget.replan(epoch + 1, pace, pending_s=(1.0 - done) * pace), pace, updates_per_epoch)
+
+
+def _apply(plan: BudgetPlan, run: RunState, epoch: int, new_plan: int, wall: float, updates_per_epoch: int) -> bool:
+    """Switch the run to ``new_plan`` epochs; True when that ends it after 0-based ``epoch``.
+
+    Every re-plan, at any point of the schedule, may grow or shrink it: the rest of the current phase's
+    schedule is re-timed from where it stands (:meth:`RetimedScheduler.retimed`: the LR continues
+    smoothly). The warmup keeps its length; a staged run keeps at least one unfrozen epoch.
     """
     tp = run.tp
-    wall = distributed.all_sum([epoch_estimate(walls)], dist)[0] / dist.world_size
-    p0, p1 = finetune.phase_epochs(tp, run.phase.index)
-    grow = may_grow(epoch + 1 - p0, p1 - p0, tp.warmup_epochs)
-    new_plan = plan.budget.replan(tp.epochs, epoch + 1, wall, may_grow=grow)
     if tp.finetune == "staged" and epoch < tp.freeze_epochs:
         new_plan = max(new_plan, tp.freeze_epochs + 1)
     if new_plan == tp.epochs:
         return False
     info(f"time budget: {wall:.2f}s per epoch measured, {tp.epochs} -> {new_plan} epochs")
-    run.tp = plan.apply(tp, new_plan)
-    if new_plan <= epoch + 1:  # the deadline is here
-        return True
-    # the same phase, re-timed: its schedule continues where it is
+    run.tp = tp.model_copy(update={"epochs": new_plan})
+    old_p0, old_p1 = finetune.phase_epochs(tp, run.phase.index)
     p0, p1 = finetune.phase_epochs(run.tp, run.phase.index)
-    run.phase.scheduler = finetune.build_scheduler(run.phase.optimizer, run.tp, p1 - p0, updates_per_epoch)
-    run.phase.scheduler.step_update(num_updates=run.phase_updates)
-    return False
+    left = (p1 - p0) * updates_per_epoch - run.phase_updates  # > 0 mid-epoch: the plan keeps the current epoch
+    if left > 0 and p1 - p0 != old_p1 - old_p0:  # this phase's length changed (a staged probe phase keeps its own)
+        base = finetune.build_scheduler(run.phase.optimizer, run.tp, p1 - p0, updates_per_epoch)
+        run.phase.scheduler = run.phase.scheduler.retimed(base, (p1 - p0) * updates_per_epoch, run.phase_updates)
+        run.phase.scheduler.step_update(num_updates=run.phase_updates)
+    return new_plan <= epoch + 1  # at an epoch's end: the deadline is here

@@ -26,6 +26,7 @@ from cvpipe.torchkit.models import data_config, load_checkpoint
 from cvpipe.torchkit.runtime import Runtime
 from cvpipe.train import checkpoint as ckpt_lib
 from cvpipe.train import distributed, finetune
+from cvpipe.train.budget import RetimedScheduler
 from cvpipe.train.early_stop import EarlyStopping
 
 # ----------------------------------------------------------------------------- resume
@@ -187,7 +188,7 @@ class Phase:
     index: int  # 0, or 1 after a staged unfreeze
     start: int  # its first (0-based) epoch
     optimizer: Any
-    scheduler: Any  # rebuilt when the time budget re-plans the phase
+    scheduler: Any  # a RetimedScheduler: the time budget stretches or shrinks the phase's rest
     train_model: Any  # the model as the train step calls it: DDP- and/or torch.compile-wrapped
 
 
@@ -199,7 +200,9 @@ def build_phase(model, tp: TrainParams, epoch: int, updates_per_epoch: int, dist
     index = finetune.phase_of_epoch(tp, epoch)
     p0, p1 = finetune.phase_epochs(tp, index)
     opt = finetune.build_optimizer(model, tp)
-    sched = finetune.build_scheduler(opt, tp, p1 - p0, updates_per_epoch)
+    warmup = min(tp.warmup_epochs, max(p1 - p0 - 1, 0))  # as build_scheduler clips it
+    sched = RetimedScheduler(finetune.build_scheduler(opt, tp, p1 - p0, updates_per_epoch), (p1 - p0) * updates_per_epoch,
+                             warmup * updates_per_epoch)
     wrapped = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

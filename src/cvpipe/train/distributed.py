@@ -2,8 +2,12 @@
 
 ``torchrun --nproc_per_node N -m cvpipe train`` (or ``cvpipe train --nproc N``)
 starts N processes with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; multi-node
-runs use torchrun's own ``--nnodes``/``--rdzv-*`` flags. The backend is NCCL on
-CUDA and gloo on CPU. Only rank 0 logs, writes checkpoints, metrics and plots.
+runs use torchrun's own ``--nnodes``/``--rdzv-*`` flags. On CUDA the process group has two
+backends, ``cpu:gloo,cuda:nccl`` (:func:`backend_for`): NCCL reduces the gradients (DDP's
+buckets live on the GPU) and gloo the CPU tensors: :func:`all_sum`'s float64 metric sums,
+``all_gather_object``'s pickles and the barrier. An NCCL-only group cannot reduce a CPU tensor
+(the first metric reduction failed). On CPU the group is gloo. Only rank 0 logs, writes
+checkpoints, metrics and plots.
 """
 
 from __future__ import annotations
@@ -31,17 +35,28 @@ def from_env() -> Dist:
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(device_type: str) -> Dist:
+def backend_for(device_type: str) -> str:
+    """The process group's backend string: every tensor this module reduces is on CPU, so the group
+    always has gloo for ``cpu``; on CUDA it adds NCCL for ``cuda`` (DDP's gradient all-reduce)."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def init(device_type: str, backend: str | None = None) -> Dist:
+    """Join torchrun's process group (no-op for one process); *backend* overrides :func:`backend_for`."""
     import torch.distributed as dist
 
     d = from_env()
     if d.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend or backend_for(device_type))
     return d
 
 
 def all_sum(values: list[float], d: Dist) -> list[float]:
-    """Sum plain numbers over every rank (float64 on CPU: exact for counts)."""
+    """Sum plain numbers over every rank (float64 on CPU: exact for counts).
+
+    The tensor stays on CPU on purpose: the group's gloo backend reduces it (see :func:`backend_for`),
+    and a host copy of a few numbers costs nothing next to a round trip through the GPU.
+    """
     if not d.enabled:
         return list(values)
     import torch

@@ -3,7 +3,8 @@
 :func:`train_epoch` runs the train loader once: the shared forward/loss/mixup step
 (:func:`cvpipe.torchkit.step.forward_loss`), backward through the grad scaler, gradient
 accumulation (DDP gradient sync only on the last batch of each accumulation), and at each
-accumulation boundary one :func:`optimizer_update` (unscale, clip, step, schedule, EMA, log).
+accumulation boundary one :func:`optimizer_update` (unscale, clip, step, schedule, EMA, log),
+and with a time budget a re-plan at the epoch's quarter marks (:func:`~cvpipe.train.budget_run.replan_in_epoch`).
 :func:`validate` adds the val metrics of the model (and of its EMA) through the shared
 evaluation pass (:func:`cvpipe.torchkit.evaluation.evaluate`), summed over ranks.
 """
@@ -20,12 +21,16 @@ from cvpipe.core.errors import StageError
 from cvpipe.torchkit.evaluation import evaluate
 from cvpipe.torchkit.step import forward_loss
 from cvpipe.train import distributed, finetune
+from cvpipe.train.budget_run import replan_in_epoch
 from cvpipe.train.build import Context, RunState
 
+# shares of an epoch after which a time budget re-plans from the epoch's own pace (all ranks at the same steps)
+REPLAN_MARKS = (0.25, 0.5, 0.75)
 
-def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str, Any], float, Any]:
-    """Train 0-based ``epoch``; returns its history row so far (epoch, lr, train loss/acc, img/s),
-    the time it started (``perf_counter``) and its progress-bar task."""
+
+def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str, Any], float]:
+    """Train 0-based ``epoch``; returns its history row so far (epoch, lr, train loss/acc, img/s) and
+    the time it started (``perf_counter``). *bar* is the run's :class:`~cvpipe.core.console.EpochProgress`."""
     import torch
     from torch.utils.data.distributed import DistributedSampler
 
@@ -35,8 +40,9 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
         data.sampler.set_epoch(epoch)
     finetune.train_mode(net.model)
     steps_per_epoch = len(data.train_loader)
-    task = bar.add_task(f"epoch {epoch + 1}/{tp.epochs}", total=steps_per_epoch * data.rank_batch * dist.world_size)
+    bar.start_epoch(epoch + 1, tp.epochs, steps_per_epoch * data.rank_batch * dist.world_size)
     t0 = time.perf_counter()
+    marks = sorted({max(1, round(steps_per_epoch * q)) for q in REPLAN_MARKS} - {steps_per_epoch})
     seen = 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -52,11 +58,15 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
             (net.scaler.scale(scaled) if net.scaler is not None else scaled).backward()
         if boundary:
             optimizer_update(ctx, run, fwd.loss)
+            if ctx.budget is not None and marks and step + 1 >= marks[0]:  # the time budget's in-epoch re-plan
+                marks = [m for m in marks if m > step + 1]
+                replan_in_epoch(ctx.budget, run, epoch, (step + 1) / steps_per_epoch, time.perf_counter() - t0, dist,
+                                ctx.updates_per_epoch)
         n = len(fwd.labels)
         seen += n
         loss_sum += fwd.loss.detach().double() * n
         correct += (fwd.logits.detach().argmax(1) == fwd.labels).sum()
-        bar.advance(task, n * dist.world_size)
+        bar.advance(n * dist.world_size)
         run.steps_here += 1
         if ctx.kill_after and run.steps_here >= ctx.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -72,7 +82,7 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
         "train_acc": round(t_correct / t_seen, 6),
         "img_per_s": round(t_seen / train_seconds, 2),
     }
-    return row, t0, task
+    return row, t0
 
 
 def optimizer_update(ctx: Context, run: RunState, loss) -> None:

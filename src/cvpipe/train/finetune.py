@@ -18,31 +18,13 @@ Strategies (``train.finetune``):
 
 from __future__ import annotations
 
-import io
 from typing import Any, Optional
 
-from cvpipe.core import storage
 from cvpipe.core.config import TrainParams
-from cvpipe.core.console import info, warn
 from cvpipe.core.errors import ParamsError, StageError
+from cvpipe.torchkit.models import head_module_names, is_head_param, load_pretrained_path
 
 # --------------------------------------------------------------------------- head / backbone
-
-
-def head_module_names(model) -> list[str]:
-    """Names of the classifier module(s) (``fc``, ``head.fc``, ...) as timm reports them."""
-    cls = model.get_classifier()
-    names = [n for n, m in model.named_modules() if m is cls and n]
-    if not names:
-        cfg_name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-        names = [cfg_name] if isinstance(cfg_name, str) else list(cfg_name or [])
-    if not names:
-        raise StageError(f"cannot find the classifier of {type(model).__name__}")
-    return names
-
-
-def is_head_param(name: str, heads: list[str]) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in heads)
 
 
 def head_param_names(model) -> list[str]:
@@ -161,61 +143,7 @@ def build_scheduler(optimizer, tp: TrainParams, num_epochs: int, updates_per_epo
 
 
 # --------------------------------------------------------------------------- pretrained weights
-
-
-def _read_state_dict(path: str) -> dict[str, Any]:
-    import torch
-
-    if not storage.exists(path):
-        raise StageError(f"train.pretrained_path: {path} not found")
-    data = storage.read_bytes(path)
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load as st_load
-
-            sd: Any = st_load(data)
-        else:
-            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise StageError(f"train.pretrained_path: cannot read {path} safely ({type(exc).__name__}: {exc})") from None
-    if isinstance(sd, dict):
-        for key in ("model", "state_dict", "model_state_dict", "state_dict_ema"):
-            if key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
-    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
-        raise StageError(f"train.pretrained_path: {path} does not hold a state dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
-def load_pretrained_path(model, path: str) -> dict[str, list[str]]:
-    """Load a backbone from a file into ``model``; shape-mismatched (head) tensors are dropped.
-
-    Returns ``{"loaded", "dropped", "missing", "unexpected"}`` key lists and reports them.
-    """
-    sd = _read_state_dict(path)
-    own = model.state_dict()
-    keep, dropped = {}, []
-    for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            dropped.append(k)
-        else:
-            keep[k] = v
-    result = model.load_state_dict(keep, strict=False)
-    loaded = [k for k in keep if k in own]
-    if not loaded:
-        raise StageError(f"train.pretrained_path: no tensor in {path} matches {type(model).__name__} (wrong architecture?)")
-    report = {"loaded": loaded, "dropped": dropped, "missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-    info(f"loaded {len(loaded)}/{len(own)} tensors from {path}")
-    if dropped:
-        info(f"dropped (shape differs, re-initialized for this dataset): {', '.join(dropped)}")
-    heads = head_module_names(model)
-    body_missing = [k for k in report["missing"] if not is_head_param(k, heads) and not k.endswith("num_batches_tracked")]
-    if report["missing"]:
-        (warn if body_missing else info)(f"missing (left as initialized): {', '.join(report['missing'])}")
-    if report["unexpected"]:
-        warn(f"unexpected (ignored): {', '.join(report['unexpected'])}")
-    return report
+# load_pretrained_path (and the head helpers above) live in cvpipe.torchkit.models: the audit loads the same files.
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

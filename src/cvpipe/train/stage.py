@@ -42,7 +42,7 @@ import numpy as np
 
 from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
-from cvpipe.core.console import info, progress, set_quiet, warn
+from cvpipe.core.console import EpochProgress, info, set_quiet, warn
 from cvpipe.data import augment
 from cvpipe.data.prepared import PreparedDataset
 from cvpipe.torchkit.loaders import default_workers
@@ -191,7 +191,7 @@ def _run_epochs(ctx: build.Context, run: build.RunState, checkpointer: ckpt_lib.
     Each epoch: a staged unfreeze when its phase begins, training, validation, early stopping, the
     checkpoint and history (rank 0), and with a time budget the re-plan.
     """
-    with progress("img") as bar:
+    with EpochProgress(run.tp.epochs) as bar:
         epoch_started = time.perf_counter()
         epoch_walls: list[float] = []
         for epoch in itertools.count(ctx.start_epoch):
@@ -201,11 +201,11 @@ def _run_epochs(ctx: build.Context, run: build.RunState, checkpointer: ckpt_lib.
                 info(f"epoch {epoch + 1}: unfreezing the backbone (fresh optimizer and warmup)")
                 run.phase = build.build_phase(ctx.net.model, run.tp, epoch, ctx.updates_per_epoch, ctx.dist, ctx.rt)
                 run.phase_updates = 0
-            row, t0, task = train_epoch(ctx, run, epoch, bar)
+            row, t0 = train_epoch(ctx, run, epoch, bar)
             validate(ctx, row)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             run.history.append(row)
-            bar.update(task, description=f"epoch {epoch + 1}/{run.tp.epochs} val_acc={row['val_acc']:.3f}")
+            bar.end_epoch(epoch + 1, epoch_line(row, run.tp.epochs))
 
             improved = run.stopper.update(row)
             stopped_early = run.stopper.should_stop
@@ -228,6 +228,14 @@ def _run_epochs(ctx: build.Context, run: build.RunState, checkpointer: ckpt_lib.
                 info(f"early stop after epoch {epoch + 1}: {run.stopper.monitor} did not improve for {run.stopper.bad_epochs} epochs")
                 return True
     return False
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """The epoch's one plain line: on the terminal above the bars, and the progress itself in a log."""
+    ema = f" ema_val_acc={row['ema_val_acc']:.4f}" if "ema_val_acc" in row else ""
+    return (f"epoch {row['epoch']}/{epochs}: train_loss={row['train_loss']:.4f} train_acc={row['train_acc']:.4f} "
+            f"val_loss={row['val_loss']:.4f} val_acc={row['val_acc']:.4f}{ema} lr={row['lr']:.3g} "
+            f"{row['img_per_s']:,.0f} img/s {row['seconds']:.1f}s")
 
 
 def _log_epoch(ctx: build.Context, row: dict[str, Any]) -> None:

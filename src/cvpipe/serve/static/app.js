@@ -80,6 +80,7 @@ async function loadCard() {
   if (m.data_version) row(tbody, "data version", m.data_version);
   if (m.trained_epochs) row(tbody, "trained epochs", m.trained_epochs);
   if (m.model_cost) row(tbody, "model cost", Object.entries(m.model_cost).map(([k, v]) => `${k} ${v}`).join(", "));
+  if (m.backend) row(tbody, "served by", m.backend.name + (m.backend.file ? ` (${m.backend.file})` : ""));
   $("metrics").hidden = false;
   if (m.confusion_matrix_url) {
     $("confusion").src = m.confusion_matrix_url; $("confusion").hidden = false;

@@ -1,0 +1,1 @@
+"""Audit stage: suspected label errors in train and val, by confident learning on cross-fitted probabilities."""
