@@ -124,7 +124,8 @@ def test_images_run_as_non_root_and_carry_only_their_stage(docker, images):
         have = json.loads(_sh([docker, "run", "--rm", "--entrypoint", "python", image, "-c", probe]).stdout)
         assert have["cvpipe"] and not have["pytest"] and not have["dvc"], (image, have)  # no dev or pipeline tools
         assert have["torch"] == (stage in ("train", "evaluate")), (image, have)  # app serves through ONNX Runtime
-        assert have["gcsfs"] == (stage == "ingest"), (image, have)
+        # ingest reads gs:// sources; the app fetches a gs:// model (`cvpipe serve --model gs://...`)
+        assert have["gcsfs"] == (stage in ("ingest", "app")), (image, have)
         # the CLI works as the entrypoint
         assert "Usage" in _sh([docker, "run", "--rm", image, "--help"]).stdout.decode()
     # the torch images are the CUDA build (they use GPUs under --gpus all) and degrade to CPU here
@@ -375,7 +376,8 @@ def _pins(lines: list[str]) -> dict[str, str]:
     for line in lines:
         if "==" in line and not line.startswith((" ", "#", "-")):
             name, version = line.split(";")[0].split()[0].split("==")
-            out[name.lower().replace("_", "-")] = version
+            # the export names extras (google-api-core[grpc]); pip freeze names the distribution
+            out[name.split("[")[0].lower().replace("_", "-")] = version
     return out
 
 
