@@ -81,6 +81,16 @@ def start_server(model: str, work: Path, port: int, inference_threads: int, time
         time.sleep(poll_s)
 
 
+def stop_server(server: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM a server :func:`start_server` started, wait up to *timeout_s*, then SIGKILL."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def machine() -> dict:
     """What a timing depends on: the CPU model (kernels differ per ISA), the cores this process may use,
     the load from other processes right now, and the versions of the runtimes that exist here."""

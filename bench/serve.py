@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, cvpipe, free_port, machine, start_server  # noqa: E402  (bench/ is on sys.path)
+from _common import REPO, cvpipe, free_port, machine, start_server, stop_server  # noqa: E402  (bench/ is on sys.path)
 sys.path.insert(0, str(REPO / "src"))
 
 BACKENDS = ("onnx", "torch")  # `cvpipe serve --backend` values; onnx first: the ratio is onnx over torch
@@ -239,9 +239,7 @@ def main() -> None:
             runs = measure(urls, {b: s.pid for b, s in servers.items()}, payloads, a)
         finally:
             for s in servers.values():
-                s.terminate()
-            for s in servers.values():
-                s.wait(timeout=30)
+                stop_server(s)
 
     results = {b: {f"c{c}": summarize(runs[b][c]) for c in a.concurrency} for b in BACKENDS}
     top = f"c{a.concurrency[-1]}"

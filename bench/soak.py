@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, free_port, start_server  # noqa: E402  (bench/ is on sys.path)
+from _common import REPO, free_port, start_server, stop_server  # noqa: E402  (bench/ is on sys.path)
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -310,11 +309,7 @@ def main() -> None:
             rss_after = rss_mib(server.pid)
             alive = httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
     summary = summarize(soak, a, rss_before, rss_after, wall, alive)
     print(f"{summary['requests_served']} requests served, {summary['soak_5xx']} 5xx; good p99 {summary['good_p99_s']} s; "

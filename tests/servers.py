@@ -57,12 +57,17 @@ def gcs_emulator(data_dir: Path) -> Iterator[str]:
         _wait_port(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM *proc*, wait up to *timeout* s, then SIGKILL: a test's server never outlives it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def upload_tree(endpoint: str, local: Path, bucket: str, prefix: str) -> int:

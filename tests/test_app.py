@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import cvpipe, make_digits_slice, write_params
+from servers import stop_process
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -324,8 +325,7 @@ def test_cli_serve_end_to_end(trained):
         m = httpx.get(f"http://127.0.0.1:{port}/model").json()  # card found via paths.metrics of the project
         assert m["test_metrics"]["accuracy"] == json.loads((trained / "metrics/resnet18/evaluate.json").read_text())["accuracy"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_process(proc, timeout=20)
 
     bad = cvpipe("serve", "--model", "models/nothing.pt", cwd=trained, check=False)
     assert bad.returncode == 1 and "no model at models/nothing.pt" in bad.stdout + bad.stderr

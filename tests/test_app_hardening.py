@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servers import stop_process
 
 CLASSES = ["ants", "bees"]
 IMAGE_SIZE = 64
@@ -135,12 +136,7 @@ def cvpipe_serve(model: str, cwd: Path, *, env: dict | None = None, quiet: bool 
             time.sleep(0.3)
         yield served
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

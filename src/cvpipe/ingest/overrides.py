@@ -31,7 +31,8 @@ from typing import Any, Iterable, Optional
 from cvpipe.core import storage
 from cvpipe.core.console import warn
 from cvpipe.core.config import IngestParams
-from cvpipe.data.manifest import EXCLUDED_BY_REVIEW, LABEL_REVIEW_NAME, read_overrides
+from cvpipe.core.errors import StageError
+from cvpipe.data.manifest import EXCLUDED_BY_REVIEW, LABEL_REVIEW_NAME, read_manifest, read_overrides
 
 _SHOWN = 5  # unknown ids named in the warning
 
@@ -44,9 +45,8 @@ def load(p: IngestParams) -> dict[str, dict[str, str]]:
 def previous_labels(raw_dir: Path) -> Optional[dict[str, str]]:
     """``id -> label`` of the manifest a previous run left, or None when there is none (a first run)."""
     try:
-        with open(raw_dir / "manifest.csv", newline="", encoding="utf-8") as fh:
-            return {row["id"]: row["label"] for row in csv.DictReader(fh) if row.get("id")}
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
+        return {row["id"]: row["label"] for row in read_manifest(str(raw_dir)) if row.get("id")}
+    except (StageError, OSError, UnicodeDecodeError, csv.Error, KeyError):  # StageError: no manifest yet
         return None
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from cvpipe.core import storage
 from cvpipe.core.config import Params
 from cvpipe.core.errors import StageError, UsageError
-from cvpipe.data.manifest import OVERRIDE_COLUMNS, read_overrides
+from cvpipe.data.manifest import OVERRIDE_COLUMNS, read_manifest, read_overrides
 
 ISSUES_NAME = "label_issues.csv"
 # the columns of the audit's label_issues.csv the review needs (the audit writes more)
@@ -112,8 +112,7 @@ class ReviewStore:
         if self._classes is None or self._classes[0] != key:
             labels: set[str] = set()
             if key is not None:
-                with open(manifest, newline="", encoding="utf-8") as fh:
-                    labels = {r["label"] for r in csv.DictReader(fh) if r.get("label")}
+                labels = {r["label"] for r in read_manifest(str(self.raw_dir)) if r.get("label")}
             self._classes = (key, sorted(labels))
         rows, _ = self.issues()
         extra = {r[c] for r in rows for c in ("given_label", "suggested_label") if r.get(c)}
