@@ -6,16 +6,19 @@
 #   ./docker-shell.sh <stage|all> --build-only        build the image(s) and stop
 #
 # <stage> is any folder of this repo holding a Dockerfile (ingest, preprocess, train,
-# evaluate, app); `all` runs the four pipeline stages in order with the same args
-# (and builds every image). The image is (re)built first: Docker's layer cache makes
-# that a few seconds when nothing changed, and a code change rebuilds only the last layer.
+# evaluate, app), or compare (`cvpipe compare` in the evaluate image); `all` runs the four
+# pipeline stages in order with the same args (and builds every image). The image is
+# (re)built first: Docker's layer cache makes that a few seconds when nothing changed, and
+# a code change rebuilds only the last layer.
 #
 # What the container sees (cwd /work):
-#   <project>/params.yaml (read-only) and <project>/{data,models,metrics,plots,wandb,.cvpipe}
-#   (read-write; created first so they are not root-owned). <project> is $CVPIPE_PROJECT_DIR,
+#   <project>/params.yaml (read-only) and <project>/{data,models,metrics,plots,exports,reports,
+#   wandb,.cvpipe} (read-write; created first so they are not root-owned). <project> is $CVPIPE_PROJECT_DIR,
 #   default this repository. Outputs are written as the caller's uid:gid.
 #   GOOGLE_APPLICATION_CREDENTIALS (when set): the key file, mounted read-only.
 #   WANDB_API_KEY (when set): passed through by name, so its value is never on a command line.
+#   WANDB_MODE WANDB_PROJECT WANDB_ENTITY CVPIPE_DEBUG STORAGE_EMULATOR_HOST OMP_NUM_THREADS
+#   CUDA_VISIBLE_DEVICES GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (PASS_ENV): passed through when set.
 #   GPUs: `--gpus all` for the torch stages when Docker has the NVIDIA runtime and
 #   nvidia-smi sees a GPU (CVPIPE_GPUS=auto, the default); CVPIPE_GPUS=all forces it,
 #   CVPIPE_GPUS=none turns it off, anything else is passed as `--gpus $CVPIPE_GPUS`.

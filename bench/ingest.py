@@ -103,6 +103,7 @@ def run_ingest(work: Path, source: str, **ingest) -> tuple[float, object]:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     overrides = [f"ingest.source={source}", f"paths.raw={work / 'raw'}", f"paths.metrics={work / 'metrics'}",
+                 f"paths.reports={work / 'reports'}",
                  f"ingest.state_dir={work / 'state'}"] + [f"ingest.{k}={v}" for k, v in ingest.items()]
     from cvpipe.core.config import parse_override
 
@@ -211,6 +212,7 @@ def run_ingest_rerun(work: Path, source: str) -> tuple[float, object]:
     from cvpipe.core.config import parse_override
 
     overrides = [f"ingest.source={source}", f"paths.raw={work / 'raw'}", f"paths.metrics={work / 'metrics'}",
+                 f"paths.reports={work / 'reports'}",
                  f"ingest.state_dir={work / 'state'}"]
     params = load_params(ROOT / "params.yaml", dict(parse_override(o) for o in overrides))
     t = time.perf_counter()

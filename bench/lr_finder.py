@@ -11,7 +11,7 @@ fixed):
 * ``suggestions``  ``cvpipe train --find-lr --lr-steps N`` (range 1e-5..1, the CLI's default):
                    the suggested train.lr (steepest descent of the smoothed loss).
 * ``grid``         ``cvpipe train --lr LR --epochs E`` for each LR of ``--lrs`` (1 warmup epoch,
-                   cosine): the best validation accuracy and loss (metrics/<arch>/train.json).
+                   cosine): the best validation accuracy and loss (reports/<arch>/seed<seed>/train.json).
 
 The best grid LR is the one with the highest validation accuracy averaged over the seeds (ties:
 lower mean validation loss); ``best_lr_per_seed`` ranks each seed alone. ``ratio`` per seed is
@@ -89,14 +89,14 @@ def main() -> None:
         for seed in seeds:
             folder = project(work / f"find-lr-{seed}", prepared, args.arch, seed, args.epochs)
             wall = cvpipe(["train", "--find-lr", "--lr-steps", str(args.lr_steps), "-q"], folder)
-            result = json.loads((folder / "metrics" / args.arch / "lr_finder.json").read_text())
+            result = json.loads((folder / "metrics" / args.arch / f"seed{seed}" / "lr_finder.json").read_text())
             suggestions[seed] = result["suggested"]
             finder[seed] = {"steps_run": result["steps_run"], "min_loss_lr": result["min_loss_lr"], "wall_s": round(wall, 1)}
             print(f"seed {seed}: suggested {result['suggested']:.3g} ({result['steps_run']} steps, {wall:.0f}s)", file=sys.stderr, flush=True)
             for lr in grid:
                 folder = project(work / f"grid-{seed}-{lr:g}", prepared, args.arch, seed, args.epochs)
                 wall = cvpipe(["train", "--lr", repr(lr), "-q"], folder)
-                tr = json.loads((folder / "metrics" / args.arch / "train.json").read_text())
+                tr = json.loads((folder / "reports" / args.arch / f"seed{seed}" / "train.json").read_text())
                 scores[lr][seed] = {"acc": tr["best_val_acc"], "loss": tr["best_val_loss"], "epochs": tr["epochs_run"], "wall_s": round(wall, 1)}
                 print(f"seed {seed} lr {lr:g}: val acc {tr['best_val_acc']:.4f}, val loss {tr['best_val_loss']:.4f} ({wall:.0f}s)",
                       file=sys.stderr, flush=True)

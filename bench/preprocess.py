@@ -81,7 +81,8 @@ def ingest(data: Path, raw: Path) -> list[dict[str, str]]:
     import subprocess
 
     subprocess.run([sys.executable, "-m", "cvpipe", "ingest", "--quiet", "--source", str(data), "--out", str(raw),
-                    "-S", f"ingest.state_dir={raw.parent / 'ingest-state'}", "-S", f"paths.metrics={raw.parent / 'metrics'}"],
+                    "-S", f"ingest.state_dir={raw.parent / 'ingest-state'}", "-S", f"paths.metrics={raw.parent / 'metrics'}",
+                    "-S", f"paths.reports={raw.parent / 'reports'}"],
                    check=True, cwd=REPO)
     with open(raw / "manifest.csv", newline="") as fh:
         return list(csv.DictReader(fh))

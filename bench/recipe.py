@@ -19,9 +19,10 @@ pretrained weights can be downloaded here), two scratch git+DVC repositories, si
                          CPU would only cost the baseline more epochs within the budget): the
                          comparison is of hyper-parameters, not of resolution.
 
-Test accuracy from ``metrics/<arch>/evaluate.json``; wall time is the whole ``dvc repro``
+Test accuracy from ``metrics/<arch>/seed<seed>/evaluate.json``; wall time is the whole ``dvc repro``
 (ingest, preprocess, train within its budget, evaluate with exports, compare) of the first
-seed. ``--seeds N`` trains each side N times (train.seed, +1, ...; same split), and the
+seed. ``--seeds N`` trains each side N times (``bakeoff.seeds: [seed]``, seed+1, ...: each
+``dvc repro`` runs only the new seed's cell; same split), and the
 accuracies reported are the means (each run is in ``details``): on ~150 test images one
 image is 0.65 points, and one seed's luck can be larger than the difference measured.
 Prints one JSON object as its last line: ``recipe_acc``, ``imagenet_defaults_acc`` and
@@ -114,16 +115,18 @@ def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first
     shutil.copy(recipe / "params.yaml", base / "params.yaml")
     set_params(base / "params.yaml", timm_defaults(params["preprocess"]["image_size"]))
     out: dict = {"arch": arch, "image_size": params["preprocess"]["image_size"], "time_budget_minutes": budget}
+    init_seed = int(params["bakeoff"]["seeds"][0])  # the seed cvpipe init wrote (42: the default bakeoff.seeds)
     if first_seed is None:
-        first_seed = int(params["train"].get("seed", 42))  # 42: the TrainParams default
+        first_seed = init_seed
     for label, repo in (("recipe", recipe), ("imagenet_defaults", base)):
         runs = []
-        for k in range(seeds):  # further seeds rerun only train, evaluate and compare (same split)
-            if k or first_seed != params["train"].get("seed", 42):
-                set_params(repo / "params.yaml", {"train.seed": first_seed + k})
+        for k in range(seeds):  # further seeds run only the new train@/evaluate@ cell and compare (same split)
+            seed = first_seed + k
+            if k or first_seed != init_seed:
+                set_params(repo / "params.yaml", {"bakeoff.seeds": [seed]})
             wall = run([sys.executable, "-m", "dvc", "repro"], repo)
-            ev = json.loads((repo / "metrics" / arch / "evaluate.json").read_text())
-            tr = json.loads((repo / "metrics" / arch / "train.json").read_text())
+            ev = json.loads((repo / "metrics" / arch / f"seed{seed}" / "evaluate.json").read_text())
+            tr = json.loads((repo / "reports" / arch / f"seed{seed}" / "train.json").read_text())
             runs.append({"seed": first_seed + k, "acc": ev["accuracy"], "macro_f1": ev.get("macro_f1"), "wall_s": round(wall, 1),
                          "train_s": tr["seconds"], "epochs": tr["epochs_run"],
                          "budget_spent_s": tr.get("time_budget", {}).get("spent_s")})
@@ -151,9 +154,9 @@ def main() -> None:
     ap.add_argument("--digits-budget", type=float, default=1.5, help="train.time_budget_minutes for the digits")
     ap.add_argument("--hymenoptera-budget", type=float, default=3.0, help="train.time_budget_minutes for hymenoptera_data")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="training seeds per side (train.seed, seed+1, ...; the split stays fixed); accuracies are averaged")
+                    help="training seeds per side (bakeoff.seeds: seed, seed+1, ...; the split stays fixed); accuracies are averaged")
     ap.add_argument("--first-seed", type=int, default=None,
-                    help="train.seed of the first run (default: the one cvpipe init writes, 42); to add seeds to an earlier run")
+                    help="seed of the first run (default: the bakeoff.seeds cvpipe init writes, [42]); to add seeds to an earlier run")
     ap.add_argument("--datasets", default="digits,hymenoptera", help="comma-separated subset of digits,hymenoptera")
     ap.add_argument("--keep", action="store_true", help="keep the scratch repositories")
     args = ap.parse_args()

@@ -35,8 +35,11 @@ from pathlib import Path
 from _common import REPO, cvpipe, write_params  # noqa: E402  (bench/ is on sys.path)
 
 
+SEED = 42  # train.seed of every run here: the run folder is <arch>/seed42 (cvpipe.core.config.run_name)
+
+
 def last_epoch(folder: Path, arch: str) -> dict:
-    with open(folder / "plots" / arch / "history.csv", newline="") as fh:
+    with open(folder / "plots" / arch / f"seed{SEED}" / "history.csv", newline="") as fh:
         return list(csv.DictReader(fh))[-1]
 
 
@@ -46,13 +49,13 @@ def bench_cvpipe(work: Path, src: Path, a) -> tuple[float, dict]:
         "ingest.source": [str(src / "train"), str(src / "val")], "preprocess.image_size": a.size,
         "augment.train": [{"HorizontalFlip": {"p": 0.5}}, {"Affine": {"scale": [0.8, 1.0], "translate_percent": [-0.1, 0.1], "p": 0.8}}],
         "train.arch": a.arch, "train.batch_size": a.batch, "train.epochs": a.epochs, "train.warmup_epochs": 0,
-        "train.auto_resume": False,
+        "train.auto_resume": False, "train.seed": SEED,
     })
     cvpipe(["ingest", "-q"], work)
     cvpipe(["preprocess", "-q"], work)
     cvpipe(["train", "-q"], work)
     row = last_epoch(work, a.arch)
-    meta = json.loads((work / "metrics" / a.arch / "train.json").read_text())
+    meta = json.loads((work / "reports" / a.arch / f"seed{SEED}" / "train.json").read_text())
     return float(row["img_per_s"]), meta
 
 
@@ -117,12 +120,12 @@ def bench_parity(work: Path, epochs: int) -> dict:
     out = {}
     base = work / "digits"
     base.mkdir()
-    write_params(base, {"train.epochs": epochs, "train.auto_resume": False})
+    write_params(base, {"train.epochs": epochs, "train.auto_resume": False, "train.seed": SEED})
     cvpipe(["ingest", "-q"], base)
     cvpipe(["preprocess", "-q"], base)
     for amp in ("bf16", "off"):
         cvpipe(["train", "-q", "-S", f"train.amp='{amp}'"], base)  # quoted: bare off is YAML false
-        m = json.loads((base / "metrics" / "resnet18" / "train.json").read_text())
+        m = json.loads((base / "reports" / "resnet18" / f"seed{SEED}" / "train.json").read_text())
         out[amp] = {"final_val_acc": m["final_val_acc"], "best_val_acc": m["best_val_acc"], "img_per_s": m["img_per_s"], "seconds": m["seconds"]}
     out["abs_diff_final_val_acc"] = round(abs(out["bf16"]["final_val_acc"] - out["off"]["final_val_acc"]), 6)
     return out

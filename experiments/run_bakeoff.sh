@@ -39,12 +39,16 @@ OUT="$RESULTS"
 rm -rf "$OUT"
 mkdir -p "$OUT/metrics" "$OUT/plots" "$OUT/wandb"
 cp reports/leaderboard.md reports/leaderboard.csv reports/pareto.png reports/compare.json "$OUT/"
+[ -f reports/selection.json ] && cp reports/selection.json "$OUT/"
 cp dvc.lock "$OUT/dvc.lock"
-for d in metrics/*/; do
-  a=$(basename "$d"); [ -f "$d/evaluate.json" ] || continue
-  mkdir -p "$OUT/metrics/$a" "$OUT/plots/$a"
-  cp "$d"/train.json "$d"/evaluate.json "$OUT/metrics/$a/"
-  cp plots/$a/confusion_matrix.png plots/$a/reliability.png plots/$a/mistakes.png plots/$a/history.csv "$OUT/plots/$a/"
+# one folder per bake-off cell, <arch>/seed<seed> (bakeoff.archs x bakeoff.seeds)
+for d in metrics/*/seed*/; do
+  run=${d#metrics/}; run=${run%/}; [ -f "$d/evaluate.json" ] || continue
+  mkdir -p "$OUT/metrics/$run" "$OUT/plots/$run"
+  # the full evaluate and train reports (metrics/ holds their headlines)
+  if [ -f "reports/$run/evaluate.json" ]; then cp "reports/$run/evaluate.json" "$OUT/metrics/$run/"; else cp "$d/evaluate.json" "$OUT/metrics/$run/"; fi
+  cp "reports/$run/train.json" "$OUT/metrics/$run/train.json"
+  cp "plots/$run/confusion_matrix.png" "plots/$run/reliability.png" "plots/$run/mistakes.png" "plots/$run/history.csv" "$OUT/plots/$run/"
 done
 cp models/best/card.json "$OUT/card.json"
 # W&B offline run summaries (the run folders themselves stay in $WORK/wandb; `wandb sync` uploads them)
@@ -56,7 +60,7 @@ runs = []
 for p in find_runs("wandb"):
     r = read_run(p)
     runs.append({"id": r.id, "name": r.name, "job_type": r.job_type, "group": r.group, "tags": r.tags,
-                 "arch": r.config.get("arch"), "exit_code": r.exit_code,
+                 "arch": r.config.get("arch"), "seed": (r.config.get("train") or {}).get("seed"), "exit_code": r.exit_code,
                  "summary": {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str, bool))}})
 open(sys.argv[1], "w").write(json.dumps(runs, indent=2) + "\n")
 PYEOF

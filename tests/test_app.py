@@ -1,7 +1,7 @@
 """cvpipe serve: the API against a model trained by the real sample pipeline (digits slice, 2 epochs).
 
-The app serves evaluate's export folder (exports/resnet18: a uint8-pixel model.onnx) on ONNX
-Runtime; the bare checkpoint (models/resnet18/best.pt) on torch, and both give the same answers."""
+The app serves evaluate's export folder (exports/resnet18/seed42: a uint8-pixel model.onnx) on ONNX
+Runtime; the bare checkpoint (models/resnet18/seed42/best.pt) on torch, and both give the same answers."""
 
 from __future__ import annotations
 
@@ -47,14 +47,14 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(trained):
     """evaluate's export folder on the default backend: onnxruntime."""
-    return load_model(str(trained / "exports/resnet18"), metrics_dir=str(trained / "metrics"),
+    return load_model(str(trained / "exports/resnet18/seed42"), metrics_dir=str(trained / "metrics"),
                       plots_dir=str(trained / "plots"))
 
 
 @pytest.fixture(scope="module")
 def served_pt(trained):
     """The bare train checkpoint: the torch backend."""
-    return load_model(str(trained / "models/resnet18/best.pt"), metrics_dir=str(trained / "metrics"),
+    return load_model(str(trained / "models/resnet18/seed42/best.pt"), metrics_dir=str(trained / "metrics"),
                       plots_dir=str(trained / "plots"))
 
 
@@ -86,8 +86,8 @@ def test_healthz_docs_and_model_card(client, trained):
     assert h.json()["backend"] == "onnxruntime"
 
     m = client.get("/model").json()
-    ev = json.loads((trained / "metrics/resnet18/evaluate.json").read_text())
-    tr = json.loads((trained / "metrics/resnet18/train.json").read_text())
+    ev = json.loads((trained / "metrics/resnet18/seed42/evaluate.json").read_text())
+    tr = json.loads((trained / "reports/resnet18/seed42/train.json").read_text())
     assert m["arch"] == "resnet18" and m["classes"] == [str(i) for i in range(10)]
     assert m["test_metrics"]["accuracy"] == ev["accuracy"] and m["test_metrics"]["n_test"] == ev["n_test"]
     assert m["data_version"] == tr["dataset_hash"]
@@ -99,10 +99,14 @@ def test_healthz_docs_and_model_card(client, trained):
     assert m["backend"]["intra_op_threads"] >= 1 and m["backend"]["graph_optimization"] == "ORT_ENABLE_ALL"
     assert "pixels: uint8 NHWC" in m["backend"]["input"]
     assert not any("model.pt" in n for n in m["notes"])  # the torch backend's file is not missed
+    prep = json.loads((trained / "exports/resnet18/seed42/preprocess.json").read_text())
+    assert m["calibration"] == {"temperature": prep["temperature"], "source": "from model.onnx metadata",
+                                "applied_by": "model.onnx"}  # evaluate's fit, inside the graph
+    assert m["abstain"]["abstain_below"] == 0.0 and m["abstain"]["enabled"] is False
 
     png = client.get(m["confusion_matrix_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.content == (trained / "exports/resnet18/confusion_matrix.png").read_bytes()
+    assert png.content == (trained / "exports/resnet18/seed42/confusion_matrix.png").read_bytes()
 
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/model", "/healthz"} <= set(spec["paths"])
@@ -262,7 +266,7 @@ def test_slow_upload_times_out_and_server_stays_up(served):
 def test_promoted_folder_layout_and_missing_optional_files(trained, tmp_path):
     best = tmp_path / "best"
     best.mkdir()
-    shutil.copy(trained / "models/resnet18/best.pt", best / "model.pt")
+    shutil.copy(trained / "models/resnet18/seed42/best.pt", best / "model.pt")
     classes = [str(i) for i in range(10)]
     (best / "classes.json").write_text(json.dumps(classes))
     (best / "preprocess.json").write_text(json.dumps(
@@ -304,8 +308,8 @@ def _free_port() -> int:
 def test_cli_serve_end_to_end(trained):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cvpipe", "serve", "--quiet", "--model", "models/resnet18/best.pt", "--port", str(port),
-         "--top-k", "3"],
+        [sys.executable, "-m", "cvpipe", "serve", "--quiet", "--model", "models/resnet18/seed42/best.pt", "--port", str(port),
+         "--top-k", "3", "--abstain-below", "0.5"],
         cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -321,20 +325,26 @@ def test_cli_serve_end_to_end(trained):
             time.sleep(0.3)
         r = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("x.png", _png(), "image/png")}, timeout=30)
         assert r.status_code == 200 and len(r.json()["top_k"]) == 3
+        body = r.json()
+        assert body["abstain_below"] == 0.5 and body["unsure"] == (body["probability"] < 0.5)
+        assert body["label"] == (None if body["unsure"] else body["top_k"][0]["label"])
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["backend"] == "torch"  # a bare .pt: torch
         m = httpx.get(f"http://127.0.0.1:{port}/model").json()  # card found via paths.metrics of the project
-        assert m["test_metrics"]["accuracy"] == json.loads((trained / "metrics/resnet18/evaluate.json").read_text())["accuracy"]
+        assert m["test_metrics"]["accuracy"] == json.loads((trained / "metrics/resnet18/seed42/evaluate.json").read_text())["accuracy"]
+        assert m["abstain"]["abstain_below"] == 0.5 and m["abstain"]["enabled"] is True
     finally:
         stop_process(proc, timeout=20)
 
     bad = cvpipe("serve", "--model", "models/nothing.pt", cwd=trained, check=False)
     assert bad.returncode == 1 and "no model at models/nothing.pt" in bad.stdout + bad.stderr
-    bad = cvpipe("serve", "--model", "models/resnet18/best.pt", "--backend", "onnx", cwd=trained, check=False)
-    assert bad.returncode == 1 and "serve.backend is onnx, but models/resnet18/best.pt" in bad.stdout + bad.stderr
+    bad = cvpipe("serve", "--model", "models/resnet18/seed42/best.pt", "--backend", "onnx", cwd=trained, check=False)
+    assert bad.returncode == 1 and "serve.backend is onnx, but models/resnet18/seed42/best.pt" in bad.stdout + bad.stderr
     bad = cvpipe("serve", "--backend", "tensorrt", cwd=trained, check=False)
     assert bad.returncode == 2 and "serve.backend" in bad.stdout + bad.stderr
     bad = cvpipe("serve", "-S", "serve.port=0", cwd=trained, check=False)
     assert bad.returncode == 2 and "serve.port" in bad.stdout + bad.stderr
+    bad = cvpipe("serve", "--abstain-below", "1", cwd=trained, check=False)
+    assert bad.returncode == 2 and "serve.abstain_below" in bad.stdout + bad.stderr
 
 
 @pytest.mark.slow
@@ -344,9 +354,9 @@ def test_load_from_gs_through_the_emulator(trained, tmp_path, monkeypatch):
 
     folder = tmp_path / "best"
     folder.mkdir()
-    shutil.copy(trained / "models/resnet18/best.pt", folder / "model.pt")
+    shutil.copy(trained / "models/resnet18/seed42/best.pt", folder / "model.pt")
     (folder / "card.json").write_text(json.dumps({"test_metrics": {"accuracy": 0.5}, "data_version": "gs-v1"}))
-    shutil.copy(trained / "plots/resnet18/confusion_matrix.png", folder / "confusion_matrix.png")
+    shutil.copy(trained / "plots/resnet18/seed42/confusion_matrix.png", folder / "confusion_matrix.png")
     monkeypatch.setenv("CVPIPE_CACHE", str(tmp_path / "cache"))
     with gcs_emulator(tmp_path / "gcs") as endpoint:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
@@ -374,14 +384,16 @@ def test_torch_backend_serves_the_bare_checkpoint_with_the_same_answers(served, 
 
     # the same folder (the evaluated weights: model.pt and model.onnx) on torch answers like onnxruntime
     images = list(np.asarray(PreparedDataset(str(trained / "data/prepared")).split("test").images))
-    forced = load_model(str(trained / "exports/resnet18"), backend="torch", metrics_dir=str(trained / "metrics"))
+    forced = load_model(str(trained / "exports/resnet18/seed42"), backend="torch", metrics_dir=str(trained / "metrics"))
     ort_p, pt_p = served.probabilities(images), forced.probabilities(images)
     assert forced.backend.name == "torch" and len(images) >= 20
     assert np.abs(ort_p - pt_p).max() <= 1e-5 and (ort_p.argmax(1) == pt_p.argmax(1)).all()
+    # both calibrated with evaluate's temperature: in the graph for onnxruntime, divided by the torch backend
+    assert forced.temperature.value == served.temperature.value != 1.0 and forced.backend.temperature != 1.0
     with pytest.raises(StageError, match="serve.backend is onnx, but .*bare checkpoint has no model.onnx"):
-        load_model(str(trained / "models/resnet18/best.pt"), backend="onnx")
+        load_model(str(trained / "models/resnet18/seed42/best.pt"), backend="onnx")
     with pytest.raises(StageError, match="serve.backend must be one of auto, onnx, torch"):
-        load_model(str(trained / "exports/resnet18"), backend="tensorrt")
+        load_model(str(trained / "exports/resnet18/seed42"), backend="tensorrt")
 
 
 def test_onnx_folder_needs_no_checkpoint_and_an_old_float_onnx_goes_to_torch(trained, tmp_path):
@@ -394,13 +406,13 @@ def test_onnx_folder_needs_no_checkpoint_and_an_old_float_onnx_goes_to_torch(tra
     only_onnx = tmp_path / "only-onnx"
     only_onnx.mkdir()
     for name in ("model.onnx", "preprocess.json", "classes.json"):
-        shutil.copy(trained / "exports/resnet18" / name, only_onnx / name)
+        shutil.copy(trained / "exports/resnet18/seed42" / name, only_onnx / name)
     m = load_model(str(only_onnx), metrics_dir=str(trained / "metrics"))
     assert m.backend.name == "onnxruntime" and m.arch == "resnet18" and m.card["model_cost"]["onnx_mb"] > 0
     assert m.card["trained_epochs"] == 2 and m.card["params_summary"]["train"]["arch"] == "resnet18"
 
     old = tmp_path / "old"
-    shutil.copytree(trained / "exports/resnet18", old)
+    shutil.copytree(trained / "exports/resnet18/seed42", old)
     ckpt = load_checkpoint(str(old / "model.pt"))
     torch.onnx.export(model_from_checkpoint(ckpt).eval(), (torch.zeros(1, 3, 32, 32),), str(old / "model.onnx"),
                       input_names=["input"], output_names=["logits"], dynamo=False)
@@ -488,7 +500,9 @@ def test_micro_batched_app_gives_the_unbatched_answers(served, trained):
     paths = _manifest(trained)
     datas = [(trained / "data/raw" / paths[r["id"]]).read_bytes() for r in _test_rows(trained)[:8]]
     expected = [served.predict_bytes(d, k=3, max_pixels=10**8).top_k for d in datas]
-    app = create_app(served, ServeParams(batch_window_ms=50, max_batch_size=8, inference_threads=4))
+    threshold = _between(sorted(e[0]["probability"] for e in expected))  # some answers unsure, some not
+    app = create_app(served, ServeParams(batch_window_ms=50, max_batch_size=8, inference_threads=4,
+                                         abstain_below=threshold))
     with BackgroundServer(app) as url:
         def post(d):
             return httpx.post(f"{url}/predict", files={"file": ("x.png", d, "image/png")}, params={"top_k": 3}, timeout=30)
@@ -500,6 +514,8 @@ def test_micro_batched_app_gives_the_unbatched_answers(served, trained):
         got = r.json()["top_k"]
         assert [t["label"] for t in got] == [t["label"] for t in exp]
         assert [t["probability"] for t in got] == pytest.approx([t["probability"] for t in exp], abs=1e-5)
+        unsure = exp[0]["probability"] < threshold
+        assert r.json()["unsure"] is unsure and r.json()["label"] == (None if unsure else exp[0]["label"])
     assert app.state.batcher.items >= 8 and app.state.batcher.batches < app.state.batcher.items
     app.state.batcher.close()
 
@@ -517,7 +533,7 @@ def test_onnx_sessions_with_a_thread_pool_do_not_spin(trained):
     assert session_options(2).intra_op_num_threads == 2 and session_options(2).inter_op_num_threads == 1
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default (spinning) left alone
         session_options(1).get_session_config_entry(key)
-    backend = OnnxBackend(trained / "exports/resnet18/model.onnx", 2)
+    backend = OnnxBackend(trained / "exports/resnet18/seed42/model.onnx", 2)
     built = backend.session.get_session_options()  # what the live session was given
     assert built.get_session_config_entry(key) == "0" and built.intra_op_num_threads == 2
     assert backend.describe()["intra_op_allow_spinning"] == "0"
@@ -535,12 +551,154 @@ def test_unset_thread_counts_share_the_cores_between_concurrent_runs(trained, mo
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)  # neither 2 nor 1: the load below must set it
-        pt = load_model(str(trained / "models/resnet18/best.pt"), concurrent_runs=2, metrics_dir=str(trained / "metrics"))
+        pt = load_model(str(trained / "models/resnet18/seed42/best.pt"), concurrent_runs=2, metrics_dir=str(trained / "metrics"))
         assert pt.backend.name == "torch" and torch.get_num_threads() == 2 and pt.info()["backend"]["torch_threads"] == 2
-        load_model(str(trained / "models/resnet18/best.pt"), torch_threads=1, concurrent_runs=2,
+        load_model(str(trained / "models/resnet18/seed42/best.pt"), torch_threads=1, concurrent_runs=2,
                    metrics_dir=str(trained / "metrics"))
         assert torch.get_num_threads() == 1  # an explicit serve.torch_threads wins
-        onnx = load_model(str(trained / "exports/resnet18"), concurrent_runs=4, metrics_dir=str(trained / "metrics"))
+        onnx = load_model(str(trained / "exports/resnet18/seed42"), concurrent_runs=4, metrics_dir=str(trained / "metrics"))
         assert onnx.backend.threads == 1 and onnx.info()["backend"]["intra_op_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- abstaining (issue #18)
+
+
+def _between(probs: list[float]) -> float:
+    """A threshold with some of the sorted *probs* below it and the rest above: the middle of the widest gap
+    between neighbours, so answers a few 1e-6 apart (batched vs alone) fall on the same side."""
+    gaps = [(b - a, (a + b) / 2) for a, b in zip(probs, probs[1:]) if b > a]
+    assert gaps, f"every top-1 probability is {probs[0]}: no threshold splits them"
+    return max(gaps)[1]
+
+
+def _test_images(trained: Path, n: int) -> list[bytes]:
+    paths = _manifest(trained)
+    return [(trained / "data/raw" / paths[r["id"]]).read_bytes() for r in _test_rows(trained)[:n]]
+
+
+def test_abstain_below_answers_unsure_with_the_top_k(served, trained):
+    """serve.abstain_below: 0 never abstains; above every confidence every answer is unsure (label null, the
+    top-k kept); in between, exactly the answers whose top-1 probability is below it."""
+    datas = _test_images(trained, 10)
+    top1 = [served.predict_bytes(d, k=1, max_pixels=10**8).top_k[0]["probability"] for d in datas]
+    high = 0.999999
+    assert max(top1) < high, top1  # a 2-epoch model is never that sure of a digit
+    mid = _between(sorted(top1))
+    for threshold in (0.0, mid, high):
+        with TestClient(create_app(served, ServeParams(abstain_below=threshold))) as c:
+            card = c.get("/model").json()["abstain"]
+            assert card["abstain_below"] == threshold and card["enabled"] is (threshold > 0)
+            for d, p in zip(datas, top1):
+                body = c.post("/predict", files={"file": ("d.png", d, "image/png")}, params={"top_k": 3}).json()
+                unsure = p < threshold
+                assert body["unsure"] is unsure and body["abstain_below"] == threshold
+                assert body["probability"] == pytest.approx(p, abs=1e-6) == body["top_k"][0]["probability"]
+                assert len(body["top_k"]) == 3  # the candidates, also when unsure
+                assert body["label"] == (None if unsure else body["top_k"][0]["label"])
+    assert 0 < sum(p < mid for p in top1) < len(top1)  # the middle threshold tried both answers
+
+    schema = TestClient(create_app(served, ServeParams())).get("/openapi.json").json()["components"]["schemas"]
+    props = schema["PredictResponse"]["properties"]
+    assert props["unsure"]["type"] == "boolean" and "null" in json.dumps(props["label"])
+    with pytest.raises(ValueError, match="abstain_below"):
+        ServeParams(abstain_below=1.0)
+    with pytest.raises(ValueError, match="abstain_below"):
+        ServeParams(abstain_below=-0.1)
+
+
+def _with_temperature(trained: Path, folder: Path, temperature) -> Path:
+    """The trained checkpoint saved to *folder*/t.pt with ``temperature`` set (or removed when None)."""
+    import torch
+
+    from cvpipe.torchkit.models import load_checkpoint
+
+    ckpt = load_checkpoint(str(trained / "models/resnet18/seed42/best.pt"))
+    ckpt.pop("temperature", None)
+    if temperature is not None:
+        ckpt["temperature"] = temperature
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, folder / "t.pt")
+    return folder / "t.pt"
+
+
+def test_torch_backend_divides_logits_by_the_checkpoint_temperature(trained, tmp_path):
+    """A checkpoint with temperature 2.0 gives softmax(logits / 2): softer than the same weights at 1.0; a bare
+    checkpoint without one is served at 1.0 and says it is uncalibrated."""
+    from cvpipe.data.prepared import PreparedDataset
+
+    images = list(np.asarray(PreparedDataset(str(trained / "data/prepared")).split("test").images))[:16]
+    kw = {"metrics_dir": str(trained / "metrics")}
+    one = load_model(str(_with_temperature(trained, tmp_path / "one", 1.0)), **kw)
+    two = load_model(str(_with_temperature(trained, tmp_path / "two", 2.0)), **kw)
+    bare = load_model(str(_with_temperature(trained, tmp_path / "bare", None)), **kw)
+    p1, p2, p_bare = one.probabilities(images), two.probabilities(images), bare.probabilities(images)
+    np.testing.assert_allclose(p_bare, p1, atol=1e-6)
+    soft = np.exp(np.log(p1) / 2.0)  # softmax(z / 2) from softmax(z): exp(log p / 2), renormalized
+    np.testing.assert_allclose(p2, soft / soft.sum(1, keepdims=True), atol=1e-5)
+    assert (p2.max(1) < p1.max(1)).all() and (p2.argmax(1) == p1.argmax(1)).all()  # softer, same ranking
+    assert two.info()["calibration"] == {"temperature": 2.0, "source": "from model.pt", "applied_by": "torch backend"}
+    assert two.info()["backend"]["temperature"] == 2.0
+    assert bare.temperature.value == 1.0 and "no fitted temperature" in bare.temperature.source
+    with TestClient(create_app(two, ServeParams(abstain_below=0.5))) as c:
+        ab = c.get("/model").json()["abstain"]
+        assert ab["temperature"] == 2.0 and ab["abstain_below"] == 0.5
+
+    with pytest.raises(StageError, match="model.pt has temperature -1.0; it must be a positive number"):
+        load_model(str(_with_temperature(trained, tmp_path / "neg", -1.0)), **kw)
+    folder = tmp_path / "mixed"  # a bundle whose files disagree: refused, not served with either value
+    shutil.copytree(trained / "exports/resnet18/seed42", folder)
+    shutil.copy(_with_temperature(trained, tmp_path / "t3", 3.0), folder / "model.pt")
+    prep = json.loads((folder / "preprocess.json").read_text())
+    (folder / "preprocess.json").write_text(json.dumps({**prep, "temperature": 1.5}))
+    with pytest.raises(StageError, match="model.pt says temperature 3 and preprocess.json says 1.5"):
+        load_model(str(folder), backend="torch", **kw)
+
+
+def test_onnx_temperature_is_reported_not_applied_again_and_the_card_gives_coverage(served, trained, tmp_path):
+    """model.onnx's logits are already divided by the temperature: the server reports the value (from the
+    graph's metadata, preprocess.json or card.json) and leaves the probabilities alone; card.json's
+    risk-coverage at the configured threshold is the expected coverage and error on /model."""
+    folder = tmp_path / "bundle"
+    shutil.copytree(trained / "exports/resnet18/seed42", folder)
+    stated = served.temperature.value or 1.5  # the export's own value once evaluate calibrates, else any value
+    rc = {"threshold": 0.6, "coverage": 0.8, "error": 0.05, "aurc": 0.03}
+    (folder / "card.json").write_text(json.dumps({"temperature": stated, "risk_coverage": rc}))
+    m = load_model(str(folder), metrics_dir=str(trained / "metrics"))
+    assert m.backend.name == "onnxruntime" and m.temperature.value == stated
+    assert m.temperature.describe()["applied_by"] == "model.onnx"
+    images = [np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 200, np.uint8)]
+    np.testing.assert_array_equal(m.probabilities(images), served.probabilities(images))  # not divided twice
+    with TestClient(create_app(m, ServeParams(abstain_below=0.6))) as c:
+        ab = c.get("/model").json()["abstain"]
+        assert ab["temperature"] == stated and ab["expected"] == {"coverage": 0.8, "error": 0.05, "aurc": 0.03}
+    with TestClient(create_app(m, ServeParams(abstain_below=0.7))) as c:
+        ab = c.get("/model").json()["abstain"]
+        assert ab["expected"] is None and "threshold 0.6, not 0.7" in ab["expected_note"]
+
+    prep = json.loads((folder / "preprocess.json").read_text())
+    (folder / "preprocess.json").write_text(json.dumps({**prep, "temperature": stated}))
+    (folder / "card.json").write_text(json.dumps({"calibration": {"temperature": stated * 2}}))
+    with pytest.raises(StageError, match=f"says temperature {stated:g} and card.json says {stated * 2:g}"):
+        load_model(str(folder), metrics_dir=str(trained / "metrics"))
+
+
+def test_temperature_sources_agree_within_report_rounding_and_the_rule_is_strictly_below():
+    """Unit: a card's calibration report rounds T to 6 decimals (still the same T); a real difference is refused;
+    an answer exactly at the threshold is answered."""
+    from cvpipe.serve.abstain import is_unsure, resolve_temperature
+
+    t = resolve_temperature("m", "onnxruntime", model_file={"temperature": 0.3123456789},
+                            preprocess={"temperature": 0.3123456789}, card={"calibration": {"temperature": 0.312346}})
+    assert t.value == 0.3123456789 and t.source == "from model.onnx metadata" and t.applied_by == "model.onnx"
+    with pytest.raises(StageError, match="model.onnx metadata says temperature 0.312346 and card.json says 0.3124"):
+        resolve_temperature("m", "onnxruntime", model_file={"temperature": 0.312346}, preprocess={},
+                            card={"temperature": 0.3124})
+    with pytest.raises(StageError, match="preprocess.json has temperature 'hot'"):
+        resolve_temperature("m", "torch", model_file={}, preprocess={"temperature": "hot"}, card={})
+    unknown = resolve_temperature("m", "onnxruntime", model_file={}, preprocess={}, card={})
+    assert unknown.value is None and unknown.source.startswith("unknown")
+    assert resolve_temperature("m", "torch", model_file={}, preprocess={"temperature": 1.7}, card={}).value == 1.7
+    assert [is_unsure(p, 0.5) for p in (0.49, 0.5, 0.51)] == [True, False, False]
+    assert not is_unsure(0.01, 0.0)

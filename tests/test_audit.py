@@ -144,8 +144,10 @@ def test_audit_writes_the_contract_outputs(tmp_path_factory, tmp_path, monkeypat
     confs = [float(r["self_confidence"]) for r in rows]
     assert confs == sorted(confs)
     assert {r["source_uri"] for r in rows} & flipped  # a 200-image slice still catches some flips
-    m = json.loads((tmp_path / "metrics" / "audit.json").read_text())
+    m = json.loads((tmp_path / "reports" / "audit.json").read_text())
     assert m["issues"] == len(rows) and m["images"] == len(audited_uris(tmp_path / "data" / "prepared"))
+    headline = json.loads((tmp_path / "metrics" / "audit.json").read_text())  # DVC metrics: the few headline keys
+    assert headline == {"images": m["images"], "issues": m["issues"], "seconds": m["seconds"]}
     assert set(m["per_class"]) == {str(d) for d in range(10)} and 0 <= m["estimated_noise_rate"] <= 1
     assert sum(c["issues"] for c in m["per_class"].values()) == len(rows)
     assert (tmp_path / "plots" / "audit" / "suspects.png").stat().st_size > 1000
@@ -315,7 +317,7 @@ def test_audit_cli_with_a_checkpoint_backbone(prepared_digits, tmp_path):
     shutil.copytree(prepared_digits, work)
     ckpt = tiny_checkpoint(tmp_path / "best.pt", [str(d) for d in range(10)])
     cvpipe("audit", "--quiet", "-S", f"audit.backbone={ckpt}", cwd=work)
-    m = json.loads((work / "metrics" / "audit.json").read_text())
+    m = json.loads((work / "reports" / "audit.json").read_text())
     assert m["learner"]["features"] == "embeddings 96-d" and m["learner"]["model"] == "logistic"
     assert str(ckpt) in m["learner"]["backbone"] and m["images"] == len(audited_uris(work / "data" / "prepared"))
     rows = read_issues(work / "reports" / "label_issues.csv")
@@ -337,7 +339,7 @@ def test_audit_cli_with_pretrained_safetensors_via_train_pretrained_path(prepare
     shutil.copytree(prepared_digits, work)
     cvpipe("audit", "--quiet", "-S", f"train.pretrained_path={weights}", "-S", f"train.arch={TINY_ARCH}",
            "-S", "audit.embedding_head=knn", cwd=work)
-    m = json.loads((work / "metrics" / "audit.json").read_text())
+    m = json.loads((work / "reports" / "audit.json").read_text())
     assert m["learner"]["model"] == "knn" and "pretrained weights" in m["learner"]["backbone"]
     assert (work / "reports" / "label_issues.csv").exists()
 

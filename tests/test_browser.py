@@ -2,7 +2,8 @@
 
 A resnet18 is trained for 2 epochs at 64 px on a slice of hymenoptera_data by the real
 pipeline and served from evaluate's export folder on onnxruntime; the page gets a real ant/bee photo through its file picker and the test reads
-the predicted label off the page. Set CVPIPE_SCREENSHOT=docs/app-screenshot.png to keep
+the predicted label off the page, then, served with ``serve.abstain_below`` above the photo's confidence,
+reads "not sure" with the top-k. Set CVPIPE_SCREENSHOT=docs/app-screenshot.png to keep
 the screenshot (the README shows that file).
 
 Skipped only when Chromium is absent *and* CI is unset; in CI a missing browser fails.
@@ -54,7 +55,7 @@ def test_page_predicts_a_real_photo_and_shows_the_model_card(hymenoptera_model, 
 
     proj = hymenoptera_model
     # evaluate's export folder: served on onnxruntime, as the app image serves it
-    model = load_model(str(proj / "exports/resnet18"), metrics_dir=str(proj / "metrics"), plots_dir=str(proj / "plots"))
+    model = load_model(str(proj / "exports/resnet18/seed42"), metrics_dir=str(proj / "metrics"), plots_dir=str(proj / "plots"))
     assert model.classes == ["ants", "bees"] and model.backend.name == "onnxruntime"
     photo = sorted((real_data / "hymenoptera_data/val/bees").glob("*.jpg"))[0]
 
@@ -97,3 +98,17 @@ def test_page_predicts_a_real_photo_and_shows_the_model_card(hymenoptera_model, 
         msg = browser.find_element(By.ID, "message").text
         assert "Rejected (415 not_an_image)" in msg
         assert not browser.find_element(By.ID, "result").is_displayed()
+
+    # serve.abstain_below above the photo's confidence: the page says "not sure" and still shows the top-k
+    threshold = 0.999999
+    assert expected["probability"] < threshold, expected
+    with BackgroundServer(create_app(model, ServeParams(abstain_below=threshold))) as url:
+        browser.get(url + "/")
+        wait.until(EC.text_to_be_present_in_element((By.ID, "metrics"), "not sure below"))
+        browser.find_element(By.ID, "file-input").send_keys(str(photo))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "predicted-label"), "not sure"))
+        best = expected["top_k"][0]["label"]
+        assert f"best guess {best}" in browser.find_element(By.ID, "predicted-prob").text
+        assert "unsure" in browser.find_element(By.ID, "verdict").get_attribute("class")
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars li.topk")
+        assert [b.find_element(By.CLASS_NAME, "label").text for b in bars] == [t["label"] for t in expected["top_k"]]

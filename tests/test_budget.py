@@ -148,12 +148,12 @@ def test_time_budget_is_honoured_with_a_completed_schedule(tmp_path, digits_prep
     t0 = time.monotonic()
     proc = cvpipe("train", cwd=tmp_path)
     wall = time.monotonic() - t0
-    summary = json.loads((tmp_path / "metrics/resnet18/train.json").read_text())
+    summary = json.loads((tmp_path / "reports/resnet18/seed42/train.json").read_text())
     tb = summary["time_budget"]
     assert abs(wall - budget_s) <= 0.15 * budget_s, (wall, tb, proc.stderr[-2000:])
     assert summary["epochs_run"] == summary["epochs"] == tb["planned_epochs"] >= 5, tb
     assert not summary["stopped_early"]
-    with open(tmp_path / "plots/resnet18/history.csv", newline="") as fh:
+    with open(tmp_path / "plots/resnet18/seed42/history.csv", newline="") as fh:
         lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
     assert max(lrs) == pytest.approx(0.002, rel=0.2)
     assert lrs[-1] < 0.02 * max(lrs), lrs  # the cosine ran to its end, not cut off

@@ -121,9 +121,11 @@ def test_compare_table_ranks_and_marks_the_winner(monkeypatch):
     from cvpipe.compare.stage import leaderboard_table
 
     rows = [{"rank": 1, "arch": "resnet18", "accuracy": 0.91, "macro_f1": 0.9, "ece": 0.02, "params_m": 11.2, "size_mb": 44.7,
-             "latency_ms": 3.2, "throughput_img_s": 800.0, "eligible": True, "pareto": True, "roc_auc": 0.97},
+             "latency_ms": 3.2, "throughput_img_s": 800.0, "eligible": True, "pareto": True, "roc_auc": 0.97,
+             "ci_low": 0.955, "ci_high": 0.985, "tie_group": "A", "p_adjusted": None},
             {"rank": 2, "arch": "[odd]net", "accuracy": 0.88, "macro_f1": 0.87, "ece": 0.04, "params_m": 5.0, "size_mb": 20.1,
-             "latency_ms": 2.1, "throughput_img_s": 1200.0, "eligible": True, "pareto": True, "roc_auc": 0.95}]
+             "latency_ms": 2.1, "throughput_img_s": 1200.0, "eligible": True, "pareto": True, "roc_auc": 0.95,
+             "ci_low": 0.93, "ci_high": 0.97, "tie_group": "B", "p_adjusted": 0.0123}]
     log = Console(file=io.StringIO(), force_terminal=False)  # a log: rich assumes 80 columns
     monkeypatch.setattr(console_mod, "console", log)
     monkeypatch.setattr(console_mod, "_quiet", False)
@@ -131,9 +133,10 @@ def test_compare_table_ranks_and_marks_the_winner(monkeypatch):
     out = log.file.getvalue()
     assert "throughput_img_s" in out and "…" not in out  # not squeezed to 80 columns
     header = next(line for line in out.splitlines() if "arch" in line and "rank" in line)
-    assert re.findall(r"\w+", header)[:5] == ["rank", "arch", "accuracy", "roc_auc", "macro_f1"]
+    assert re.findall(r"\w+", header)[:7] == ["rank", "arch", "accuracy", "roc_auc", "ci", "tie", "p"]
     assert out.index("resnet18") < out.index("[odd]net")  # rank order; brackets in a name are not markup
     assert "0.9700" in out and "leaderboard by roc_auc" in out
+    assert "[0.9550, 0.9850]" in out and "0.0123" in out  # the interval and the p-value against the best
 
 
 def test_containers_run_under_an_init_and_the_app_mounts_what_its_cmd_serves():

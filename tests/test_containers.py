@@ -165,7 +165,7 @@ def test_dockerignore_keeps_data_venvs_caches_and_keys_out(docker, tmp_path):
     ctx = tmp_path / "ctx"
     files = {
         "Pipfile": "ok", "pyproject.toml": "ok", "src/cvpipe/x.py": "ok", "docker/lock-requirements.sh": "ok",
-        "data/raw/a.png": "no", "models/resnet18/best.pt": "no", ".venv/bin/python": "no", ".dvc/cache/ab/cd": "no",
+        "data/raw/a.png": "no", "models/resnet18/seed42/best.pt": "no", ".venv/bin/python": "no", ".dvc/cache/ab/cd": "no",
         ".env": "no", "gcp-key-prod.json": "no", "sa.json.key": "no", "src/cvpipe/__pycache__/x.cpython-311.pyc": "no",
         "src/.env": "no", "wandb/run/x": "no", ".git/HEAD": "no", "notes/secret.txt": "no", ".pytest_cache/x": "no",
     }
@@ -192,7 +192,9 @@ PARAMS = {
     "train.warmup_epochs": 1,
     "train.deterministic": True,
     "train.seed": 7,
+    "bakeoff.seeds": [7],  # dvc repro's cell: the same run, resnet18/seed7, as `cvpipe train` with train.seed 7
 }
+RUN = "resnet18/seed7"  # the run folder under models/ metrics/ plots/ exports/ reports/ (cvpipe.core.config.run_name)
 
 
 @pytest.fixture(scope="module")
@@ -232,24 +234,25 @@ STABLE_TRAIN = ["arch", "epochs_run", "best_epoch", "best_val_acc", "best_val_lo
 
 
 def _results(project: Path) -> dict:
-    train = json.loads((project / "metrics/resnet18/train.json").read_text())
+    train = json.loads((project / f"reports/{RUN}/train.json").read_text())
     # source URIs are absolute (normalized); data_version hashes them (like meta.json's
     # fingerprint); cost holds this machine's latency/throughput timings
-    ev = json.loads(_norm((project / "metrics/resnet18/evaluate.json").read_bytes(), project))
+    # the full report (metrics/ holds the headline, with this machine's latency and throughput)
+    ev = json.loads(_norm((project / f"reports/{RUN}/evaluate.json").read_bytes(), project))
     for k in ("data_version", "cost"):
         ev.pop(k, None)
-    history = (project / "plots/resnet18/history.csv").read_text().splitlines()
+    history = (project / f"plots/{RUN}/history.csv").read_text().splitlines()
     cols = history[0].split(",")
     keep = [i for i, c in enumerate(cols) if c not in ("img_per_s", "seconds")]
     assert {"epoch", "train_loss", "val_loss", "val_acc"} <= {cols[i] for i in keep}
     return {
         "prepared": _tree_hash(project / "data/prepared", project),
-        "dataset": {k: v for k, v in json.loads((project / "metrics/dataset.json").read_text()).items()
+        "dataset": {k: v for k, v in json.loads((project / "reports/dataset.json").read_text()).items()
                     if k not in ("seconds", "images_per_second")},
         "train": {k: train[k] for k in STABLE_TRAIN},
         "evaluate": {k: v for k, v in ev.items() if k not in ("seconds", "img_per_s")},
         "history": [[row.split(",")[i] for i in keep] for row in history],
-        "predictions": _norm((project / "plots/resnet18/predictions.csv").read_bytes(), project),
+        "predictions": _norm((project / f"plots/{RUN}/predictions.csv").read_bytes(), project),
     }
 
 
@@ -275,7 +278,7 @@ def test_pipeline_in_containers_equals_local_run_and_leaks_no_secret(docker, ima
     t0 = time.monotonic()
     proc = _sh([str(REPO / "docker-shell.sh"), "all", "--quiet"], env=env, timeout=1800)
     print(f"\n[containers] pipeline through docker-shell.sh: {time.monotonic() - t0:.1f}s")
-    assert (project / "metrics/resnet18/evaluate.json").exists(), proc.stderr.decode()
+    assert (project / f"metrics/{RUN}/evaluate.json").exists(), proc.stderr.decode()
     got = _results(project)
     for key in ("prepared", "dataset", "train", "evaluate", "history", "predictions"):
         assert got[key] == local_run[key], key
@@ -352,9 +355,9 @@ def test_dvc_repro_through_containers_then_no_op(docker, images, digits_slice, t
     print(f"\n[containers] CVPIPE_RUNNER=docker dvc repro: {time.monotonic() - t0:.1f}s")
     log = (first.stdout + first.stderr).decode()
     for stage in STAGES:
-        assert f"Running stage '{stage}" in log, log  # train@<arch>, evaluate@<arch> under foreach
+        assert f"Running stage '{stage}" in log, log  # train@<arch>-<seed>, evaluate@<arch>-<seed> under matrix
         assert f"building cvpipe-{stage}:{TAG}" in log, log
-    assert json.loads((work / "metrics/resnet18/evaluate.json").read_text())["n_test"] > 0
+    assert json.loads((work / f"metrics/{RUN}/evaluate.json").read_text())["n_test"] > 0
     second = _sh([dvc, "repro"], cwd=work, env=env)
     log2 = (second.stdout + second.stderr).decode()
     assert "Running stage" not in log2 and "building" not in log2, log2
@@ -450,7 +453,7 @@ def test_app_container_serves_the_promoted_model_through_onnx_runtime(docker, ap
     assert httpx.get(f"{url}/healthz", timeout=10).json()["backend"] == "onnxruntime"
     eager = load_model(str(promoted), backend="torch")
     k = len(model["classes"])
-    with open(local_run["project"] / "plots/resnet18/predictions.csv", newline="") as fh:
+    with open(local_run["project"] / f"plots/{RUN}/predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))[:12]  # stored test images
     for row in rows:
         data = Path(row["source_uri"]).read_bytes()

@@ -1,4 +1,5 @@
-"""Evaluate: metrics against scikit-learn and hand-checked values, calibration, and a planted mislabel."""
+"""Evaluate: metrics against scikit-learn and hand-checked values, calibration, a planted mislabel, the headline
+metrics file against the full report, temperature scaling end to end, and the phase progress lines."""
 
 from __future__ import annotations
 
@@ -102,15 +103,91 @@ def tiny_project(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_predict_logits_flip_pass_equals_the_shared_tta_pass():
+    """evaluate keeps each pass's logits (to divide them by T); at T = 1 their averaged softmax is the flip-TTA
+    probability of the shared evaluation pass, and the advance callback sees every image of every pass."""
+    import torch
+
+    from cvpipe.evaluate.calibration import softmax_probs
+    from cvpipe.evaluate.stage import predict_logits
+    from cvpipe.torchkit import evaluation
+    from cvpipe.torchkit.loaders import BatchNormalizer
+    from cvpipe.torchkit.models import create, data_config
+    from cvpipe.torchkit.runtime import resolve_runtime
+
+    torch.manual_seed(0)
+    model = create("test_resnet", num_classes=3).eval()
+    rt = resolve_runtime("cpu", "off", False, key="train")
+    cfg = data_config(model)
+    norm = BatchNormalizer(cfg["mean"], cfg["std"], rt)
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    seen = []
+    logits = predict_logits(model, images, norm, rt, 3, tta_flip=True, advance=seen.append)
+    assert len(logits) == 2 and sum(seen) == 14
+    ref = evaluation.evaluate(model, evaluation.array_batches(images, 3), norm, rt, outputs=True, tta_flip=True)
+    assert np.array_equal(logits[0], ref.logits)
+    assert softmax_probs(logits) == pytest.approx(ref.probs, abs=1e-6)
+
+
+def test_phase_progress_prints_one_line_per_phase_in_a_log():
+    """Without a terminal (a log, `dvc repro` piped to a file): no bar, one line per finished phase with its
+    result and time; a phase that raises prints nothing; quiet prints nothing."""
+    import io
+
+    from rich.console import Console
+
+    from cvpipe.core import console as console_mod
+
+    buf = io.StringIO()
+    with console_mod.PhaseProgress("evaluate r/seed1", out=Console(file=buf, width=60)) as phases:
+        assert phases.live is None
+        with phases.phase("predicting 3 test images", total=3, unit="img") as ph:
+            ph.advance(3)
+            ph.result = "accuracy 1.0"
+        with pytest.raises(RuntimeError), phases.phase("export"):
+            raise RuntimeError("boom")
+        with phases.phase("plots"):
+            pass
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2, lines  # one line each, however narrow the console
+    assert lines[0].startswith("evaluate r/seed1: predicting 3 test images: accuracy 1.0 (") and lines[0].endswith(" s)")
+    assert lines[1].startswith("evaluate r/seed1: plots (")
+    # on a terminal: one bar row, a fresh task per phase (counted or not), and the same lines
+    term = io.StringIO()
+    with console_mod.PhaseProgress("evaluate r/seed1", out=Console(file=term, force_terminal=True, width=100)) as phases:
+        assert phases.live is not None
+        with phases.phase("predicting 3 test images", total=3, unit="img") as ph:
+            ph.advance(3)
+        with phases.phase("plots"):
+            assert len(phases.live.tasks) == 1 and phases.live.tasks[0].total is None
+    assert phases.live.tasks == [] and "evaluate r/seed1: plots (" in term.getvalue()
+    console_mod.set_quiet(True)
+    try:
+        quiet = io.StringIO()
+        with console_mod.PhaseProgress("x", out=Console(file=quiet)) as phases, phases.phase("plots"):
+            pass
+        assert quiet.getvalue() == ""
+    finally:
+        console_mod.set_quiet(False)
+
+
 @pytest.mark.slow
 def test_planted_mislabel_shows_in_confusion_matrix_and_gallery(tiny_project):
     root = tiny_project
-    cvpipe("evaluate", "-q", cwd=root)
-    before = json.loads((root / "metrics/test_resnet/evaluate.json").read_text())
+    proc = cvpipe("evaluate", cwd=root)  # not quiet, output piped: the log-mode progress lines
+    log = proc.stdout + proc.stderr
+    n_test, n_val = (len(np.load(root / f"data/prepared/{s}/labels.npy")) for s in ("test", "val"))
+    for phase in (f"predicting {n_test} test images (", f"predicting {n_val} val images (",
+                  "metrics and intervals (1000 bootstrap resamples): accuracy ", "cost: FLOPs", "export TorchScript + ONNX",
+                  f"parity on {n_test} test images: max abs logit difference", "plots (", "W&B ("):
+        assert f"evaluate test_resnet/seed42: {phase}" in log, (phase, log)
+    head = json.loads((root / "metrics/test_resnet/seed42/evaluate.json").read_text())
+    before = json.loads((root / "reports/test_resnet/seed42/evaluate.json").read_text())
+    _check_headline_report_and_bundle(root, head, before, n_test)
     # plant: the most confidently *right* test image gets the wrong label (its class + 1)
     import csv
 
-    with open(root / "plots/test_resnet/predictions.csv", newline="") as fh:
+    with open(root / "plots/test_resnet/seed42/predictions.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["correct"] == "1"]
     victim = max(rows, key=lambda r: float(r["confidence"]))
     row, true = int(victim["row"]), int(victim["actual"])
@@ -121,7 +198,7 @@ def test_planted_mislabel_shows_in_confusion_matrix_and_gallery(tiny_project):
     np.save(labels_path, labels)
 
     cvpipe("evaluate", "-q", cwd=root)
-    after = json.loads((root / "metrics/test_resnet/evaluate.json").read_text())
+    after = json.loads((root / "reports/test_resnet/seed42/evaluate.json").read_text())
     cm0, cm1 = np.array(before["confusion_matrix"]), np.array(after["confusion_matrix"])
     diff = cm1 - cm0
     planted = (true + 1) % 4
@@ -132,18 +209,100 @@ def test_planted_mislabel_shows_in_confusion_matrix_and_gallery(tiny_project):
     # it is the most confident mistake there is (it was the most confident right answer): first in the gallery
     first = after["most_confident_mistakes"][0]
     assert (first["row"], first["actual"], first["predicted"]) == (row, str(planted), str(true))
-    png = Image.open(root / "plots/test_resnet/mistakes.png")
+    png = Image.open(root / "plots/test_resnet/seed42/mistakes.png")
     assert png.format == "PNG" and png.size[0] >= 150
     # the rest of the report is there
     for key in ("top_k_accuracy", "macro_precision", "weighted_recall", "roc_auc", "ece"):
         assert after[key] is not None or key == "top_k_accuracy"
     assert after["cost"]["params"] > 0 and after["cost"]["flops"] > 0 and after["cost"]["latency_ms"] > 0
     assert max(after["export_parity"]["onnx_max_abs_diff"], after["export_parity"]["torchscript_max_abs_diff"]) <= 1e-4
-    assert (root / "plots/test_resnet/reliability.png").exists() and (root / "plots/test_resnet/reliability.csv").exists()
+    assert (root / "plots/test_resnet/seed42/reliability.png").exists() and (root / "plots/test_resnet/seed42/reliability.csv").exists()
 
     # EMA weights asked of a checkpoint without them: one line, exit 1
     proc = cvpipe("evaluate", "-q", "-S", "evaluate.weights=ema", cwd=root, check=False)
     assert proc.returncode == 1 and "no EMA weights" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     # flip TTA runs and is recorded
     cvpipe("evaluate", "-q", "-S", "evaluate.tta_flip=true", "-S", "evaluate.export=false", cwd=root)
-    assert json.loads((root / "metrics/test_resnet/evaluate.json").read_text())["tta_flip"] is True
+    flipped = json.loads((root / "reports/test_resnet/seed42/evaluate.json").read_text())
+    assert flipped["tta_flip"] is True and flipped["calibration"]["temperature"] > 0
+    # no calibration asked: T = 1 and the report says why
+    cvpipe("evaluate", "-q", "-S", "evaluate.calibrate=false", "-S", "evaluate.export=false", cwd=root)
+    plain = json.loads((root / "reports/test_resnet/seed42/evaluate.json").read_text())
+    assert plain["temperature"] == 1.0 and "evaluate.calibrate is false" in plain["calibration"]["note"]
+    assert plain["calibration"]["test_ece_before"] == plain["calibration"]["test_ece_after"] == plain["ece"]
+
+    # a val image relabelled, so val has a mistake and the temperature is identifiable: T is fitted (!= 1), lowers
+    # val NLL, and model.onnx's softmax is the calibrated confidence evaluate reports
+    val_path = root / "data/prepared/val/labels.npy"
+    val = np.load(val_path)
+    val[0] = (val[0] + 1) % 4
+    np.save(val_path, val)
+    proc = cvpipe("evaluate", cwd=root)
+    assert f"evaluate test_resnet/seed42: calibrating (temperature scaling on {n_val} val images): T = " in proc.stdout + proc.stderr
+    rep = json.loads((root / "reports/test_resnet/seed42/evaluate.json").read_text())
+    cal = rep["calibration"]
+    assert cal["fitted_on"] == "val" and cal["n_val"] == n_val and cal["temperature"] == rep["temperature"] != 1.0
+    assert cal["val_nll_after"] <= cal["val_nll_before"]  # the fit minimised val NLL: it cannot end above T = 1
+    assert cal["test_ece_after"] == rep["ece"] and cal["test_nll_after"] is not None
+    _check_headline_report_and_bundle(root, json.loads((root / "metrics/test_resnet/seed42/evaluate.json").read_text()), rep, n_test)
+
+
+def _check_headline_report_and_bundle(root: Path, head: dict, rep: dict, n: int) -> None:
+    """metrics/<run>/evaluate.json is the few-key headline of the full report; the report has the intervals,
+    the calibration and the risk-coverage; the bundle's model.onnx returns the calibrated probabilities."""
+    import csv
+
+    from cvpipe.evaluate.stage import HEADLINE_KEYS
+
+    assert tuple(head) == HEADLINE_KEYS and sum(isinstance(v, (int, float)) for v in head.values()) <= 10
+    iv = rep["intervals"]
+    assert head["accuracy"] == rep["accuracy"] and head["ece"] == rep["ece"] and head["n_test"] == rep["n_test"] == n
+    assert head["accuracy_ci_low"] == iv["accuracy"]["low"] <= head["accuracy"] <= head["accuracy_ci_high"] == iv["accuracy"]["high"]
+    assert head["latency_ms"] == rep["cost"]["latency_ms"] and head["size_mb"] == rep["cost"]["size_mb"]
+    for key in ("macro_f1", "roc_auc", "ece"):
+        assert iv[key]["low"] <= iv[key]["high"] and iv[key]["method"] == "stratified percentile bootstrap"
+    cal = rep["calibration"]
+    if cal["fitted_on"] is None:  # every val image right (a tiny, easy split): T = 1 and the note says so
+        assert rep["temperature"] == 1.0 and "cannot be fitted" in cal["note"]
+    assert cal["test_ece_after"] == rep["ece"] and cal["test_ece_before"] >= 0
+    rc = rep["risk_coverage"]
+    assert rc["threshold"] == 0.0 and rc["coverage"] == 1.0 and rc["error"] == pytest.approx(1 - rep["accuracy"], abs=1e-6)
+    assert 0 <= rc["aurc"] <= 1
+    with open(root / "plots/test_resnet/seed42/risk_coverage.csv", newline="") as fh:
+        curve = list(csv.DictReader(fh))
+    assert float(curve[-1]["coverage"]) == 1.0
+    for name in ("reliability.csv", "reliability_uncalibrated.csv", "reliability.png", "risk_coverage.png"):
+        assert (root / "plots/test_resnet/seed42" / name).stat().st_size > 0
+    bundle = root / "exports/test_resnet/seed42"
+    assert json.loads((bundle / "evaluate.json").read_text()) == rep
+    with open(bundle / "predictions.csv", newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert list(preds[0]) == ["row", "id", "actual", "predicted", "confidence", "correct"] and len(preds) == n
+    assert [int(r["row"]) for r in preds] == list(range(n))
+    assert sum(int(r["correct"]) for r in preds) / n == pytest.approx(rep["accuracy"])
+    _check_onnx_is_calibrated(root, bundle, preds, rep["temperature"])
+
+
+def _check_onnx_is_calibrated(root: Path, bundle: Path, preds: list, temperature: float) -> None:
+    """softmax of model.onnx on the test pixels = softmax(fp32 eager logits of model.pt / T) (to 1e-5), and = the
+    calibrated confidences evaluate reported (to 0.02: evaluate scores at the train runtime's precision, bf16
+    autocast where the CPU has it, the exports are fp32)."""
+    import onnxruntime as ort
+    import torch
+
+    from cvpipe.evaluate.calibration import softmax_probs
+    from cvpipe.torchkit.loaders import BatchNormalizer
+    from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
+    from cvpipe.torchkit.runtime import resolve_runtime
+
+    pixels = np.load(root / "data/prepared/test/images.npy")
+    out = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], {"pixels": pixels})[0]
+    ckpt = load_checkpoint(bundle / "model.pt")
+    assert ckpt["temperature"] == pytest.approx(temperature)
+    norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], resolve_runtime("cpu", "off", False, key="train"))
+    with torch.inference_mode():
+        eager = model_from_checkpoint(ckpt).eval()(norm(torch.from_numpy(pixels))).numpy()
+    probs = softmax_probs([out])
+    assert probs == pytest.approx(softmax_probs([eager], temperature), abs=1e-5)
+    assert probs.max(1) == pytest.approx([float(r["confidence"]) for r in preds], abs=0.02)
+    assert json.loads((bundle / "preprocess.json").read_text())["temperature"] == pytest.approx(temperature)

@@ -76,3 +76,36 @@ def test_onnx_takes_uint8_nhwc_pixels_with_a_dynamic_batch_and_carries_its_metad
     meta = json.loads(sess.get_modelmeta().custom_metadata_map["cvpipe"])
     assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c"] and meta["epoch"] == 1
     assert meta["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-4)
+
+
+def test_exports_return_calibrated_probabilities(tmp_path):
+    """With a temperature T != 1 in the bundle, softmax of the ONNX and TorchScript outputs equals the calibrated
+    eager probabilities softmax(logits / T), model.pt and preprocess.json carry T, and parity compares tempered logits."""
+    import onnxruntime as ort
+
+    from cvpipe.evaluate.calibration import softmax_probs
+    from cvpipe.torchkit.loaders import BatchNormalizer
+    from cvpipe.torchkit.models import load_checkpoint
+    from cvpipe.torchkit.runtime import resolve_runtime
+
+    torch.manual_seed(0)
+    model = create("test_resnet", num_classes=3).eval()
+    cfg = data_config(model)
+    temperature = 2.5
+    ckpt = {"arch": "test_resnet", "classes": ["a", "b", "c"], "normalize": cfg, "image_size": 32, "resize_mode": "stretch",
+            "epoch": 1, "params": {}, "dataset_hash": "x", "model": model.state_dict()}
+    pixels = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    x = BatchNormalizer(cfg["mean"], cfg["std"], resolve_runtime("cpu", "off", False, key="train"))(torch.from_numpy(pixels))
+    export.write_bundle(tmp_path, ckpt, model, "model", x[:1], temperature=temperature)
+    with torch.inference_mode():
+        raw = model(x).numpy()
+        ts = torch.jit.load(str(tmp_path / "model.ts"))(x).numpy()
+    calibrated = softmax_probs([raw], temperature)
+    assert np.abs(calibrated - softmax_probs([raw])).max() > 1e-3  # T != 1 changes the probabilities: the check means something
+    onnx_out = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], {"pixels": pixels})[0]
+    assert softmax_probs([onnx_out]) == pytest.approx(calibrated, abs=1e-5)
+    assert softmax_probs([ts]) == pytest.approx(calibrated, abs=1e-5)
+    assert load_checkpoint(tmp_path / "model.pt")["temperature"] == temperature
+    assert json.loads((tmp_path / "preprocess.json").read_text())["temperature"] == temperature
+    rep = export.parity(model, tmp_path, x, pixels, temperature=temperature)
+    assert rep["temperature"] == temperature and max(rep["onnx_max_abs_diff"], rep["torchscript_max_abs_diff"]) <= 1e-4

@@ -212,7 +212,7 @@ def test_sigkill_midway_then_restart_gives_the_same_manifest(real_data, local_hy
 
     result = cvpipe("ingest", "--quiet", cwd=tmp_path)
     assert result.returncode == 0
-    report = json.loads((tmp_path / "metrics" / "ingest.json").read_text())
+    report = json.loads((tmp_path / "reports" / "ingest.json").read_text())
     assert report["reused"] >= 100 and report["decoded"] < report["listed"] - 100  # resumed, not redone
     rows = _read(tmp_path / "raw", "manifest.csv")
     ref = _read(ref_dir / "raw", "manifest.csv")

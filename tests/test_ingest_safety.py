@@ -292,7 +292,7 @@ def test_file_above_the_size_cap_is_quarantined_unread(tmp_path):
     q = {Path(r["source_uri"]).name: r for r in _read(tmp_path / "out" / "quarantine.csv")}
     assert {n: r["reason"] for n, r in q.items()} == {"big.png": "too_large", "huge.jpg": "too_large"}
     assert "max_file_mb=1" in q["huge.jpg"]["detail"]
-    assert json.loads((tmp_path / "metrics" / "ingest.json").read_text())["decoded"] == 4
+    assert json.loads((tmp_path / "reports" / "ingest.json").read_text())["decoded"] == 4
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
@@ -405,7 +405,7 @@ def test_decoder_crash_of_any_exception_type_is_a_journaled_quarantine_reason(tm
         assert row["sha256"] and ":" in row["detail"]
     res = _ingest(tmp_path, src, tmp_path / "out")
     assert res.returncode == 0
-    report = json.loads((tmp_path / "metrics" / "ingest.json").read_text())
+    report = json.loads((tmp_path / "reports" / "ingest.json").read_text())
     assert (report["decoded"], report["reused"]) == (0, 4 + len(crashers))  # known from the journal
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import copy_pipeline, cvpipe
 
-from cvpipe.core.config import Params, load_params
+from cvpipe.core.config import Params, load_params, run_name
 from cvpipe.data import augment
 from cvpipe.init import recipe
 from cvpipe.init.recipe import DataProfile, MachineProfile, RecipeOptions, SizeStats
@@ -356,7 +356,7 @@ def test_init_missing_source_exits_2(tmp_path):
 
 
 def test_init_output_passes_dvc_repro_dry_with_the_repository_dvc_yaml(tmp_path):
-    """dvc.yaml's foreach over bakeoff.archs and every params key its stages track resolve against the written file."""
+    """dvc.yaml's matrix over bakeoff.archs x bakeoff.seeds and every params key its stages track resolve against the written file."""
     repo = copy_pipeline(tmp_path / "repo")
     cvpipe("init", "sample://digits", "--quiet", cwd=repo)
     p = load_params(repo / "params.yaml")
@@ -365,10 +365,10 @@ def test_init_output_passes_dvc_repro_dry_with_the_repository_dvc_yaml(tmp_path)
     for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.site_cache_dir", str(tmp_path / "site")]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     # a dry run reads every stage's params; stage outputs that later stages depend on must exist
-    for folder in [p.paths.raw, p.paths.prepared, p.paths.exports] + [f"{p.paths.models}/{a}" for a in p.bakeoff.archs]:
+    for folder in [p.paths.raw, p.paths.prepared, p.paths.exports] + [f"{p.paths.models}/{run_name(a, s)}" for a, s in p.bakeoff.cells()]:
         (repo / folder).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(dvc + ["repro", "--dry"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for arch in p.bakeoff.archs:
-        assert f"Running stage 'train@{arch}'" in proc.stdout
+    for arch, seed in p.bakeoff.cells():
+        assert f"Running stage 'train@{arch}-{seed}'" in proc.stdout
     assert "Running stage 'compare'" in proc.stdout

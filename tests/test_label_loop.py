@@ -91,7 +91,7 @@ def _manifest(repo: Path) -> dict[str, dict[str, str]]:
 
 
 def _accuracy(repo: Path) -> float:
-    return json.loads((repo / "metrics/resnet18/evaluate.json").read_text())["accuracy"]
+    return json.loads((repo / "metrics/resnet18/seed42/evaluate.json").read_text())["accuracy"]
 
 
 def _commit_and_tag(repo: Path, env: dict, tag: str) -> None:
@@ -147,7 +147,7 @@ def test_flip_audit_review_repro_recovers_labels_and_accuracy(tmp_path, monkeypa
     precision, recall = len(found) / len(suspects), len(found) / len(flipped_ids)
 
     out = _run(dvc + ["repro"], repo, env)
-    assert "Running stage 'ingest'" in out and "Running stage 'train@resnet18'" in out
+    assert "Running stage 'ingest'" in out and "Running stage 'train@resnet18-42'" in out
     _commit_and_tag(repo, env, "labels-reviewed")
     after = _manifest(repo)
     fixed_acc = _accuracy(repo)
@@ -162,7 +162,7 @@ def test_flip_audit_review_repro_recovers_labels_and_accuracy(tmp_path, monkeypa
 
     # the count of corrected labels reaches the metrics, the model card and W&B
     corrected = sum(1 for i in accepted if before[i]["label"] != accepted[i])
-    review = json.loads((repo / "metrics/resnet18/evaluate.json").read_text())["label_review"]
+    review = json.loads((repo / "reports/resnet18/seed42/evaluate.json").read_text())["label_review"]
     assert review["labels_corrected"] == corrected == len(accepted) > 0
     card = json.loads((repo / "models/best/card.json").read_text())
     assert card["data_version"]["label_review"]["labels_corrected"] == corrected

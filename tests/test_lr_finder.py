@@ -170,11 +170,11 @@ def test_find_lr_cli_sweeps_writes_plot_metrics_and_params(tmp_path, digits_prep
     lr_min, lr_max, steps = 1e-5, 1e-2, 30
     proc = cvpipe("train", "--find-lr", "--write-lr", "--lr-min", str(lr_min), "--lr-max", str(lr_max),
                   "--lr-steps", str(steps), cwd=tmp_path)
-    result = json.loads((tmp_path / "metrics/resnet18/lr_finder.json").read_text())
+    result = json.loads((tmp_path / "metrics/resnet18/seed42/lr_finder.json").read_text())
     _check_curve(result, lr_min, lr_max, steps)
     assert result["steps_run"] == steps
     assert result["arch"] == "resnet18" and result["optimizer"] == before["train"]["optimizer"]
-    png = (tmp_path / "plots/resnet18/lr_finder.png").read_bytes()
+    png = (tmp_path / "plots/resnet18/seed42/lr_finder.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "suggested lr" in proc.stdout + proc.stderr
     # --write-lr: the suggestion (2 significant digits) lands in the arch's bake-off override, nothing else changes
@@ -186,7 +186,7 @@ def test_find_lr_cli_sweeps_writes_plot_metrics_and_params(tmp_path, digits_prep
     assert after == before
     load_params(params)  # still valid
     assert not (tmp_path / "models").exists()  # a range test trains nothing that is kept
-    assert not (tmp_path / "metrics/resnet18/train.json").exists()
+    assert not (tmp_path / "metrics/resnet18/seed42/train.json").exists()
     bad = cvpipe("train", "--write-lr", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "--find-lr" in bad.stdout + bad.stderr
 
@@ -211,7 +211,7 @@ def test_range_test_stops_when_the_loss_diverges(tmp_path, digits_prepared, monk
         assert s[k - 1] <= lr_finder.DIVERGE_FACTOR * min(s[:k]) * (1 + 1e-5), f"should have stopped at step {k}"
     # ... and the sweep got into the LRs where it diverges before stopping (not stopped early by something else)
     assert result["lrs"][-1] > 1.0
-    assert json.loads((tmp_path / "metrics/resnet18/lr_finder.json").read_text()) == result
-    assert (tmp_path / "plots/resnet18/lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "metrics/resnet18/seed42/lr_finder.json").read_text()) == result
+    assert (tmp_path / "plots/resnet18/seed42/lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert params.read_bytes() == before
     assert not (tmp_path / "models").exists()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import copy_pipeline, cvpipe, make_digits_slice, write_params
 from PIL import Image
+from test_metrics_columns import assert_readable_metrics
 from wandb_offline import find_runs, read_run
 
 PER_CLASS = 30
@@ -36,29 +37,29 @@ def test_four_stages_on_sample_slice(project, digits_slice):
         cvpipe(stage, "--quiet", cwd=project)
 
     ingest = json.loads((project / "metrics/ingest.json").read_text())
-    assert ingest["accepted"] == 10 * PER_CLASS and ingest["quarantined"] == 0
+    assert ingest["images"] == 10 * PER_CLASS and ingest["quarantined"] == 0
     manifest = _read_csv(project / "data/raw/manifest.csv")
     assert len(manifest) == 10 * PER_CLASS
     for row in manifest[:20]:
         img = Image.open(project / "data/raw" / row["path"])
         assert img.mode == "RGB" and img.size == (8, 8)
 
-    card = json.loads((project / "metrics/dataset.json").read_text())
+    card = json.loads((project / "reports/dataset.json").read_text())
     assert sum(s["count"] for s in card["splits"].values()) == 10 * PER_CLASS
     assert all(len(s["per_class"]) == 10 for s in card["splits"].values())  # stratified: every class in every split
 
-    history = _read_csv(project / "plots/resnet18/history.csv")
+    history = _read_csv(project / "plots/resnet18/seed42/history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
-    assert (project / "models/resnet18/best.pt").stat().st_size > 1_000_000
-    assert (project / "models/resnet18/last.pt").exists()
+    assert (project / "models/resnet18/seed42/best.pt").stat().st_size > 1_000_000
+    assert (project / "models/resnet18/seed42/last.pt").exists()
 
-    ev = json.loads((project / "metrics/resnet18/evaluate.json").read_text())
+    ev = json.loads((project / "metrics/resnet18/seed42/evaluate.json").read_text())
     assert ev["n_test"] == card["splits"]["test"]["count"]
     assert 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["macro_f1"] <= 1.0
-    confusion = _read_csv(project / "plots/resnet18/confusion.csv")
+    confusion = _read_csv(project / "plots/resnet18/seed42/confusion.csv")
     assert len(confusion) == ev["n_test"]
     assert sum(r["actual"] == r["predicted"] for r in confusion) / len(confusion) == pytest.approx(ev["accuracy"], abs=1e-6)
-    png = Image.open(project / "plots/resnet18/confusion_matrix.png")
+    png = Image.open(project / "plots/resnet18/seed42/confusion_matrix.png")
     assert png.format == "PNG" and png.size[0] > 300
 
     # the offline W&B runs hold what the stages logged
@@ -73,7 +74,9 @@ def test_four_stages_on_sample_slice(project, digits_slice):
         assert h["val/acc"] == pytest.approx(float(row["val_acc"]))
         assert h["train/loss"] == pytest.approx(float(row["train_loss"]))
     assert "resnet18" in tr.tags
-    assert any(a["type"] == "model" for a in tr.artifacts)
+    # train logs its checkpoints (optimizer state included) as a checkpoint; "the model" is evaluate's (test_wandb_lineage)
+    assert [a["name"] for a in tr.artifacts if a["type"] == "checkpoint"] == ["checkpoint-resnet18-seed42"]
+    assert not any(a["type"] == "model" for a in tr.artifacts)
     assert runs["evaluate"].summary["test/accuracy"] == pytest.approx(ev["accuracy"])
     assert tr.exit_code == 0
 
@@ -96,13 +99,13 @@ def test_hymenoptera_end_to_end(project, real_data):
     )
     for stage in ("ingest", "preprocess", "train", "evaluate"):
         cvpipe(stage, "--quiet", cwd=project)
-    ingest = json.loads((project / "metrics/ingest.json").read_text())
+    ingest = json.loads((project / "reports/ingest.json").read_text())
     n_files = sum(1 for p in src.rglob("*") if p.is_file())  # photos + SHA256SUMS (quarantined: no class)
     assert ingest["accepted"] + ingest["quarantined"] == n_files
     assert set(ingest["per_class"]) == {"ants", "bees"}
     assert ingest["per_split_hint"].keys() == {"train", "val"}
-    ev = json.loads((project / "metrics/resnet18/evaluate.json").read_text())
-    card = json.loads((project / "metrics/dataset.json").read_text())
+    ev = json.loads((project / "reports/resnet18/seed42/evaluate.json").read_text())  # the full report (per class)
+    card = json.loads((project / "reports/dataset.json").read_text())
     assert ev["n_test"] == card["splits"]["test"]["count"] > 40
     assert set(ev["per_class"]) == {"ants", "bees"}
 
@@ -126,7 +129,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     _run(dvc + ["init", "-q"], repo, env)
     _run(dvc + ["config", "core.site_cache_dir", str(tmp_path / "site-cache")], repo, env)
     out = _run(dvc + ["repro"], repo, env)
-    for stage in ("ingest", "preprocess", "train@resnet18", "evaluate@resnet18", "compare"):
+    for stage in ("ingest", "preprocess", "train@resnet18-42", "evaluate@resnet18-42", "compare"):  # bakeoff.archs x bakeoff.seeds
         assert f"Running stage '{stage}'" in out
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "first run"], repo, env)
@@ -138,7 +141,13 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
 
     metrics = json.loads(_run(dvc + ["metrics", "show", "--json"], repo, env))
     flat = json.dumps(metrics)
-    assert "accuracy" in flat and "best_val_acc" in flat
+    assert "accuracy" in flat and "val_acc" in flat
+    # issue #16: headline figures only, `dvc metrics show` at most 25 columns (the detail is in reports/, in git)
+    columns = assert_readable_metrics(repo)
+    assert {"images", "seconds", "val_acc"} <= columns
+    for name in ("ingest.json", "dataset.json", "audit.json"):
+        assert (repo / "reports" / name).exists(), name
+    assert (repo / "reports/resnet18/seed42/train.json").is_file()  # reports/<run_name>/train.json
     _run(dvc + ["plots", "show", "-o", str(tmp_path / "plots")], repo, env)
     assert (tmp_path / "plots" / "index.html").exists()
 
@@ -148,5 +157,5 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path, digits_slice):
     diff = json.loads(_run(dvc + ["params", "diff", "--json"], repo, env))
     assert diff["params.yaml"]["train.epochs"]["old"] == 2 and diff["params.yaml"]["train.epochs"]["new"] == 3
     out = _run(dvc + ["repro"], repo, env)
-    assert "Running stage 'train@resnet18'" in out and "Running stage 'evaluate@resnet18'" in out
+    assert "Running stage 'train@resnet18-42'" in out and "Running stage 'evaluate@resnet18-42'" in out
     assert "Running stage 'ingest'" not in out and "Running stage 'preprocess'" not in out

@@ -181,7 +181,9 @@ def test_preprocess_writes_format_card_and_plots(project):
         assert len(s.index) == len(s) == card["splits"][name]["count"]
         total += len(s)
     assert total == 74
-    saved = json.loads((project / "metrics" / "dataset.json").read_text())
+    saved = json.loads((project / "reports" / "dataset.json").read_text())
+    headline = json.loads((project / "metrics" / "dataset.json").read_text())  # DVC metrics: the few headline keys
+    assert headline == {"images": 74, "seconds": saved["seconds"]["total"], "throughput_img_s": saved["images_per_second"]}
     assert saved["splits"]["train"]["per_class"] == card["splits"]["train"]["per_class"]
     assert set(saved["source_size"]) >= {"width", "height", "shorter_side_histogram"}
     assert len(saved["mean"]) == 3 and len(saved["std"]) == 3
@@ -405,7 +407,7 @@ def test_dvc_skips_preprocess_when_unchanged_and_on_train_only_changes(tmp_path)
     write_params(repo, {"ingest.source": str(src), "preprocess.image_size": 16, "wandb.mode": "disabled",
                         "train.epochs": 3, "train.lr": 0.01}, base=repo / "params.yaml")
     status = json.loads(_dvc(repo, "status", "--json").stdout)
-    assert any(s.startswith("train@") for s in status) and "preprocess" not in status  # train is a foreach stage
+    assert any(s.startswith("train@") for s in status) and "preprocess" not in status  # train is a matrix stage (train@<arch>-<seed>)
     assert "Running stage 'preprocess'" not in _dvc(repo, "repro", "preprocess").stdout
 
     # a preprocess change does rerun it

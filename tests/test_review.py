@@ -37,7 +37,7 @@ def proj(digits, tmp_path, monkeypatch) -> Path:
     write_params(tmp_path, {"ingest.source": str(digits), "ingest.workers": 2, "wandb.mode": "disabled"})
     ingest.run(load_params("params.yaml"))
     rows = _manifest(tmp_path)[:8]
-    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports").mkdir(exist_ok=True)  # ingest wrote reports/ingest.json
     with open(tmp_path / "reports/label_issues.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(LABEL_ISSUE_COLUMNS)
@@ -223,7 +223,8 @@ def test_ingest_applies_relabel_exclude_keep_and_reports_unknown_ids(proj):
     with open(proj / "data/raw/quarantine.csv", newline="") as fh:
         q = [r for r in csv.DictReader(fh) if r["reason"] == EXCLUDED_BY_REVIEW]
     assert [r["source_uri"] for r in q] == [b["source_uri"]] and "bob" in q[0]["detail"]
-    m = json.loads((proj / "metrics/ingest.json").read_text())
+    assert json.loads((proj / "metrics/ingest.json").read_text())["labels_relabelled"] == 1  # the DVC headline
+    m = json.loads((proj / "reports/ingest.json").read_text())
     assert (m["labels_relabelled"], m["images_excluded"], m["review"]["labels_kept"]) == (1, 1, 1)
     assert m["review"]["unknown_ids"] == ["ffffffffffffffff"]
     assert m["review"]["relabelled"] == [{"id": a["id"], "from": a["label"], "to": "9"}]

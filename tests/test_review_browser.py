@@ -30,7 +30,7 @@ def review_project(tmp_path_factory, tmp_path, monkeypatch) -> Path:
     ingest.run(load_params("params.yaml"))
     with open(tmp_path / "data/raw/manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))[::3][:5]
-    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports").mkdir(exist_ok=True)  # ingest wrote reports/ingest.json
     with open(tmp_path / "reports/label_issues.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "id", "path", "source_uri", "split", "given_label", "suggested_label", "self_confidence",

@@ -25,6 +25,7 @@ from cvpipe.torchkit.models import load_checkpoint
 from cvpipe.train import finetune
 
 ARCH = "test_resnet"
+RUN = f"{ARCH}/seed42"  # the run folder under models/ reports/ plots/ (run_name: train.seed 42, the default)
 TIMING = {"img_per_s", "seconds"}
 
 
@@ -82,8 +83,8 @@ def setup_project(folder: Path, prepared: Path, **train) -> Path:
     return write_params(folder, overrides)
 
 
-def history(folder: Path, arch: str = ARCH) -> list[dict[str, str]]:
-    with open(folder / "plots" / arch / "history.csv", newline="") as fh:
+def history(folder: Path, run: str = RUN) -> list[dict[str, str]]:
+    with open(folder / "plots" / run / "history.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -385,10 +386,18 @@ def test_cvpipe_train_honours_early_stopping(tmp_path, tiny_prepared, monkeypatc
     summary = run_train(tmp_path, monkeypatch)
     assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_epoch"] == 1
     assert summary["epochs"] == 6
+    import json
+
+    report, = (tmp_path / "reports").glob(f"{ARCH}/**/train.json")  # reports/<run_name>/train.json
+    assert json.loads(report.read_text()) == summary  # the full summary, in git
+    metrics, = (tmp_path / "metrics").glob(f"{ARCH}/**/train.json")
+    headline = json.loads(metrics.read_text())  # DVC metrics: headline only
+    assert headline == {"epochs": 3, "val_acc": summary["best_val_acc"], "throughput_img_s": summary["img_per_s"],
+                        "seconds": summary["seconds"]}
     assert [int(r["epoch"]) for r in history(tmp_path)] == [1, 2, 3]
-    last = load_checkpoint(tmp_path / "models" / ARCH / "last.pt")
+    last = load_checkpoint(tmp_path / "models" / RUN / "last.pt")
     assert last["finished"] is True and last["epoch"] == 3 and last["bad_epochs"] == 2 and last["best"]["epoch"] == 1
-    assert load_checkpoint(tmp_path / "models" / ARCH / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "models" / RUN / "best.pt")["epoch"] == 1
 
 
 def test_params_validation_for_strategies():
@@ -406,7 +415,7 @@ def test_params_validation_for_strategies():
 def test_checkpoint_holds_full_training_state(tmp_path, tiny_prepared, monkeypatch):
     setup_project(tmp_path, tiny_prepared, epochs=1, ema=True)
     run_train(tmp_path, monkeypatch)
-    ck = load_checkpoint(tmp_path / "models" / ARCH / "last.pt")
+    ck = load_checkpoint(tmp_path / "models" / RUN / "last.pt")
     for key in ("arch", "classes", "normalize", "epoch", "wandb_run_id", "model", "optimizer", "scheduler", "ema",
                 "scaler", "rng", "params", "dataset_hash", "identity", "history"):
         assert key in ck, key
@@ -433,13 +442,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     # 67 train images, batch 16, mixup drops the last partial batch: 4 steps per epoch -> step 6 is mid epoch 2
     proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": "6"}, check=False)
     assert proc.returncode == -9, proc.stdout + proc.stderr
-    assert load_checkpoint(killed / "models" / ARCH / "last.pt")["epoch"] == 1
-    run_id = load_checkpoint(killed / "models" / ARCH / "last.pt")["wandb_run_id"]
+    assert load_checkpoint(killed / "models" / RUN / "last.pt")["epoch"] == 1
+    run_id = load_checkpoint(killed / "models" / RUN / "last.pt")["wandb_run_id"]
     proc = cvpipe("train", cwd=killed)  # automatic resume: same params, unfinished last.pt
     assert "resuming" in proc.stdout + proc.stderr
     assert without_timing(history(killed)) == without_timing(history(ref))
-    a = load_checkpoint(ref / "models" / ARCH / "last.pt")
-    b = load_checkpoint(killed / "models" / ARCH / "last.pt")
+    a = load_checkpoint(ref / "models" / RUN / "last.pt")
+    b = load_checkpoint(killed / "models" / RUN / "last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert b["wandb_run_id"] == run_id  # the same W&B run continued
@@ -480,7 +489,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
     assert len(hs) == len(hd) == 8
     import json
 
-    dj = json.loads((ddp / "metrics" / ARCH / "train.json").read_text())
+    dj = json.loads((ddp / "reports" / RUN / "train.json").read_text())
     assert dj["world_size"] == 2
     assert abs(float(hs[-1]["val_acc"]) - float(hd[-1]["val_acc"])) <= 0.1
     assert float(hs[-1]["val_acc"]) >= 0.7  # both learned the task, so the comparison means something
@@ -488,7 +497,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
     for h in (hs, hd):
         assert float(h[-1]["train_loss"]) < float(h[0]["train_loss"])
     # rank 0 alone wrote outputs; the global val count is the whole split, not a shard
-    assert (ddp / "models" / ARCH / "last.pt").exists()
+    assert (ddp / "models" / RUN / "last.pt").exists()
 
 
 @pytest.mark.slow
@@ -497,7 +506,7 @@ def test_cli_nproc_shortcut(tmp_path, tiny_prepared):
     cvpipe("train", "-q", "--nproc", "2", cwd=tmp_path)
     import json
 
-    assert json.loads((tmp_path / "metrics" / ARCH / "train.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "reports" / RUN / "train.json").read_text())["world_size"] == 2
 
 
 def _collectives_worker(rank: int, port: int, backend: str, out_dir: str) -> None:

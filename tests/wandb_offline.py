@@ -7,8 +7,11 @@ then LevelDB-log style records in 32 KiB blocks, each record with a 7-byte
 header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last). Each payload
 is a ``wandb.proto.wandb_internal_pb2.Record``.
 
-Used by the tests (to prove what a run logged) and by anyone who wants to
-inspect runs that were never synced.
+Used by the tests (to prove what a run logged, read and linked) and by anyone who
+wants to inspect runs that were never synced. ``OfflineRun.artifacts`` are the artifacts a
+run logged, ``OfflineRun.used`` those it read (``use_after_commit`` records, see
+:meth:`cvpipe.core.tracking.Tracker.use_artifact`); registry links made offline are in
+``summary["registry/links"]``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # logged by the run (its outputs)
+    used: list[dict[str, Any]] = field(default_factory=list)  # read by the run (W&B lineage inputs)
     exit_code: Optional[int] = None
 
 
@@ -51,6 +55,18 @@ def _items(items) -> dict[str, Any]:
         except (ValueError, TypeError):
             out[key] = it.value_json
     return out
+
+
+def _artifact(a) -> dict[str, Any]:
+    """An ArtifactRecord: name, type, aliases, W&B digest, metadata and manifest (path -> base64 MD5 digest, size)."""
+    try:
+        metadata = json.loads(a.metadata) if a.metadata else {}
+    except ValueError:
+        metadata = {"_raw": a.metadata}
+    return {
+        "name": a.name, "type": a.type, "aliases": list(a.aliases), "digest": a.digest, "metadata": metadata,
+        "files": {e.path: {"digest": e.digest, "size": e.size} for e in a.manifest.contents},
+    }
 
 
 def iter_records(path: str | Path) -> Iterator[bytes]:
@@ -116,8 +132,12 @@ def read_run(run_dir_or_file: str | Path) -> OfflineRun:
         elif kind == "summary":
             run.summary.update(_items(rec.summary.update))
         elif kind == "artifact":
-            a = rec.artifact
-            run.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases)})
+            art = _artifact(rec.artifact)
+            # use_artifact offline is recorded as the artifact with use_after_commit (cvpipe.core.tracking)
+            (run.used if rec.artifact.use_after_commit else run.artifacts).append(art)
+        elif kind == "use_artifact":
+            u = rec.use_artifact
+            run.used.append({"name": u.name, "type": u.type, "id": u.id})
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
     return run

@@ -237,15 +237,18 @@ def preprocess(
 def train(
     cli: _Frame,
     arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: any timm architecture name."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Override train.seed: the run's folder is <arch>/seed<seed> (bakeoff.seeds lists dvc.yaml's)."
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override train.lr (peak learning rate)."),
     device: Optional[str] = typer.Option(None, "--device", help="Override train.device: auto, cpu, cuda, cuda:N, mps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue models/<arch>/last.pt (and its W&B run) even if params changed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue models/<arch>/seed<seed>/last.pt (and its W&B run) even if params changed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (runs torchrun --nproc_per_node N)."),
     find_lr: bool = typer.Option(
         False, "--find-lr",
-        help="Run a learning-rate range test instead of training: plots/<arch>/lr_finder.png, metrics/<arch>/lr_finder.json "
+        help="Run a learning-rate range test instead of training: plots/<arch>/seed<seed>/lr_finder.png, metrics/<arch>/seed<seed>/lr_finder.json "
         "and a suggested train.lr (where the smoothed loss falls fastest).",
     ),
     write_lr: bool = typer.Option(
@@ -257,7 +260,7 @@ def train(
     lr_steps: int = typer.Option(100, "--lr-steps", min=20, help="With --find-lr: updates over the LR range."),
 ) -> None:
     """Fine-tune (or train from scratch) a timm model; save best/last checkpoints; log to W&B."""
-    flags = {"train.arch": arch, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
+    flags = {"train.arch": arch, "train.seed": seed, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.device": device}
     if write_lr and not find_lr:
         raise ParamsError("--write-lr: only with --find-lr")
     # bakeoff.archs.<arch> overrides, if the arch is listed there (command-line train.* flags still win)
@@ -306,14 +309,17 @@ def _relaunch_torchrun(nproc: int, p: Params) -> None:
 def evaluate(
     cli: _Frame,
     arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: which trained model to evaluate."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Override train.seed: evaluates models/<arch>/seed<seed>/."
+    ),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Override evaluate.checkpoint: best or last."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override evaluate.batch_size."),
 ) -> None:
     """Test-split metrics, calibration, mistakes gallery, model cost, TorchScript/ONNX export with parity; log to W&B."""
-    p = cli.load({"train.arch": arch, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
+    p = cli.load({"train.arch": arch, "train.seed": seed, "evaluate.checkpoint": checkpoint, "evaluate.batch_size": batch_size})
     from cvpipe.evaluate import stage
 
-    stage.run(cli.for_arch(p, {}))
+    stage.run(cli.for_arch(p, {"train.seed": seed}))
 
 
 @_stage_command
@@ -334,9 +340,14 @@ def compare(
     metric: Optional[str] = typer.Option(None, "--metric", help="Override compare.metric: accuracy, macro_f1, weighted_f1, roc_auc, top_k_accuracy."),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Override compare.max_latency_ms."),
     max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Override compare.max_size_mb."),
+    cost: Optional[str] = typer.Option(
+        None, "--cost", help="Override compare.cost: latency_ms, size_mb or gflops (promotes the cheapest model tied with the best)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Override compare.alpha (significance level of the paired tests)."),
 ) -> None:
-    """Leaderboard + Pareto plot of the evaluated bake-off models; promote the best to models/best/."""
-    p = cli.load({"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb})
+    """Leaderboard (mean and interval over seeds) + Pareto plot of the evaluated bake-off; test the best against the
+    others on the same test images and promote the cheapest model tied with it to models/best/."""
+    p = cli.load({"compare.metric": metric, "compare.max_latency_ms": max_latency_ms, "compare.max_size_mb": max_size_mb,
+                  "compare.cost": cost, "compare.alpha": alpha})
     from cvpipe.compare import stage
 
     stage.run(p)
@@ -360,10 +371,15 @@ def serve(
         None, "--review/--no-review",
         help="Override serve.review: mount the label review page /review over the audit's suspects.",
     ),
+    abstain_below: Optional[float] = typer.Option(
+        None, "--abstain-below",
+        help="Override serve.abstain_below: answer 'unsure' (label null, with the top-k) when the calibrated top-1 "
+        "probability is below this, in [0, 1); 0 = never.",
+    ),
 ) -> None:
     """Serve a trained model: web page at /, POST /predict, GET /model, GET /healthz, API docs at /docs."""
     p = cli.load({"serve.model": model, "serve.host": host, "serve.port": port, "serve.top_k": top_k,
-                  "serve.review": review, "serve.backend": backend})
+                  "serve.review": review, "serve.backend": backend, "serve.abstain_below": abstain_below})
     import uvicorn
 
     from cvpipe.serve import memory
@@ -376,11 +392,12 @@ def serve(
     s = p.serve
     review_store = ReviewStore.from_params(p) if s.review else None  # before the model: a bad setting fails fast
     served = load_model(s.model, device=s.device, metrics_dir=p.paths.metrics, plots_dir=p.paths.plots,
-                        torch_threads=s.torch_threads, backend=s.backend, onnx_threads=s.onnx_threads,
+                        reports_dir=p.paths.reports, torch_threads=s.torch_threads, backend=s.backend, onnx_threads=s.onnx_threads,
                         concurrent_runs=1 if s.batch_window_ms > 0 else s.inference_threads)  # the batcher: one run at a time
     console.print(  # served.source: the model URL without its credentials
         f"serving {served.arch} ({len(served.classes)} classes) from {served.source} on {served.backend.name} "
-        f"at http://{s.host}:{s.port}/",
+        f"at http://{s.host}:{s.port}/"
+        + (f", unsure below {s.abstain_below:g} (temperature {served.temperature.text})" if s.abstain_below > 0 else ""),
         soft_wrap=True, markup=False,
     )
     limits = ServeLimits.from_params(s)  # idle/header timeouts, request and connection caps: cvpipe.serve.guards

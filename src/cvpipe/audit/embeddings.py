@@ -4,7 +4,7 @@ The only module of the audit that imports torch (lazily, inside the functions), 
 runs where torch is missing. The backbone comes from ``audit.backbone``, or ``train.pretrained_path``
 when that is null:
 
-* a cvpipe checkpoint (``models/<arch>/best.pt``/``last.pt``): its arch, weights (the EMA weights
+* a cvpipe checkpoint (``models/<arch>/seed<seed>/best.pt``/``last.pt``): its arch, weights (the EMA weights
   when train selected on an ``ema_*`` metric, as evaluate does) and its normalization;
 * any other ``.pt``/``.pth``/``.safetensors`` file: pretrained weights of ``train.arch``, loaded like
   ``train.pretrained_path`` (:func:`cvpipe.torchkit.models.load_pretrained_path`), normalized with
@@ -41,7 +41,7 @@ def wants_embeddings(params: Params) -> bool:
     if backbone_path(params) is None:
         if feats == "embeddings":
             raise StageError(f"audit.features: embeddings needs a backbone: set {KEY} to a train checkpoint "
-                             "(models/<arch>/best.pt) or pretrained timm weights (.safetensors/.pth), or train.pretrained_path")
+                             "(models/<arch>/seed<seed>/best.pt) or pretrained timm weights (.safetensors/.pth), or train.pretrained_path")
         return False
     return True
 

@@ -23,7 +23,7 @@ Two learners (``audit.features``; ``auto`` = embeddings when ``audit.backbone`` 
   L2-normalised, then ``audit.embedding_head``: a logistic regression (default) or the k-NN. Use it for
   photos. Best is a backbone **pretrained on other data** (``train.pretrained_path`` weights): it never
   saw these labels, so cross-fitting the head is all the protection needed. A **cvpipe checkpoint
-  trained on these very labels** (``models/<arch>/best.pt``) works too, with a caveat: cross-fitting
+  trained on these very labels** (``models/<arch>/seed<seed>/best.pt``) works too, with a caveat: cross-fitting
   the head does not undo a backbone that has fitted the noise; a network that memorised a wrong label
   maps that image near the wrong class, the held-out head then agrees with the wrong label, and the
   error is missed. The risk grows with training length (near-100 % train accuracy = memorised).

@@ -7,7 +7,9 @@ cleanlab's ``find_label_issues`` picks the likely label errors, ranked by self-c
 
     <paths.reports>/label_issues.csv       one row per suspect, best first (LABEL_ISSUE_COLUMNS)
     <paths.plots>/audit/suspects.png       the top audit.gallery_size suspects, given vs suggested label
-    <paths.metrics>/audit.json             counts per class, cleanlab's estimated noise rate, timing (DVC metrics)
+    <paths.reports>/audit.json             counts overall and per class, cleanlab's estimated noise rate,
+                                           out-of-sample accuracy, learner, folds, timing (versioned in git)
+    <paths.metrics>/audit.json             its headline: images, issues, seconds (DVC metrics)
 
 and a W&B run (job type ``audit``) with the suspects table (image, labels, self-confidence).
 Oversampled copies (``preprocess.oversample``) are left out: they repeat an original's label.
@@ -165,7 +167,8 @@ def run(params: Params) -> dict[str, Any]:
     plot_suspects(images, rows[: ap.gallery_size], [int(i) for i in ranked[: ap.gallery_size]], gallery)
     metrics = _metrics(params, labels, probs, ranked, noise_rate, joint, ds.classes, rows, folds, time.perf_counter() - t0)
     metrics["learner"] = learner
-    storage.write_json(storage.join(params.paths.metrics, "audit.json"), metrics)
+    storage.write_json(storage.join(params.paths.reports, "audit.json"), metrics)
+    storage.write_json(storage.join(params.paths.metrics, "audit.json"), headline(metrics))
     _log_wandb(params, ds, metrics, rows, images, ranked, gallery)
     info(f"audit: {len(rows)} suspected label errors of {len(labels)} ({metrics['issue_fraction']:.1%}); "
          f"estimated noise rate {noise_rate:.1%}; see {params.paths.reports}/label_issues.csv")
@@ -183,6 +186,12 @@ def _warn_if_uninformative(labels: np.ndarray, probs: np.ndarray, features: str)
         warn(f"audit: the model on {features} predicts only {accuracy:.0%} of train+val right out of sample (largest class "
              f"alone: {majority:.0%}); its suspects are mostly hard images, review them with care"
              + ("; on photos, set audit.backbone (learner.py)" if features.startswith("pixels") else ""))
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file of the audit: images audited, suspects, seconds (keys shared with the other stages'
+    metrics files, so ``dvc metrics show`` stays one narrow table); the rest stays in the report."""
+    return {k: report[k] for k in ("images", "issues", "seconds")}
 
 
 def _metrics(params, labels, probs, ranked, noise_rate, joint, classes, rows, folds, seconds) -> dict[str, Any]:

@@ -232,7 +232,8 @@ class TrainParams(_Section):
     monitor: Literal["val_acc", "val_loss", "ema_val_acc", "ema_val_loss"] = "val_acc"
     early_stop_patience: int = Field(0, ge=0, description="0 = off")
     early_stop_min_delta: float = Field(0.0, ge=0)
-    seed: int = Field(42, ge=0, le=MAX_SEED)
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="seeds weight init, data order and augmentation; the run folder is <arch>/seed<seed>")
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
@@ -285,16 +286,36 @@ class EvaluateParams(_Section):
     table_images: int = Field(200, ge=0, description="test images (with predictions) logged to the W&B table")
     latency_runs: int = Field(30, ge=1, le=100_000, description="timed batch-1 forward passes (after warmup); the median is reported")
     throughput_batch: int = Field(32, ge=1, le=MAX_BATCH)
-    export: bool = Field(True, description="write TorchScript + ONNX to <paths.exports>/<arch>/ and check parity")
+    export: bool = Field(True, description="write TorchScript + ONNX to <paths.exports>/<arch>/seed<seed>/ and check parity")
     parity_tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between eager and exports")
     parity_images: int = Field(64, ge=1, description="test images the parity check runs on")
+    calibrate: bool = Field(True, description="fit temperature scaling on the val split; exports and reported probabilities use it")
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals beside every test metric")
+    bootstrap_resamples: int = Field(
+        1000, ge=0, le=100_000, description="stratified bootstrap resamples for macro-F1, ROC-AUC and ECE intervals; 0 = none"
+    )
+    bootstrap_seed: int = Field(0, ge=0, description="seeds the bootstrap resampling")
 
 
 class CompareParams(_Section):
+    """``cvpipe compare``: the best architecture by ``metric`` is tested against each other one on the same test
+    images; among those not significantly worse (the tie group), the cheapest by ``cost`` is promoted."""
+
     metric: Literal["accuracy", "macro_f1", "weighted_f1", "roc_auc", "top_k_accuracy"] = "accuracy"
     max_latency_ms: Optional[float] = Field(None, gt=0, description="only models with batch-1 latency <= this can win")
     max_size_mb: Optional[float] = Field(None, gt=0, description="only models whose ONNX file is <= this can win")
     promote: bool = Field(True, description="copy the winner to <paths.models>/best/")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the paired tests (and 1 - level of the intervals)")
+    cost: Literal["latency_ms", "size_mb", "gflops"] = Field(
+        "latency_ms", description="promotes the cheapest model of the tie group by this: batch-1 latency, ONNX size or FLOPs"
+    )
+    correction: Literal["holm", "none"] = Field(
+        "holm", description="multiple-comparison correction of the best-vs-each-other p-values"
+    )
+    resamples: int = Field(
+        5000, ge=200, le=1_000_000, description="paired bootstrap / sign-flip resamples of the tests that are not exact"
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the resampling, so a rerun gives the same p-values")
 
 
 class AuditParams(_Section):
@@ -334,6 +355,26 @@ class BakeoffParams(_Section):
     archs: dict[str, Optional[dict[str, Any]]] = Field(
         default_factory=lambda: {"resnet18": {}}, description="architecture -> train.* overrides"
     )
+    seeds: list[int] = Field(
+        default_factory=lambda: [42],
+        description="train.seed of each run: dvc.yaml trains and evaluates every architecture x seed (a matrix)",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must list at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a seed twice: {v}")
+        bad = [s for s in v if not 0 <= s < 2**32]
+        if bad:
+            raise ValueError(f"seeds must be in [0, 2**32): {bad}")
+        return v
+
+    def cells(self) -> list[tuple[str, int]]:
+        """Every (architecture, seed) run of the bake-off, in params order: dvc.yaml's matrix."""
+        return [(arch, seed) for arch in self.archs for seed in self.seeds]
 
     @field_validator("archs")
     @classmethod
@@ -343,6 +384,8 @@ class BakeoffParams(_Section):
         out = {}
         for arch, ov in v.items():
             ov = dict(ov or {})
+            if "seed" in ov:  # a cell's seed names its folder (run_name): one source, the seeds list
+                raise ValueError(f"{clip(str(arch), 60)}: seed is not an override; list the seeds in bakeoff.seeds")
             bad = sorted(set(ov) - (set(TrainParams.model_fields) - {"arch"}))
             if bad:
                 raise ValueError(f"{clip(str(arch), 60)}: {clip(', '.join(bad), 100)} is not a train.* key")
@@ -377,6 +420,9 @@ class ServeParams(_Section):
     max_connections: int = Field(2048, ge=1, le=1_000_000, description="open sockets; above it the longest-idle one is closed")
     large_image_pixels: int = Field(4_000_000, ge=1, description="images above this are decoded one at a time")
     review: bool = Field(False, description="mount the label review page (/review) and API (/api/review/...)")
+    abstain_below: float = Field(
+        0.0, ge=0, lt=1,
+        description="answer 'unsure' (label null, with the top-k) when the calibrated top-1 probability is below this; 0 = never")
 
     @field_validator("device")
     @classmethod
@@ -390,6 +436,20 @@ class WandbParams(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     group: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
+    registry: Optional[str] = Field(
+        "wandb-registry-model/cvpipe",
+        description="registry collection compare links the promoted model into (alias best); null = no link",
+    )
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", v):
+            raise ValueError(
+                f"{v!r} is not a registry collection: write wandb-registry-<registry>/<collection> "
+                "(e.g. wandb-registry-model/cvpipe), <project>/<collection> for the legacy model registry, or null"
+            )
+        return v
 
 
 class Params(_Section):
@@ -433,9 +493,20 @@ class Params(_Section):
             data["wandb"]["group"] = self.bakeoff.group
         return Params.model_validate(data)
 
+    @property
+    def run_name(self) -> str:
+        """This run's folder under paths.models / exports / metrics / plots: ``<arch>/seed<seed>``."""
+        return run_name(self.train.arch, self.train.seed)
+
     def resolved(self) -> dict[str, Any]:
         """Plain-JSON view of every value, defaults included (logged with each run)."""
         return self.model_dump(mode="json")
+
+
+def run_name(arch: str, seed: int) -> str:
+    """One bake-off cell's folder name under paths.models, exports, metrics and plots: ``<arch>/seed<seed>``
+    (dvc.yaml's matrix writes the same paths)."""
+    return f"{arch}/seed{seed}"
 
 
 # --------------------------------------------------------------------------- loading

@@ -163,3 +163,78 @@ class EpochProgress:
         if self.live is not None:
             self.live.update(self.epoch_task, completed=epoch)
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line, however long
+
+
+class PhaseProgress:
+    """A stage's named phases (evaluate: predict, calibrate, bootstrap, cost, export, parity, plots, W&B): on a
+    terminal one rich bar, reused by each phase (with a count where the phase has items, e.g. test images);
+    one plain line per finished phase in both cases (``<title>: <phase> ... <seconds> s``, with the phase's
+    result when it reports one); nothing in quiet mode. Like :class:`EpochProgress`, no bar is made without
+    a terminal (rich would draw it only at the end), so in a log the lines are the progress.
+
+    Usage::
+
+        with PhaseProgress("evaluate resnet18/seed42") as phases:
+            with phases.phase("predicting 267 test images", total=267, unit="img") as ph:
+                for batch in batches:
+                    ...
+                    ph.advance(len(batch))
+                ph.result = "accuracy 0.99"
+    """
+
+    def __init__(self, title: str, out: Optional[Console] = None):
+        self.title = title
+        self.console = out or console
+        self.quiet = _quiet
+        self.live = None
+        self.task = None
+        if not self.quiet and self.console.is_terminal:
+            self.live = progress("it", out=self.console)
+
+    def __enter__(self) -> "PhaseProgress":
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self._drop_task()  # the lines stay, the last bar goes
+            self.live.stop()
+
+    def _drop_task(self) -> None:
+        if self.task is not None:
+            self.live.remove_task(self.task)
+            self.task = None
+
+    def phase(self, name: str, total: Optional[int] = None, unit: str = "it") -> "_Phase":
+        """A context manager for one phase; its ``advance(n)`` moves the bar, its ``result`` ends the line."""
+        return _Phase(self, name, total, unit)
+
+
+class _Phase:
+    def __init__(self, owner: PhaseProgress, name: str, total: Optional[int], unit: str):
+        self.owner, self.name, self.total, self.unit = owner, name, total, unit
+        self.result: Optional[str] = None
+
+    def __enter__(self) -> "_Phase":
+        import time
+
+        self.t0 = time.perf_counter()
+        owner = self.owner
+        if owner.live is not None:  # one row: a fresh task per phase (rich cannot reset a total to "unknown")
+            owner._drop_task()
+            owner.task = owner.live.add_task(f"{owner.title}: {self.name}", total=self.total, unit=self.unit)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        if self.owner.live is not None:
+            self.owner.live.advance(self.owner.task, n)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        import time
+
+        if self.owner.quiet or exc_type is not None:
+            return
+        secs = time.perf_counter() - self.t0
+        line = f"{self.owner.title}: {self.name}" + (f": {self.result}" if self.result else "") + f" ({secs:.1f} s)"
+        self.owner.console.print(line, markup=False, highlight=False, soft_wrap=True)

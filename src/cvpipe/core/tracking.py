@@ -6,6 +6,12 @@
 * ``WANDB_MODE`` in the environment wins over ``wandb.mode: auto``.
 * Tracking never prompts and never fails a stage: if W&B cannot start, a warning
   is printed and the stage continues with a no-op tracker.
+* Lineage: each stage logs what it wrote as an artifact (:meth:`Tracker.log_artifact`) and
+  records what it read (:meth:`Tracker.use_artifact`), so W&B links the runs
+  preprocess (``dataset``) -> train (``checkpoint-*``) -> evaluate (``model-*``) -> compare
+  (``model-promoted``, linked into the registry by :meth:`Tracker.link_artifact`). Offline,
+  wandb 0.31 refuses ``use_artifact`` and ``link_artifact``; both are recorded in the offline run
+  (see their docstrings) so that ``wandb sync`` (and :func:`link_pending`) carry them to the server.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 from cvpipe.core.config import Params
 from cvpipe.core.console import warn
+
+# what an artifact holds: one file, a folder, or {name inside the artifact: local file}
+ArtifactFiles = Union[str, Path, Mapping[str, Union[str, Path]]]
 
 
 def group_name(params: Params, dataset_hash: Optional[str]) -> str:
@@ -51,6 +60,7 @@ class Tracker:
 
     def __init__(self, run: Any = None):
         self.run = run
+        self._links: list[dict[str, Any]] = []  # registry links recorded offline (see link_artifact)
 
     @property
     def enabled(self) -> bool:
@@ -85,19 +95,61 @@ class Tracker:
     def define_metric(self, name: str, **kw: Any) -> None:
         self._safe("define_metric", lambda: self.run.define_metric(name, **kw))
 
-    def log_artifact(self, path: str | Path, name: str, type: str, metadata: Optional[dict] = None, aliases=None) -> None:
+    @property
+    def offline(self) -> bool:
+        return bool(self.run is not None and getattr(self.run, "offline", False))
+
+    def log_artifact(self, path: ArtifactFiles, name: str, type: str, metadata: Optional[dict] = None,
+                     aliases=None) -> Any:
+        """Log *path* (a file, a folder, or ``{name in the artifact: file}``) as this run's output artifact;
+        returns the ``wandb.Artifact`` (None when tracking is off or W&B failed)."""
         def _do():
-            import wandb
-
-            art = wandb.Artifact(name=name, type=type, metadata=metadata or {})
-            p = Path(path)
-            if p.is_dir():
-                art.add_dir(str(p))
-            else:
-                art.add_file(str(p))
+            art = build_artifact(name, type, path, metadata)
             self.run.log_artifact(art, aliases=aliases or ["latest"])
+            return art
 
-        self._safe("artifact", _do)
+        return self._safe("artifact", _do)
+
+    def use_artifact(self, path: ArtifactFiles, name: str, type: str, metadata: Optional[dict] = None) -> Any:
+        """Record that this run read *path*, the files of artifact *name* another run logged: W&B's lineage edge.
+
+        The artifact is rebuilt from the files this stage actually read (same names, so the same content gives
+        the same digest and W&B resolves it to the producer's version; different content becomes a new version,
+        which is the truth). Online this is W&B's documented ``run.use_artifact(<draft artifact>)``. Offline,
+        ``run.use_artifact`` refuses to run (wandb 0.31), so the same record it would send is written to the
+        offline run: an artifact record with ``use_after_commit`` that ``wandb sync`` replays as log + use.
+        Files are referenced in place (``policy="immutable"``): a stage's inputs are not rewritten under it.
+        """
+        def _do():
+            art = build_artifact(name, type, path, metadata, policy="immutable")
+            if self.offline:  # what run.use_artifact(draft) does online, minus its offline refusal (wandb 0.31)
+                self.run._log_artifact(art, aliases=[], is_user_created=True, use_after_commit=True)
+            else:
+                self.run.use_artifact(art)
+            return art
+
+        return self._safe("use_artifact", _do)
+
+    def link_artifact(self, artifact: Any, target: str, aliases: list[str]) -> None:
+        """Link a logged *artifact* to the registry collection *target* (``wandb-registry-<registry>/<collection>``,
+        or ``<project>/<collection>`` for the legacy model registry) under *aliases*.
+
+        Online: ``run.link_artifact``, as W&B documents. Offline, wandb 0.31 raises NotImplementedError and writes
+        nothing, so the link is recorded in the run's summary under ``registry/links`` (artifact name, type,
+        digest, target, aliases); after ``wandb sync``, :func:`link_pending` makes those links on the server.
+        """
+        if artifact is None:
+            return
+
+        def _do():
+            if not self.offline:
+                self.run.link_artifact(artifact, target_path=target, aliases=list(aliases))
+                return
+            self._links.append({"artifact": artifact.name.split(":")[0], "type": artifact.type,
+                                "digest": artifact.digest, "target": target, "aliases": list(aliases)})
+            self.run.summary.update({"registry/links": list(self._links)})
+
+        self._safe("link_artifact", _do)
 
     def image(self, path: str | Path, caption: str = "") -> Any:
         try:
@@ -116,6 +168,59 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+def checkpoint_artifact(arch: str, seed: int) -> str:
+    """W&B name of a run's checkpoints (best.pt + last.pt, optimizer state included; type ``checkpoint``)."""
+    return f"checkpoint-{arch}-seed{seed}"
+
+
+def model_artifact(arch: str, seed: int) -> str:
+    """W&B name of "the model" of a run: the weights evaluate scored (safetensors + timm config; type ``model``)."""
+    return f"model-{arch}-seed{seed}"
+
+
+PROMOTED_ARTIFACT = "model-promoted"  # compare's promoted bundle (models/best), linked into the registry
+PROMOTED_ALIAS = "best"  # the registry alias of the promoted model
+
+
+def build_artifact(name: str, type: str, files: ArtifactFiles, metadata: Optional[dict] = None,
+                   policy: str = "mutable") -> Any:
+    """A draft ``wandb.Artifact`` of *files*: one file, a folder (every file under it, relative names), or a
+    ``{name in the artifact: local file}`` mapping (so producer and consumer name the same files alike)."""
+    import wandb
+
+    art = wandb.Artifact(name=name, type=type, metadata=metadata or {})
+    if isinstance(files, Mapping):
+        for entry, local in sorted(files.items()):
+            art.add_file(str(local), name=entry, policy=policy)
+    elif Path(files).is_dir():
+        art.add_dir(str(files), policy=policy)
+    else:
+        art.add_file(str(files), policy=policy)
+    return art
+
+
+def link_pending(run_path: str) -> list[str]:
+    """Make the registry links an offline run recorded (``registry/links`` in its summary, see
+    :meth:`Tracker.link_artifact`) once it is synced: ``wandb sync <run folder>``, then
+    ``python -c "from cvpipe.core.tracking import link_pending; link_pending('<entity>/<project>/<run id>')"``.
+
+    Each link names the artifact by name and digest; the version the run logged with that digest is linked.
+    Returns the linked ``target:alias`` strings. Needs W&B credentials (``WANDB_API_KEY``).
+    """
+    import wandb
+
+    api = wandb.Api()
+    run = api.run(run_path)
+    done = []
+    for link in run.summary.get("registry/links") or []:
+        matches = [a for a in run.logged_artifacts() if a.name.split(":")[0] == link["artifact"] and a.digest == link["digest"]]
+        if not matches:
+            raise RuntimeError(f"run {run_path} logged no artifact {link['artifact']} with digest {link['digest']}")
+        matches[0].link(link["target"], aliases=link["aliases"])
+        done += [f"{link['target']}:{alias}" for alias in link["aliases"]]
+    return done
 
 
 def _prepare_dirs(root: Path) -> None:

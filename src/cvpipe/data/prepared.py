@@ -129,6 +129,23 @@ def fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
+ARTIFACT = "dataset"  # the W&B artifact of the prepared dataset (type dataset): logged by preprocess, used by train
+LINEAGE_FILES = ("meta.json", "classes.json", "augment.json", "eval_transform.json")
+
+
+def lineage_files(root: str | Path) -> dict[str, Path]:
+    """The small files that identify a prepared dataset, by their name inside it: meta.json (with the
+    fingerprint of every array), the classes, the augmentation and every split's index.csv (each row's
+    ingest id, i.e. the image's content hash). Preprocess logs them as the W&B ``dataset`` artifact and
+    train, which reads the same folder, names the same files when it records using it (equal content,
+    equal digest). The arrays stay out: the fingerprint pins them and uploading them would double the data."""
+    root = Path(root)
+    files = {name: root / name for name in LINEAGE_FILES if (root / name).is_file()}
+    for index in sorted(root.glob("*/index.csv")):
+        files[index.relative_to(root).as_posix()] = index
+    return files
+
+
 def write_meta(root: Path, classes: list[str], meta: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
     """Write classes.json and, last, meta.json with the fingerprint of everything else."""
     (root / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")

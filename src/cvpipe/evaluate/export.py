@@ -1,13 +1,20 @@
 """Export an evaluated model to TorchScript and ONNX, with its class map and preprocessing beside it.
 
-Bundle layout (``<paths.exports>/<arch>/``, also what ``cvpipe compare`` promotes to ``models/best/``)::
+Bundle layout (``<paths.exports>/<arch>/seed<seed>/``, also what ``cvpipe compare`` promotes to ``models/best/``)::
 
     model.pt          the checkpoint, slimmed to what inference needs (arch, classes, normalize,
-                      image_size, resize_mode, model = the evaluated weights, epoch, params, dataset_hash)
-    model.ts          TorchScript (torch.jit.trace)
-    model.onnx        ONNX (opset 18, dynamic batch axis), input ``pixels``: uint8 NHWC RGB
-    preprocess.json   {"image_size", "resize_mode", "mean", "std", "interpolation", "input", "onnx_input"}
+                      image_size, resize_mode, model = the evaluated weights, epoch, params, dataset_hash,
+                      temperature)
+    model.ts          TorchScript (torch.jit.trace), output logits / temperature
+    model.onnx        ONNX (opset 18, dynamic batch axis), input ``pixels``: uint8 NHWC RGB, output logits / temperature
+    preprocess.json   {"image_size", "resize_mode", "mean", "std", "interpolation", "input", "onnx_input", "temperature"}
     classes.json      ["class0", ...] (index = output logit)
+
+**Calibrated outputs** (issue #18): evaluate fits one temperature T on the val split
+(:mod:`cvpipe.evaluate.calibration`); both exports divide the logits by T inside the graph
+(:class:`Tempered`), so ``softmax`` of what TorchScript, ONNX Runtime and the app get is the calibrated
+probability with no extra step. model.pt keeps the raw weights and stores ``"temperature"`` (a torch
+consumer divides by it; 1.0 when absent), as does preprocess.json and the ONNX metadata.
 
 **model.onnx takes what the server has** (issue #20): ``pixels``, uint8, NHWC, RGB,
 ``[batch, image_size, image_size, 3]`` (dynamic batch): the array
@@ -24,9 +31,9 @@ model.ts is unchanged: float32 NCHW already normalized ((x/255 - mean) / std), f
 batch their own tensors (moving it to uint8 would change its contract for no serving gain: the app
 never runs TorchScript).
 
-``parity`` runs eager on the normalized tensors (BatchNormalizer), TorchScript on the same tensors
-and ONNX Runtime on the raw uint8 pixels, and reports the max absolute logit difference of each
-export against eager fp32.
+``parity`` runs eager on the normalized tensors (BatchNormalizer) and divides by T, TorchScript on the
+same tensors and ONNX Runtime on the raw uint8 pixels, and reports the max absolute (tempered) logit
+difference of each export against eager fp32.
 """
 
 from __future__ import annotations
@@ -42,35 +49,57 @@ from cvpipe.core.errors import StageError
 
 ONNX_OPSET = 18
 ONNX_INPUT = "pixels"
-ONNX_INPUT_LAYOUT = "uint8 NHWC RGB [batch, image_size, image_size, 3]; float, /255, mean/std and NCHW inside the graph; output: logits"
+ONNX_INPUT_LAYOUT = ("uint8 NHWC RGB [batch, image_size, image_size, 3]; float, /255, mean/std and NCHW inside the graph; "
+                     "output: logits / temperature")
 SLIM_KEYS = ("arch", "classes", "normalize", "image_size", "resize_mode", "epoch", "params", "dataset_hash", "wandb_run_id")
 
 
-def slim_checkpoint(ckpt: dict[str, Any], state_dict: dict[str, Any], weights: str) -> dict[str, Any]:
+def slim_checkpoint(ckpt: dict[str, Any], state_dict: dict[str, Any], weights: str, temperature: float = 1.0) -> dict[str, Any]:
     out = {k: ckpt.get(k) for k in SLIM_KEYS}
     out["model"] = state_dict
     out["weights"] = weights
+    out["temperature"] = float(temperature)
     return out
 
 
-def preprocess_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+def preprocess_config(ckpt: dict[str, Any], temperature: float = 1.0) -> dict[str, Any]:
     return {
         "image_size": int(ckpt["image_size"]),
         "resize_mode": ckpt.get("resize_mode"),
         "mean": [float(v) for v in ckpt["normalize"]["mean"]],
         "std": [float(v) for v in ckpt["normalize"]["std"]],
         "interpolation": ckpt["normalize"].get("interpolation"),
-        "input": "model.ts: float32 NCHW RGB, (pixel/255 - mean) / std; output: logits",
+        "input": "model.ts: float32 NCHW RGB, (pixel/255 - mean) / std; output: logits / temperature",
         "onnx_input": ONNX_INPUT_LAYOUT,
+        "temperature": float(temperature),
     }
 
 
-def onnx_metadata(ckpt: dict[str, Any], model) -> dict[str, str]:
+def onnx_metadata(ckpt: dict[str, Any], model, temperature: float = 1.0) -> dict[str, str]:
     """What the ONNX Runtime server shows on the model card without loading model.pt (it has no torch)."""
     params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 4)
     meta = {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), "epoch": ckpt.get("epoch"),
-            "dataset_hash": ckpt.get("dataset_hash"), "params": ckpt.get("params"), "params_m": params_m}
+            "dataset_hash": ckpt.get("dataset_hash"), "params": ckpt.get("params"), "params_m": params_m,
+            "temperature": float(temperature)}
     return {"cvpipe": json.dumps(meta, default=str)}
+
+
+def tempered(model, temperature: float):
+    """*model* with its logits divided by *temperature* (a buffer, so TorchScript/ONNX carry it as a constant)."""
+    import torch
+
+    class Tempered(torch.nn.Module):
+        """``inner(x) / T``: the calibrated logits (softmax of them = temperature-scaled probabilities)."""
+
+        def __init__(self, inner, temperature: float):
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+        def forward(self, x):
+            return self.inner(x) / self.temperature
+
+    return Tempered(model, temperature).eval()
 
 
 def pixel_model(model, mean, std):
@@ -143,22 +172,23 @@ def to_onnx(model, pixels, metadata: dict[str, str]) -> bytes:
         return proto.SerializeToString()
 
 
-def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, example) -> dict[str, int]:
-    """Write the bundle into ``folder`` (a staged dir); returns file sizes."""
+def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, example, temperature: float = 1.0) -> dict[str, int]:
+    """Write the bundle into ``folder`` (a staged dir); returns file sizes. The exports output logits / *temperature*."""
     import torch
 
     cpu_model = model.to("cpu").float().eval().to(memory_format=torch.contiguous_format)
     example = example.to("cpu").float().contiguous()
     buf = io.BytesIO()
-    torch.save(slim_checkpoint(ckpt, {k: v.cpu() for k, v in cpu_model.state_dict().items()}, weights), buf)
+    torch.save(slim_checkpoint(ckpt, {k: v.cpu() for k, v in cpu_model.state_dict().items()}, weights, temperature), buf)
     size = int(ckpt["image_size"])
     pixels = torch.zeros((1, size, size, 3), dtype=torch.uint8)
-    served = pixel_model(cpu_model, ckpt["normalize"]["mean"], ckpt["normalize"]["std"])
+    calibrated = tempered(cpu_model, temperature)
+    served = pixel_model(calibrated, ckpt["normalize"]["mean"], ckpt["normalize"]["std"])
     files = {
         "model.pt": buf.getvalue(),
-        "model.ts": to_torchscript(cpu_model, example),
-        "model.onnx": to_onnx(served, pixels, onnx_metadata(ckpt, cpu_model)),
-        "preprocess.json": (json.dumps(preprocess_config(ckpt), indent=2) + "\n").encode(),
+        "model.ts": to_torchscript(calibrated, example),
+        "model.onnx": to_onnx(served, pixels, onnx_metadata(ckpt, cpu_model, temperature)),
+        "preprocess.json": (json.dumps(preprocess_config(ckpt, temperature), indent=2) + "\n").encode(),
         "classes.json": (json.dumps(list(ckpt["classes"])) + "\n").encode(),
     }
     for name, data in files.items():
@@ -166,9 +196,10 @@ def write_bundle(folder: Path, ckpt: dict[str, Any], model, weights: str, exampl
     return {name: len(data) for name, data in files.items()}
 
 
-def parity(model, folder: Path, inputs, pixels: np.ndarray) -> dict[str, Any]:
-    """Max |logit difference| against eager fp32 on ``inputs`` (the normalized NCHW tensors of the uint8
-    NHWC ``pixels``, as BatchNormalizer makes them): TorchScript on ``inputs``, ONNX Runtime on ``pixels``."""
+def parity(model, folder: Path, inputs, pixels: np.ndarray, temperature: float = 1.0) -> dict[str, Any]:
+    """Max |logit difference| against eager fp32 logits / *temperature* on ``inputs`` (the normalized NCHW
+    tensors of the uint8 NHWC ``pixels``, as BatchNormalizer makes them): TorchScript on ``inputs``, ONNX
+    Runtime on ``pixels``; both exports divide by the temperature themselves."""
     import warnings
 
     import torch
@@ -179,7 +210,7 @@ def parity(model, folder: Path, inputs, pixels: np.ndarray) -> dict[str, Any]:
         raise StageError(f"parity: pixels {pixels.shape} do not match the tensors {tuple(x.shape)} (uint8 NHWC expected)")
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ref = model.to("cpu").float().eval()(x).numpy()
+        ref = (model.to("cpu").float().eval()(x) / float(temperature)).numpy()
         ts = torch.jit.load(str(folder / "model.ts"), map_location="cpu")
         ts_out = ts(x).numpy()
     try:
@@ -193,6 +224,7 @@ def parity(model, folder: Path, inputs, pixels: np.ndarray) -> dict[str, Any]:
     return {
         "images": int(x.shape[0]),
         "onnx_input": "uint8 NHWC pixels",
+        "temperature": float(temperature),
         "torchscript_max_abs_diff": float(np.abs(ts_out - ref).max()),
         "onnx_max_abs_diff": float(np.abs(onnx_out - ref).max()),
         "logit_abs_max": float(np.abs(ref).max()),

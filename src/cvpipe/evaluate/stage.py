@@ -1,21 +1,34 @@
 """Evaluate stage: honest test-split metrics, plots, model cost and exports for one trained model.
 
-Reads ``evaluate.*``, the checkpoint ``<paths.models>/<arch>/<evaluate.checkpoint>.pt``
-(its EMA weights when ``evaluate.weights`` says so) and the prepared test split. Writes::
+Reads ``evaluate.*``, ``serve.abstain_below``, the checkpoint ``<paths.models>/<run>/<evaluate.checkpoint>.pt``
+(its EMA weights when ``evaluate.weights`` says so) and the prepared val and test splits. Fits temperature
+scaling on val (:mod:`cvpipe.evaluate.calibration`); every probability reported after that (ECE, NLL,
+ROC-AUC, confidences, the risk-coverage curve) is the calibrated one, with the uncalibrated ECE/NLL/ROC-AUC
+beside it in ``calibration`` (accuracy and the confusion matrix do not depend on T). Writes::
 
-    <paths.metrics>/<arch>/evaluate.json     top-1/top-k accuracy, macro/weighted P/R/F1, ROC-AUC (one-vs-rest),
-                                             ECE, per-class report, confusion matrix, model cost, export parity
-    <paths.plots>/<arch>/confusion.csv       actual,predicted per test image (DVC confusion plot)
-    <paths.plots>/<arch>/confusion_matrix.png
-    <paths.plots>/<arch>/reliability.csv     reliability diagram bins (DVC plot)
-    <paths.plots>/<arch>/reliability.png
-    <paths.plots>/<arch>/mistakes.png        gallery of the most confident mistakes
-    <paths.plots>/<arch>/predictions.csv     per-image prediction, confidence and top-k
-    <paths.exports>/<arch>/                  model.pt, model.ts, model.onnx, preprocess.json, classes.json,
-                                             evaluate.json, confusion_matrix.png (see cvpipe.evaluate.export)
+    <paths.metrics>/<run>/evaluate.json      the headline (DVC metrics, few columns): accuracy and its interval,
+                                             macro-F1, ROC-AUC, ECE, latency, size, throughput, test images
+    <paths.reports>/<run>/evaluate.json      the full detail: top-1/top-k accuracy, macro/weighted P/R/F1, ROC-AUC,
+                                             ECE, ``intervals``, ``calibration``, ``risk_coverage``, per-class report,
+                                             confusion matrix, most confident mistakes, model cost, export parity
+    <paths.plots>/<run>/confusion.csv        actual,predicted per test image (DVC confusion plot)
+    <paths.plots>/<run>/confusion_matrix.png
+    <paths.plots>/<run>/reliability.csv      reliability diagram bins, calibrated (DVC plot);
+                     reliability_uncalibrated.csv  the same before temperature scaling
+    <paths.plots>/<run>/reliability.png      both diagrams, before | after
+    <paths.plots>/<run>/risk_coverage.csv    threshold, coverage, risk (DVC plot) + risk_coverage.png
+    <paths.plots>/<run>/mistakes.png         gallery of the most confident mistakes
+    <paths.plots>/<run>/predictions.csv      per-image prediction, confidence and top-k
+    <paths.exports>/<run>/                   model.pt, model.ts, model.onnx, preprocess.json, classes.json,
+                                             evaluate.json (= the report), predictions.csv (row,id,actual,predicted,
+                                             confidence,correct), confusion_matrix.png (see cvpipe.evaluate.export),
+                                             model.safetensors + config.json (the scored weights, timm's hub format)
 
-and logs the summary, a confusion-matrix plot, a per-class table and a predictions
-table with images to W&B (same group as the training runs of this data).
+and logs the summary (with intervals and calibration), a confusion-matrix plot, a per-class table and a
+predictions table with images to W&B (same group as the training runs of this data), records using train's
+``checkpoint-<arch>-seed<seed>`` artifact and logs the scored weights as ``model-<arch>-seed<seed>``
+(:mod:`cvpipe.evaluate.artifact`). Each phase shows
+progress (:class:`cvpipe.core.console.PhaseProgress`): bars on a terminal, one line per phase in a log.
 """
 
 from __future__ import annotations
@@ -28,10 +41,14 @@ import numpy as np
 
 from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
-from cvpipe.core.console import info
+from cvpipe.core.console import PhaseProgress, info
 from cvpipe.core.errors import StageError
 from cvpipe.data.prepared import PreparedDataset
+from cvpipe.evaluate import artifact
+from cvpipe.evaluate import calibration as calib
+from cvpipe.evaluate.intervals import metric_intervals
 from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost
+from cvpipe.evaluate.plots import curve_rows, plot_confusion, plot_mistakes, plot_reliability, plot_risk_coverage
 from cvpipe.torchkit import evaluation
 from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
 from cvpipe.torchkit.runtime import resolve_runtime
@@ -40,44 +57,11 @@ SUMMARY_KEYS = (
     "accuracy", "top_k_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
     "weighted_recall", "weighted_f1", "roc_auc", "ece", "n_test",
 )
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str) -> None:
-    plt = _plt()
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    n = len(classes)
-    size = max(4.0, min(16.0, 0.6 * n + 2))
-    fig, ax = plt.subplots(figsize=(size, size), dpi=110)
-    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False, values_format="d")
-    ax.set_title(title)
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    fig.tight_layout()
-    storage.save_png(fig, path)
-
-
-def plot_reliability(cal: dict[str, Any], path: str, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
-    bins = cal["bins"]
-    centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
-    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
-    ax.bar(centers, [b["accuracy"] for b in bins], width=width * 0.9, color="tab:blue", alpha=0.7, label="accuracy")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="tab:red", label="bin mean confidence")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    storage.save_png(fig, path)
+# metrics/<run>/evaluate.json, the DVC metrics file: the headline a person compares across runs (convention I3);
+# the rest is in reports/<run>/evaluate.json and the bundle
+HEADLINE_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "roc_auc", "ece", "latency_ms", "size_mb",
+                 "throughput_img_s", "n_test")
+RISK_COVERAGE_POINTS = 500  # most rows of risk_coverage.csv (evenly thinned; the JSON's AURC uses every point)
 
 
 def confident_mistakes(targets: np.ndarray, probs: np.ndarray, limit: int) -> list[int]:
@@ -88,34 +72,21 @@ def confident_mistakes(targets: np.ndarray, probs: np.ndarray, limit: int) -> li
     return [int(i) for i in wrong[order][:limit]]
 
 
-def plot_mistakes(images, rows: list[int], targets, probs, classes: list[str], path: str, title: str) -> None:
-    plt = _plt()
-    n = max(1, len(rows))
-    cols = min(8, n)
-    nrows = -(-n // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.2 * nrows + 0.4), dpi=100, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, rows):
-        p = int(probs[i].argmax())
-        ax.imshow(np.asarray(images[i]), interpolation="nearest")
-        ax.set_title(f"#{i} true {classes[int(targets[i])]}\npred {classes[p]} {probs[i, p]:.2f}", fontsize=7)
-    if not rows:
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    storage.save_png(fig, path)
-
-
 def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
-    name = name or params.train.arch
+    """Where evaluate writes one run's files: under ``<paths.X>/<name>``, *name* the run folder
+    (default ``params.run_name``, ``<arch>/seed<seed>``, convention of the bake-off's cells)."""
+    name = name or params.run_name
     plots = storage.join(params.paths.plots, name)
     return {
         "metrics": storage.join(params.paths.metrics, name, "evaluate.json"),
         "confusion_csv": storage.join(plots, "confusion.csv"),
         "confusion_png": storage.join(plots, "confusion_matrix.png"),
         "reliability_csv": storage.join(plots, "reliability.csv"),
+        "reliability_uncalibrated_csv": storage.join(plots, "reliability_uncalibrated.csv"),
         "reliability_png": storage.join(plots, "reliability.png"),
+        "risk_coverage_csv": storage.join(plots, "risk_coverage.csv"),
+        "risk_coverage_png": storage.join(plots, "risk_coverage.png"),
+        "report": storage.join(params.paths.reports, name, "evaluate.json"),
         "mistakes_png": storage.join(plots, "mistakes.png"),
         "predictions": storage.join(plots, "predictions.csv"),
         "export_dir": storage.join(params.paths.exports, name),
@@ -132,12 +103,22 @@ def choose_weights(ckpt: dict[str, Any], which: str, monitor: str, path: str) ->
     return "model", ckpt["model"]
 
 
-def predict(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (float64; with *tta_flip* averaged with the horizontally flipped image's) and the
-    logits of the plain pass over uint8 HWC images: the evaluation pass train's validation runs too."""
-    result = evaluation.evaluate(model, evaluation.array_batches(images, batch_size), normalize, rt,
-                                 outputs=True, tta_flip=tta_flip)
-    return result.probs, result.logits
+def predict_logits(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool,
+                   advance=None) -> list[np.ndarray]:
+    """Logits (float32, N x C) over uint8 HWC images, through the evaluation pass train's validation runs too:
+    ``[plain]``, or with *tta_flip* ``[plain, horizontally flipped]`` (the flip of the uint8 NHWC batch is the
+    flip of the normalized tensor). :func:`cvpipe.evaluate.calibration.softmax_probs` turns them into the
+    (TTA-averaged, tempered) probabilities; *advance(n)* is called per batch of each pass (progress)."""
+    import torch
+
+    def batches(flip: bool):
+        for x, labels in evaluation.array_batches(images, batch_size):
+            yield (torch.flip(x, dims=[2]) if flip else x), labels
+            if advance is not None:
+                advance(len(x))
+
+    passes = (False, True) if tta_flip else (False,)
+    return [evaluation.evaluate(model, batches(flip), normalize, rt, outputs=True).logits for flip in passes]
 
 
 @dataclass
@@ -154,39 +135,138 @@ class _Evaluated:
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Score the checkpoint on the test split; write metrics, plots and exports; log them to W&B."""
+    """Score the checkpoint on the test split with probabilities calibrated on val; write the headline metrics,
+    the full report, plots and exports; log them to W&B."""
     ep = params.evaluate
     src = _load(params)
     name, ds, test = src.name, src.ds, src.test
     rt = resolve_runtime(params.train.device, params.train.amp, params.train.channels_last, key="train")
     images = np.asarray(test.images)
     targets = np.asarray(test.labels, dtype=np.int64)
-    probs = _test_probabilities(src, rt, images, ep)
-
-    m = classification_metrics(targets, probs, ds.classes, ep.top_k)
-    cal = calibration(targets, probs, ep.ece_bins)
-    out = output_paths(params, name)
-    preds = probs.argmax(axis=1)
-    mistakes = confident_mistakes(targets, probs, ep.gallery_size)
-    m["mistakes"] = _mistake_rows(mistakes, test, ds.classes, targets, preds, probs)
-    cost, parity, metrics = _cost_and_exports(src, rt, images, m, cal, out, ep)
-    storage.write_json(out["metrics"], metrics)
-    _write_plots(name, ep, ds, test, out, images, targets, preds, probs, m, cal, mistakes)
-
-    _log_wandb(params, name, src.ckpt, src.ckpt_path, metrics, m, targets, preds, probs, images, test, ds.classes, out, mistakes)
+    out = output_paths(params)
+    with PhaseProgress(f"evaluate {params.run_name}") as phases:
+        sc = _score(params, src, rt, images, targets, phases)
+        m, probs, preds = sc.m, sc.probs, sc.preds
+        mistakes = confident_mistakes(targets, probs, ep.gallery_size)
+        m["mistakes"] = _mistake_rows(mistakes, test, ds.classes, targets, preds, probs)
+        cost, parity, metrics = _cost_and_exports(src, rt, images, sc, out, ep, phases)
+        storage.write_json(out["report"], metrics)
+        storage.write_json(out["metrics"], headline(metrics))
+        with phases.phase("plots"):
+            _write_plots(name, ep, ds, test, out, images, targets, sc, mistakes)
+        with phases.phase("W&B"):
+            _log_wandb(params, name, src.ckpt, src.ckpt_path, metrics, m, targets, preds, probs, images, test, ds.classes, out,
+                       mistakes)
+    iv = metrics["intervals"]["accuracy"]
     info(
-        f"evaluated {name} ({src.weights} weights) on {m['n']} test images: accuracy {m['accuracy']:.4f}, macro-F1 "
-        f"{m['macro_f1']:.4f}, ECE {cal['ece']:.4f}, {cost['latency_ms']:.2f} ms/img"
+        f"evaluated {name} ({src.weights} weights) on {m['n']} test images: accuracy {m['accuracy']:.4f} "
+        f"[{iv['low']:.4f}, {iv['high']:.4f}], macro-F1 {m['macro_f1']:.4f}, ECE {sc.rel_before['ece']:.4f} -> "
+        f"{sc.rel['ece']:.4f} (T {sc.temperature:.3f}), {cost['latency_ms']:.2f} ms/img"
         + (f", export parity {max(parity['torchscript_max_abs_diff'], parity['onnx_max_abs_diff']):.2g}" if parity else "")
     )
     return metrics
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics/<run>/evaluate.json from the full report: :data:`HEADLINE_KEYS` (ECE calibrated)."""
+    iv = metrics["intervals"]["accuracy"]
+    cost = metrics["cost"]
+    values = {**metrics, "accuracy_ci_low": iv["low"], "accuracy_ci_high": iv["high"],
+              **{k: cost.get(k) for k in ("latency_ms", "size_mb", "throughput_img_s")}}
+    return {k: values.get(k) for k in HEADLINE_KEYS}
+
+
+@dataclass
+class _Scored:
+    """Test predictions (calibrated and not) and everything computed from them."""
+
+    temperature: float
+    probs: np.ndarray  # calibrated: softmax(logits / T), TTA-averaged
+    probs_before: np.ndarray  # T = 1
+    preds: np.ndarray
+    m: dict[str, Any]  # classification_metrics of probs
+    rel: dict[str, Any]  # calibration() bins and ECE of probs
+    rel_before: dict[str, Any]
+    curve: dict[str, np.ndarray]  # risk-coverage curve of probs
+    detail: dict[str, Any]  # evaluate.json's temperature, intervals, calibration, risk_coverage
+
+
+def _score(params: Params, src: "_Evaluated", rt, images: np.ndarray, targets: np.ndarray, phases) -> _Scored:
+    """Predict the test images, fit T on val, and compute the metrics, intervals and risk-coverage of the
+    calibrated probabilities (ECE, NLL and ROC-AUC before calibration beside them)."""
+    ep, ds = params.evaluate, src.ds
+    model, normalize = _eager_model(src, rt)
+    test_logits = _predict_phase(model, images, normalize, rt, ep, phases, "test")
+    temperature, fitted_on, n_val, note, val = _temperature(params, src, model, normalize, rt, phases)
+    probs_before = calib.softmax_probs(test_logits)
+    probs = calib.softmax_probs(test_logits, temperature)
+    preds = probs.argmax(axis=1)
+    with phases.phase(f"metrics and intervals ({ep.bootstrap_resamples} bootstrap resamples)") as ph:
+        m = classification_metrics(targets, probs, ds.classes, ep.top_k)
+        auc_before = classification_metrics(targets, probs_before, ds.classes, ep.top_k)["roc_auc"]
+        rel, rel_before = calibration(targets, probs, ep.ece_bins), calibration(targets, probs_before, ep.ece_bins)
+        iv = metric_intervals(targets, probs, m, rel["ece"], ep.ece_bins, ep.ci_level, ep.bootstrap_resamples, ep.bootstrap_seed)
+        ph.result = f"accuracy {m['accuracy']:.4f} [{iv['accuracy']['low']:.4f}, {iv['accuracy']['high']:.4f}]"
+    test = {"ece_before": rel_before["ece"], "ece_after": rel["ece"], "nll_before": calib.nll(probs_before, targets),
+            "nll_after": calib.nll(probs, targets), "roc_auc_before": auc_before, "roc_auc_after": m["roc_auc"]}
+    conf, correct = probs.max(axis=1), preds == targets
+    curve = calib.risk_coverage_curve(conf, correct)
+    rc = {**calib.at_threshold(conf, correct, params.serve.abstain_below), "aurc": round(calib.aurc(curve), 6),
+          "threshold_param": "serve.abstain_below"}
+    detail = {"temperature": round(temperature, 6), "intervals": iv,
+              "calibration": calib.calibration_report(temperature, fitted_on, n_val, note, test, val), "risk_coverage": rc}
+    return _Scored(temperature, probs, probs_before, preds, m, rel, rel_before, curve, detail)
+
+
+def _eager_model(src: "_Evaluated", rt):
+    """The chosen weights at the train runtime's device and memory format, and evaluate's normalizer."""
+    import torch
+
+    from cvpipe.torchkit.loaders import BatchNormalizer
+
+    ckpt = src.ckpt
+    model = model_from_checkpoint({**ckpt, "model": src.state_dict}).to(rt.device).eval()
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], rt)
+
+
+def _predict_phase(model, images: np.ndarray, normalize, rt, ep, phases, split: str) -> list[np.ndarray]:
+    n = len(images)
+    passes = 2 if ep.tta_flip else 1
+    with phases.phase(f"predicting {n} {split} images" + (" (+ flipped)" if ep.tta_flip else ""), total=n * passes,
+                      unit="img") as ph:
+        return predict_logits(model, images, normalize, rt, ep.batch_size, ep.tta_flip, advance=ph.advance)
+
+
+def _temperature(params: Params, src: "_Evaluated", model, normalize, rt, phases):
+    """(T, fitted_on, val images, note, val NLL before/after): fitted on the val split with ``evaluate.calibrate``,
+    else 1 with the reason in the note."""
+    ep, ds = params.evaluate, src.ds
+    if not ep.calibrate:
+        return 1.0, None, 0, "evaluate.calibrate is false: probabilities are uncalibrated (T = 1)", None
+    val = ds.split("val") if ds.has_split("val") else None
+    if val is None or len(val) == 0:
+        return 1.0, None, 0, "no val split to fit the temperature on: probabilities are uncalibrated (T = 1)", None
+    logits = _predict_phase(model, np.asarray(val.images), normalize, rt, ep, phases, "val")
+    labels = np.asarray(val.labels, dtype=np.int64)
+    if (calib.softmax_probs(logits).argmax(axis=1) == labels).all():
+        # every val image right: the NLL keeps falling as T -> 0 (no minimum), and a T at the search bound would
+        # make every later answer, mistakes included, near-certain
+        return 1.0, None, len(labels), (f"all {len(labels)} val images are predicted right: the temperature cannot be "
+                                        "fitted (val NLL has no minimum), probabilities are uncalibrated (T = 1)"), None
+    with phases.phase(f"calibrating (temperature scaling on {len(labels)} val images)") as ph:
+        t = round(calib.fit_temperature(logits, labels), 6)  # the value every file states (report, model.pt, ONNX)
+        nll = {"nll_before": calib.nll(calib.softmax_probs(logits), labels), "nll_after": calib.nll(calib.softmax_probs(logits, t), labels)}
+        ph.result = f"T = {t:.3f}, val NLL {nll['nll_before']:.4f} -> {nll['nll_after']:.4f}"
+    return t, "val", len(labels), None, nll
 
 
 def _load(params: Params) -> _Evaluated:
     """The checkpoint ``evaluate.checkpoint`` names, the weights ``evaluate.weights`` picks, and the test split."""
     ep = params.evaluate
     name = params.train.arch
-    ckpt_path = storage.join(params.paths.models, name, f"{ep.checkpoint}.pt")
+    ckpt_path = storage.join(params.paths.models, params.run_name, f"{ep.checkpoint}.pt")
     ckpt = load_checkpoint(ckpt_path)
     ds = PreparedDataset(params.paths.prepared)
     if list(ckpt["classes"]) != ds.classes:
@@ -199,21 +279,6 @@ def _load(params: Params) -> _Evaluated:
     return _Evaluated(name, ckpt_path, ckpt, weights, state_dict, ds, test)
 
 
-def _test_probabilities(src: _Evaluated, rt, images: np.ndarray, ep) -> np.ndarray:
-    """Softmax probabilities of the chosen weights on the test images, at the train runtime's device and precision."""
-    import torch
-
-    from cvpipe.torchkit.loaders import BatchNormalizer
-
-    ckpt = src.ckpt
-    model = model_from_checkpoint({**ckpt, "model": src.state_dict}).to(rt.device).eval()
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    normalize = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], rt)
-    probs, _ = predict(model, images, normalize, rt, ep.batch_size, ep.tta_flip)
-    return probs
-
-
 def _mistake_rows(mistakes: list[int], test, classes: list[str], targets, preds, probs) -> list[dict[str, Any]]:
     """evaluate.json's most confident mistakes: test row, image id and source, actual, predicted, confidence."""
     return [
@@ -222,35 +287,40 @@ def _mistake_rows(mistakes: list[int], test, classes: list[str], targets, preds,
     ]
 
 
-def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, m: dict[str, Any], cal: dict[str, Any], out: dict[str, str],
-                      ep) -> tuple[dict[str, Any], Optional[dict[str, Any]], dict[str, Any]]:
+def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, sc: _Scored, out: dict[str, str], ep,
+                      phases) -> tuple[dict[str, Any], Optional[dict[str, Any]], dict[str, Any]]:
     """(model cost, export parity or None, evaluate.json's metrics): the cost is fp32 eager on this machine;
-    with ``evaluate.export``, the TorchScript + ONNX bundle is written and must match the eager logits:
-    ONNX Runtime from the raw uint8 test pixels (its input), eager from the normalized tensors."""
+    with ``evaluate.export``, the TorchScript + ONNX bundle (outputs: logits / T) is written and must match the
+    eager logits / T: ONNX Runtime from the raw uint8 test pixels (its input), eager from the normalized tensors."""
     import torch
 
     from cvpipe.torchkit.loaders import BatchNormalizer
 
-    name, ckpt, weights, ds = src.name, src.ckpt, src.weights, src.ds
+    name, ckpt, weights, ds, m = src.name, src.ckpt, src.weights, src.ds, sc.m
     fp32_model = model_from_checkpoint({**ckpt, "model": src.state_dict}).to(rt.device).eval()
-    cost = model_cost(fp32_model, ds.image_size, rt.device, ep.latency_runs, ep.throughput_batch,
-                      file_bytes=len(storage.read_bytes(src.ckpt_path)))
+    with phases.phase(f"cost: FLOPs, latency ({ep.latency_runs} runs), throughput (batch {ep.throughput_batch})") as ph:
+        cost = model_cost(fp32_model, ds.image_size, rt.device, ep.latency_runs, ep.throughput_batch,
+                          file_bytes=len(storage.read_bytes(src.ckpt_path)))
+        ph.result = f"{cost['gflops']:.3g} GFLOPs, {cost['latency_ms']:.2f} ms/img, {cost['throughput_img_s']:.0f} img/s"
     cost["checkpoint_bytes"] = cost.pop("file_bytes")
     parity: Optional[dict[str, Any]] = None
     if not ep.export:
         cost["file_bytes"] = cost["checkpoint_bytes"]
         cost["size_mb"] = round(cost["checkpoint_bytes"] / 2**20, 4)
-        return cost, parity, _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
+        return cost, parity, _metrics_json(name, ckpt, ep, weights, sc, cost, parity, ds)
     from cvpipe.evaluate import export
 
     cpu_norm = BatchNormalizer(ckpt["normalize"]["mean"], ckpt["normalize"]["std"], _cpu_runtime())
     pixels = np.array(images[: ep.parity_images])  # the uint8 NHWC test pixels: model.onnx's input
     x = cpu_norm(torch.from_numpy(pixels))  # eager's input, normalized as evaluate does
     with storage.staged_dir(out["export_dir"]) as folder:
-        sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1])
-        parity = export.parity(fp32_model, folder, x, pixels)
-        parity["tolerance"] = ep.parity_tolerance
-        worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
+        with phases.phase(f"export TorchScript + ONNX (temperature {sc.temperature:.3f})"):
+            sizes = export.write_bundle(folder, ckpt, fp32_model, weights, x[:1], temperature=sc.temperature)
+        with phases.phase(f"parity on {len(pixels)} test images") as ph:
+            parity = export.parity(fp32_model, folder, x, pixels, temperature=sc.temperature)
+            parity["tolerance"] = ep.parity_tolerance
+            worst = max(parity["torchscript_max_abs_diff"], parity["onnx_max_abs_diff"])
+            ph.result = f"max abs logit difference {worst:.2g}"
         if worst > ep.parity_tolerance:
             raise StageError(
                 f"export parity failed for {name}: max abs logit difference {worst:.3g} > evaluate.parity_tolerance "
@@ -260,15 +330,28 @@ def _cost_and_exports(src: _Evaluated, rt, images: np.ndarray, m: dict[str, Any]
         cost["torchscript_bytes"] = sizes["model.ts"]
         cost["file_bytes"] = sizes["model.onnx"]
         cost["size_mb"] = round(sizes["model.onnx"] / 2**20, 4)
-        metrics = _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds)
+        metrics = _metrics_json(name, ckpt, ep, weights, sc, cost, parity, ds)
         (folder / "evaluate.json").write_text(_dumps(metrics))
+        artifact.write_timm(folder, ckpt, src.state_dict, metrics)  # "the model": W&B artifact + promoted bundle
+        _write_predictions(str(folder / "predictions.csv"), src.test, ds.classes, sc)
         plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, str(folder / "confusion_matrix.png"),
                        f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})")
     return cost, parity, metrics
 
 
-def _write_plots(name, ep, ds, test, out, images, targets, preds, probs, m, cal, mistakes) -> None:
-    """The DVC plots: confusion and per-image prediction CSVs, the reliability bins, and their figures."""
+def _write_predictions(path: str, test, classes: list[str], sc: _Scored) -> None:
+    """The bundle's predictions.csv (convention I2; compare's paired tests read it): one row per test image in
+    test row order, with the calibrated top-1 probability and whether the prediction is right."""
+    targets = np.asarray(test.labels, dtype=np.int64)
+    storage.write_csv(path, ["row", "id", "actual", "predicted", "confidence", "correct"],
+                      ([i, test.index[i]["id"], classes[t], classes[p], f"{sc.probs[i, p]:.6f}", int(t == p)]
+                       for i, (t, p) in enumerate(zip(targets, sc.preds))))
+
+
+def _write_plots(name, ep, ds, test, out, images, targets, sc: _Scored, mistakes) -> None:
+    """The DVC plots: confusion and per-image prediction CSVs, the reliability bins (after and before temperature
+    scaling), the risk-coverage curve, and their figures."""
+    m, probs, preds = sc.m, sc.probs, sc.preds
     storage.write_csv(out["confusion_csv"], ["actual", "predicted"], ((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds)))
     k = min(ep.top_k, len(ds.classes))
     topk = np.argsort(-probs, axis=1)[:, :k]
@@ -277,11 +360,16 @@ def _write_plots(name, ep, ds, test, out, images, targets, preds, probs, m, cal,
         ([i, test.index[i]["id"], test.index[i]["source_uri"], ds.classes[t], ds.classes[p], f"{probs[i, p]:.6f}", int(t == p),
           "|".join(ds.classes[j] for j in topk[i])] for i, (t, p) in enumerate(zip(targets, preds))),
     )
-    storage.write_csv(out["reliability_csv"], ["bin", "lower", "upper", "count", "confidence", "accuracy"],
-                      ([b[c] for c in ("bin", "lower", "upper", "count", "confidence", "accuracy")] for b in cal["bins"]))
+    cols = ("bin", "lower", "upper", "count", "confidence", "accuracy")
+    for key, rel in (("reliability_csv", sc.rel), ("reliability_uncalibrated_csv", sc.rel_before)):
+        storage.write_csv(out[key], list(cols), ([b[c] for c in cols] for b in rel["bins"]))
+    rc = sc.detail["risk_coverage"]
+    storage.write_csv(out["risk_coverage_csv"], ["threshold", "coverage", "risk"], curve_rows(sc.curve, RISK_COVERAGE_POINTS))
     title = f"{name}: test accuracy {m['accuracy']:.3f} (n={m['n']})"
     plot_confusion(np.asarray(m["confusion_matrix"]), ds.classes, out["confusion_png"], title)
-    plot_reliability(cal, out["reliability_png"], f"{name}: ECE {cal['ece']:.4f} ({ep.ece_bins} bins)")
+    plot_reliability([("uncalibrated", sc.rel_before), (f"temperature {sc.temperature:.3f}", sc.rel)], out["reliability_png"],
+                     f"{name}: reliability on {m['n']} test images ({ep.ece_bins} bins)")
+    plot_risk_coverage(sc.curve, rc, out["risk_coverage_png"], f"{name}: risk-coverage (AURC {rc['aurc']:.4f})")
     if ep.gallery_size:
         plot_mistakes(images, mistakes, targets, probs, ds.classes, out["mistakes_png"],
                       f"{name}: {int((preds != targets).sum())} mistakes, most confident first")
@@ -303,7 +391,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=storage._json_default) + "\n"
 
 
-def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str, Any]:
+def _metrics_json(name, ckpt, ep, weights, sc: _Scored, cost, parity, ds) -> dict[str, Any]:
+    """The full report (reports/<run>/evaluate.json, the bundle's evaluate.json, the model card's metrics)."""
+    m, cal = sc.m, sc.rel
     r6 = lambda v: None if v is None else round(float(v), 6)  # noqa: E731
     return {
         "arch": name,
@@ -332,14 +422,28 @@ def _metrics_json(name, ckpt, ep, weights, m, cal, cost, parity, ds) -> dict[str
         "confusion_matrix": m["confusion_matrix"],
         "classes": ds.classes,
         "most_confident_mistakes": m["mistakes"],
+        **sc.detail,
     }
+
+
+def _summary_detail(metrics: dict[str, Any]) -> dict[str, Any]:
+    """W&B summary keys of the intervals (``test/<metric>_ci_low|high``), the calibration (``calibration/*``:
+    temperature, test ECE/NLL/ROC-AUC before and after) and the risk-coverage at serve.abstain_below."""
+    out: dict[str, Any] = {}
+    for key, iv in metrics["intervals"].items():
+        if isinstance(iv, dict) and iv.get("low") is not None:
+            out[f"test/{key}_ci_low"], out[f"test/{key}_ci_high"] = iv["low"], iv["high"]
+    out.update({f"calibration/{k}": v for k, v in metrics["calibration"].items() if isinstance(v, (int, float)) and v is not None})
+    rc = metrics["risk_coverage"]
+    out.update({f"risk_coverage/{k}": rc[k] for k in ("threshold", "coverage", "error", "aurc") if rc.get(k) is not None})
+    return out
 
 
 def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs, images, test, classes, out, mistakes) -> None:
     tracker = tracking.start(
         params,
         job_type="evaluate",
-        name=f"evaluate-{name}",
+        name=f"evaluate-{name}-seed{params.train.seed}",
         config={**params.resolved(), "arch": name, "checkpoint": ckpt_path, "train_run_id": ckpt.get("wandb_run_id")},
         group=tracking.group_name(params, ckpt.get("dataset_hash")),
         tags=[name],
@@ -350,9 +454,11 @@ def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs,
         if metrics["export_parity"]:
             summary.update({f"export/{k}": v for k, v in metrics["export_parity"].items()})
         summary["arch"] = name
+        summary.update(_summary_detail(metrics))
         review = metrics.get("label_review") or {}
         summary.update({f"data/{k}": v for k, v in review.items() if isinstance(v, (int, float))})
         tracker.summary(summary)
+        artifact.log_lineage(tracker, params, ckpt, ckpt_path, metrics, out["export_dir"])
         try:
             import wandb
 
@@ -367,6 +473,7 @@ def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs,
                 "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=targets.tolist(), preds=preds.tolist(), class_names=classes),
                 "test/confusion_matrix_png": tracker.image(out["confusion_png"]),
                 "test/reliability": tracker.image(out["reliability_png"]),
+                "test/risk_coverage": tracker.image(out["risk_coverage_png"]),
                 "test/per_class": wandb.Table(
                     columns=["class", "precision", "recall", "f1", "support"],
                     data=[[c, v["precision"], v["recall"], v["f1-score"], v["support"]] for c, v in m["per_class"].items()],

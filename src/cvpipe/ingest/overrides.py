@@ -4,7 +4,7 @@ The review API (:mod:`cvpipe.serve.review`) writes one row per manifest id: ``ke
 (with the new class name) or ``exclude``. Ingest applies them on every run, after listing and
 duplicate resolution and before the manifest is written:
 
-* ``relabel``: the manifest row gets the new label (the old one is listed in ``metrics/ingest.json``);
+* ``relabel``: the manifest row gets the new label (the old one is listed in ``reports/ingest.json``);
 * ``exclude``: the image leaves the manifest for ``quarantine.csv`` with reason ``excluded_by_review``;
 * ``keep``: nothing changes (counted);
 * an id that is in no manifest row (the image left the source, or the file names another data set)
@@ -51,7 +51,8 @@ def previous_labels(raw_dir: Path) -> Optional[dict[str, str]]:
 
 
 def apply(resolved: Iterable[Any], decisions: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Apply *decisions* to ingest's outcomes in place; the counts for ``metrics/ingest.json``.
+    """Apply *decisions* to ingest's outcomes in place; the counts for ``reports/ingest.json``
+    (``labels_relabelled`` is also a headline of ``metrics/ingest.json``).
 
     *resolved* holds :class:`cvpipe.ingest.stage.Outcome` objects (duck-typed here: ``record``,
     ``reason``, ``detail``), accepted ones with a manifest ``record``. A relabel gets a new record dict

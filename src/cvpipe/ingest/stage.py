@@ -1,11 +1,13 @@
 """Ingest stage: collect raw images, validate every one, quarantine the bad with reasons.
 
-Reads ``ingest.*`` and ``paths.raw`` / ``paths.metrics``. Writes::
+Reads ``ingest.*`` and ``paths.raw`` / ``paths.metrics`` / ``paths.reports``. Writes::
 
     <paths.raw>/images/<sha[:2]>/<sha256>.<ext>   content-addressed images
     <paths.raw>/manifest.csv                      one row per accepted image
     <paths.raw>/quarantine.csv                    one row per rejected file, with a reason code
-    <paths.metrics>/ingest.json                   counts per class, rejections by reason
+    <paths.metrics>/ingest.json                   headline counts: images, quarantined, labels_relabelled, seconds
+    <paths.reports>/ingest.json                   the detail: per class, per split hint, rejections by reason,
+                                                  work counters, reviewers' decisions
 
 Images are stored under the SHA-256 of their source bytes; a clean RGB JPEG/PNG
 keeps its original bytes, anything else is normalized (RGB, upright). Every file
@@ -130,7 +132,15 @@ class IngestReport:
     review: dict[str, Any] = field(default_factory=dict)  # details: old -> new labels, unknown ids, label_review.json
 
     def to_json(self) -> dict[str, Any]:
+        """Everything: the versioned report ``<paths.reports>/ingest.json``."""
         return asdict(self)
+
+    def headline(self) -> dict[str, Any]:
+        """The DVC metrics file ``<paths.metrics>/ingest.json``: the few counts a person compares across data
+        versions (``dvc metrics diff``). Keys shared with the other stages' metrics files (``images``,
+        ``seconds``) keep ``dvc metrics show`` to one narrow table; the detail is in :meth:`to_json`."""
+        return {"images": self.accepted, "quarantined": self.quarantined,
+                "labels_relabelled": self.labels_relabelled, "seconds": self.seconds}
 
 
 def _process(item: SourceItem, data: Optional[bytes], raw_dir: str, p: dict[str, Any]) -> Outcome:
@@ -693,8 +703,10 @@ def _run(params: Params) -> IngestReport:
     with _output_lock(raw_dir):
         _ingest(params, items, raw_dir, src_opts, report)
     report.seconds = round(time.perf_counter() - started, 3)
-    with _writing(storage.join(params.paths.metrics, "ingest.json"), manifest_kept=False):
-        storage.write_json(storage.join(params.paths.metrics, "ingest.json"), report.to_json())
+    for path, content in ((storage.join(params.paths.reports, "ingest.json"), report.to_json()),
+                          (storage.join(params.paths.metrics, "ingest.json"), report.headline())):
+        with _writing(path, manifest_kept=False):
+            storage.write_json(path, content)
     _print_report(report, raw_dir)
     return report
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
-from cvpipe.data import augment
+from cvpipe.data import augment, prepared
 
 MAX_CLASSES_SHOWN = 12
 SAMPLES_PER_CLASS = 8
@@ -130,3 +130,14 @@ def log_to_wandb(params: Params, card: dict[str, Any], pngs: dict[str, bytes], r
         for fname in ("augment.json", "eval_transform.json"):
             tracker.log_artifact(Path(root) / fname, name=Path(fname).stem.replace("_", "-"), type="augmentation")
         tracker.log_artifact(Path(root) / "near_duplicates.csv", name="near-duplicates", type="dataset-report")
+        log_dataset_artifact(tracker, root, card)
+
+
+def log_dataset_artifact(tracker: tracking.Tracker, root: Path, card: dict[str, Any]):
+    """The prepared dataset as the W&B ``dataset`` artifact, where the lineage starts: its identifying files
+    (:func:`cvpipe.data.prepared.lineage_files`: meta.json with the fingerprint of every array, classes,
+    augmentation, each split's index of ingest ids = content hashes). train records using it."""
+    meta = json.loads((Path(root) / "meta.json").read_text())
+    metadata = {"fingerprint": meta.get("fingerprint"), "classes": card.get("classes"), "image_size": card.get("image_size"),
+                "splits": {name: s.get("count") for name, s in (card.get("splits") or {}).items()}}
+    return tracker.log_artifact(prepared.lineage_files(root), name=prepared.ARTIFACT, type="dataset", metadata=metadata)

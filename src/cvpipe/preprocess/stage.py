@@ -7,8 +7,9 @@ Reads ``preprocess.*``, ``split.*``, ``augment.*`` and the ingest manifest in
   built in a temporary folder and swapped in when complete, including the
   augmentation pipeline (``augment.json``), the derived eval transform
   (``eval_transform.json``) and the near-duplicate groups (``near_duplicates.csv``);
-* the dataset card: ``<paths.metrics>/dataset.json`` (DVC metrics) and
-  ``<paths.plots>/dataset/*.png`` (DVC plots), also logged to W&B.
+* the dataset card: ``<paths.reports>/dataset.json`` (versioned in git: per split and class counts, source
+  sizes, near-duplicates, mean/std), its headline ``<paths.metrics>/dataset.json`` (DVC metrics: images,
+  seconds, throughput_img_s) and ``<paths.plots>/dataset/*.png`` (DVC plots), also logged to W&B.
 
 Work order: one parallel pass decodes (JPEG at reduced scale, :mod:`cvpipe.data.resize`), resizes and hashes
 every image into a staging array; the split is then decided from labels, hints
@@ -141,7 +142,8 @@ def run(params: Params) -> dict[str, Any]:
     plot_dir = storage.join(params.paths.plots, "dataset")
     for name, data in pngs.items():
         storage.write_bytes(storage.join(plot_dir, name), data)
-    storage.write_json(storage.join(params.paths.metrics, "dataset.json"), card)
+    storage.write_json(storage.join(params.paths.reports, "dataset.json"), card)
+    storage.write_json(storage.join(params.paths.metrics, "dataset.json"), headline(card))
     info(
         f"prepared {card['images']} images at {card['image_size']}px into {params.paths.prepared}: "
         + ", ".join(f"{k} {v['count']}" for k, v in card["splits"].items())
@@ -242,6 +244,14 @@ def _write_groups(path: Path, groups: np.ndarray, dup_groups: list[dict], rows, 
         ([g, id_, rows[i]["label"], split_of[i], rows[i]["source_uri"]] for g, id_, i in members),
         durable=False,
     )
+
+
+def headline(card: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file of the dataset card: what a person compares across data versions. Keys shared
+    with the other stages' metrics files (``images``, ``seconds``, ``throughput_img_s``) keep ``dvc metrics
+    show`` one narrow table; per split and class, source sizes and near-duplicates stay in the card."""
+    return {"images": card["images"], "seconds": card["seconds"]["total"],
+            "throughput_img_s": card["images_per_second"]}
 
 
 def _card(params, rows, labels, classes, splits, extra, dup_groups, mean, std) -> dict[str, Any]:

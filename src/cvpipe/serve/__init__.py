@@ -6,7 +6,8 @@
   or :mod:`cvpipe.serve.torch_backend` (torch eager, imported only when chosen), with
   :mod:`cvpipe.serve.batching` batching requests that arrive together;
 * :mod:`cvpipe.serve.app` builds the FastAPI app (``/predict``, ``/model``,
-  ``/healthz``, the page in ``static/``);
+  ``/healthz``, the page in ``static/``); :mod:`cvpipe.serve.abstain` resolves the model's temperature
+  and the "unsure" rule (``serve.abstain_below``);
 * :mod:`cvpipe.serve.guards`: idle/slow-header timeouts, the cap on requests in progress,
   refusal of ambiguous framing; :mod:`cvpipe.serve.memory`: freed image memory back to the
   system; :mod:`cvpipe.serve.remote`: remote models cached per version, URLs redacted.

@@ -2,8 +2,10 @@
 
 Endpoints
 ---------
-* ``POST /predict``   multipart ``file`` -> top-k labels, probabilities, latency
-* ``GET  /model``     architecture, classes, test metrics, data version, params summary, ...
+* ``POST /predict``   multipart ``file`` -> top-k labels, calibrated probabilities, latency; ``label: null`` and
+  ``unsure: true`` (the top-k still there) when the top-1 probability is below ``serve.abstain_below``
+* ``GET  /model``     architecture, classes, test metrics, data version, params summary, the abstain threshold
+  and the model's temperature, ...
 * ``GET  /model/confusion_matrix.png``
 * ``GET  /healthz``   liveness + the loaded model
 * ``GET  /``          the web page (``static/``); ``/docs`` and ``/openapi.json`` from FastAPI
@@ -48,12 +50,13 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from cvpipe import __version__
 from cvpipe.core.config import ServeParams
 from cvpipe.data.images import BOMB, EMPTY, LFS_POINTER, NOT_IMAGE, ImageRejected
+from cvpipe.serve.abstain import abstain_summary, is_unsure
 from cvpipe.serve.batching import MicroBatcher
 from cvpipe.serve.guards import ActiveRequestLimit, FramingGuard, ServeLimits, uvicorn_options
 from cvpipe.serve.model import Prediction, ServedModel
@@ -150,8 +153,12 @@ class TopK(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    label: str
-    probability: float
+    label: Optional[str] = Field(description="the predicted class; null when the model is unsure (see `unsure`)")
+    unsure: bool = Field(
+        False, description="true when the calibrated top-1 probability is below `abstain_below`: no label is given, "
+        "`top_k` still lists the candidates")
+    probability: float = Field(description="the calibrated top-1 probability (also when unsure)")
+    abstain_below: float = Field(0.0, description="the server's threshold (serve.abstain_below); 0 = never unsure")
     top_k: list[TopK]
     latency_ms: dict[str, float]
     image: dict[str, Any]
@@ -183,7 +190,7 @@ def create_app(model: ServedModel, settings: ServeParams, limits: Optional[Serve
     app.state.settings = settings
     stats = {"requests": 0, "predictions": 0, "rejected": 0, "started": time.time()}
     _add_error_handlers(app)
-    _add_model_routes(app, model, stats)
+    _add_model_routes(app, model, settings, stats)
     _add_predict_route(app, model, settings, stats)
     _add_page(app, settings)
     if review is not None:
@@ -221,8 +228,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-def _add_model_routes(app: FastAPI, model: ServedModel, stats: dict[str, Any]) -> None:
+def _add_model_routes(app: FastAPI, model: ServedModel, settings: ServeParams, stats: dict[str, Any]) -> None:
     """``/healthz``, ``/model`` and ``/model/confusion_matrix.png``."""
+    abstain = abstain_summary(settings.abstain_below, model.temperature, model.risk_coverage)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, Any]:
@@ -233,8 +241,10 @@ def _add_model_routes(app: FastAPI, model: ServedModel, stats: dict[str, Any]) -
 
     @app.get("/model", tags=["model"])
     async def model_card() -> dict[str, Any]:
-        """The model card: architecture, classes, test metrics, data version, params summary, leaderboard."""
-        return model.info()
+        """The model card: architecture, classes, test metrics, data version, params summary, leaderboard, and
+        ``abstain``: the threshold below which /predict answers unsure, the model's temperature and the test
+        coverage/error evaluate measured at that threshold."""
+        return {**model.info(), "abstain": abstain}
 
     @app.get("/model/confusion_matrix.png", tags=["model"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
@@ -296,7 +306,7 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
         if pred is None:
             raise ApiError(504, "timeout", f"the request did not complete within {settings.request_timeout_s:g} s")
         stats["predictions"] += 1
-        return _predict_response(pred, model.arch, file.filename, t0, t_queue)
+        return _predict_response(pred, model.arch, file.filename, t0, t_queue, settings.abstain_below)
 
 
 async def _read_upload(file: UploadFile, max_bytes: int, stats: dict[str, Any]) -> bytes:
@@ -309,13 +319,20 @@ async def _read_upload(file: UploadFile, max_bytes: int, stats: dict[str, Any]) 
     return data
 
 
-def _predict_response(pred: Prediction, arch: str, filename: Optional[str], t0: float, t_queue: float) -> PredictResponse:
-    """The /predict answer; the queue time is the time in the worker thread's queue (total minus work)."""
+def _predict_response(pred: Prediction, arch: str, filename: Optional[str], t0: float, t_queue: float,
+                      abstain_below: float = 0.0) -> PredictResponse:
+    """The /predict answer; the queue time is the time in the worker thread's queue (total minus work).
+
+    Unsure (top-1 probability below *abstain_below*) is ``label: null`` + ``unsure: true`` rather than a
+    ``"unsure"`` label: a class may be called "unsure", and a client that ignores the flag fails on the
+    null instead of filing the image under a class. The decision uses the probability the answer shows."""
     total = (time.perf_counter() - t0) * 1e3
     worked = pred.decode_ms + pred.preprocess_ms + pred.inference_ms
     best = pred.top_k[0]
+    unsure = is_unsure(best["probability"], abstain_below)
     return PredictResponse(
-        label=best["label"], probability=best["probability"], top_k=pred.top_k,
+        label=None if unsure else best["label"], unsure=unsure, probability=best["probability"],
+        abstain_below=abstain_below, top_k=pred.top_k,
         latency_ms={"decode": round(pred.decode_ms, 3), "preprocess": round(pred.preprocess_ms, 3),
                     "inference": round(pred.inference_ms, 3),
                     "queue": round(max(0.0, (time.perf_counter() - t_queue) * 1e3 - worked), 3),

@@ -16,6 +16,10 @@ one of two backends,
 ``serve.device`` is cpu or auto, else torch; ``onnx`` or ``torch`` force one (``onnx`` on a model
 without such a graph is a clear error). ``/model`` and ``/healthz`` report the backend.
 
+Both backends return *calibrated* probabilities (issue #18): model.onnx divides its logits by the
+temperature evaluate fitted, and the torch backend divides by the checkpoint's; which temperature, and
+from which file, is resolved and cross-checked by :mod:`cvpipe.serve.abstain` and shown in ``/model``.
+
 Two layouts are accepted, local or remote (``gs://``, any fsspec URL; copied down
 once per version of the remote object by :func:`cvpipe.serve.remote.fetch_model`, so a
 re-uploaded model is fetched again; credentials in the URL are never shown):
@@ -24,7 +28,7 @@ re-uploaded model is fetched again; credentials in the URL are never shown):
 
       model.onnx          uint8-pixel ONNX graph (the onnxruntime backend)
       model.pt            the train checkpoint (the torch backend)
-      preprocess.json     image_size, resize_mode, mean, std, decode_side
+      preprocess.json     image_size, resize_mode, mean, std, decode_side, temperature
       classes.json        ["ants", "bees"]
       card.json           arch, test metrics, model cost, data version, params summary
       confusion_matrix.png, leaderboard.md, leaderboard.csv, model.ts
@@ -32,10 +36,10 @@ re-uploaded model is fetched again; credentials in the URL are never shown):
   ``model.onnx`` or ``model.pt`` is required (the backend's); what the optional files would say is
   taken from the checkpoint or the graph's metadata where it can be, and the rest is reported as missing.
 
-* a **bare train checkpoint** (``models/resnet18/best.pt``, torch backend): preprocessing and
+* a **bare train checkpoint** (``models/resnet18/seed42/best.pt``, torch backend): preprocessing and
   classes from its keys (``image_size``, ``resize_mode``, ``normalize``,
-  ``classes``, ``arch``); the card from ``<metrics>/<arch>/evaluate.json`` and the
-  confusion matrix from ``<plots>/<arch>/confusion_matrix.png`` when they exist.
+  ``classes``, ``arch``); the card from ``<metrics>/<arch>/seed<seed>/evaluate.json`` and the
+  confusion matrix from ``<plots>/<arch>/seed<seed>/confusion_matrix.png`` when they exist.
 
 Preprocessing is never re-typed; an upload takes the path a training image took:
 
@@ -70,6 +74,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,10 +84,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from cvpipe.core import storage
+from cvpipe.core.config import run_name
 from cvpipe.core.errors import StageError
 from cvpipe.core.urls import redact_text, redact_url
 from cvpipe.data.images import BOMB, CORRUPT, DecodedImage, ImageRejected, decode_image, fit_array
 from cvpipe.serve import memory
+from cvpipe.serve.abstain import Temperature, find_risk_coverage, resolve_temperature
 from cvpipe.serve.remote import fetch_model
 
 log = logging.getLogger("cvpipe.serve")
@@ -132,7 +139,7 @@ class ServedModel:
     resize_mode: str
     mean: list[float]
     std: list[float]
-    backend: Any  # OnnxBackend or TorchBackend: run(uint8 NHWC) -> probabilities, describe()
+    backend: Any  # OnnxBackend or TorchBackend: run(uint8 NHWC) -> (calibrated) probabilities, describe()
     source: str
     layout: str  # "folder" or "checkpoint"
     decode_side: int = 0  # preprocess decoded JPEGs at the scale covering this side (>= image_size)
@@ -142,6 +149,9 @@ class ServedModel:
     notes: list[str] = field(default_factory=list)  # what is missing, said plainly
     leaderboard: Optional[list[dict[str, str]]] = None
     leaderboard_md: Optional[str] = None
+    # the softmax temperature the probabilities are calibrated with (inside model.onnx, or the torch backend's)
+    temperature: Temperature = field(default_factory=lambda: Temperature(None, "unknown", ""))
+    risk_coverage: Optional[dict[str, Any]] = None  # evaluate's {threshold, coverage, error, aurc}, when the card has it
 
     def __post_init__(self) -> None:
         self.decode_side = max(self.decode_side, self.image_size)
@@ -205,7 +215,8 @@ class ServedModel:
             raise ImageRejected(CORRUPT, f"the decoder failed on this file ({type(exc).__name__}: {exc})") from None
 
     def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """Softmax probabilities [len(arrays), classes] of uint8 (S, S, 3) arrays, run as one batch by the backend."""
+        """Calibrated softmax probabilities [len(arrays), classes] of uint8 (S, S, 3) arrays, run as one batch by
+        the backend (the temperature is inside model.onnx, or applied by the torch backend)."""
         return self.backend.run(np.stack(arrays))
 
     def warm_up(self) -> None:
@@ -258,6 +269,7 @@ class ServedModel:
             "source": self.source,
             "layout": self.layout,
             "backend": self.backend.describe(),
+            "calibration": self.temperature.describe(),
             "preprocess": {"image_size": self.image_size, "resize_mode": self.resize_mode,
                            "mean": self.mean, "std": self.std},
             "test_metrics": card.get("test_metrics"),
@@ -346,7 +358,7 @@ def auto_threads(concurrent_runs: int) -> int:
 
 
 def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", plots_dir: str = "plots",
-               torch_threads: int = 0, backend: str = "auto", onnx_threads: int = 0,
+               reports_dir: str = "reports", torch_threads: int = 0, backend: str = "auto", onnx_threads: int = 0,
                concurrent_runs: int = 1) -> ServedModel:
     """Load a promoted model folder or a bare checkpoint (local or remote) on the backend *backend*
     picks (see the module docstring); raise StageError when impossible. *concurrent_runs* (model runs
@@ -379,14 +391,17 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
         raise StageError(f"{shown}: classes.json {classes} disagrees with {what} classes {meta['classes']}")
     if onnx is not None and onnx.image_size not in (None, int(image_size)):
         raise StageError(f"{shown}: model.onnx takes {onnx.image_size} px images, preprocess.json says {image_size}")
-    if onnx is None:
-        run = torch_backend.TorchBackend(module, mean, std, dev)
-
     card = _read_json(files.get("card.json")) or {}
     if not isinstance(card, dict):
         card = {}
-    metrics, cm_path = _test_metrics(card, files.get("confusion_matrix.png"), layout, ckpt_path, arch, metrics_dir,
-                                     plots_dir, notes)
+    temperature = resolve_temperature(shown, "onnxruntime" if onnx is not None else "torch", model_file=meta,
+                                      preprocess=prep, card=card)
+    if onnx is None:
+        run = torch_backend.TorchBackend(module, mean, std, dev, temperature=temperature.value)
+    elif temperature.value is None:
+        notes.append(f"calibration {temperature.source}")
+    metrics, cm_path = _test_metrics(card, files.get("confusion_matrix.png"), layout, ckpt_path,
+                                     _run_folder(arch, meta, local), (reports_dir, metrics_dir), plots_dir, notes)
     files["confusion_matrix.png"] = cm_path
     if metrics is None:
         notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
@@ -398,7 +413,8 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
         arch=arch, decode_side=_decode_side(prep, meta, image_size), classes=list(classes), image_size=int(image_size),
         resize_mode=str(resize_mode), mean=[float(v) for v in mean], std=[float(v) for v in std], backend=run,
         source=shown, layout=layout, card=full_card, files=files, assets=_read_assets(files), notes=notes,
-        leaderboard=leaderboard, leaderboard_md=leaderboard_md,
+        leaderboard=leaderboard, leaderboard_md=leaderboard_md, temperature=temperature,
+        risk_coverage=find_risk_coverage(card, local if layout == "folder" else None),
     )
     model.warm_up()
     return model
@@ -445,7 +461,7 @@ def _locate(uri: str) -> tuple[str, Path, dict[str, Optional[Path]]]:
         raise StageError(redact_text(f"cannot fetch the model {shown}: {type(exc).__name__}: {exc}", [str(uri)])) from None
     if not found:
         raise StageError(
-            f"no model at {shown}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/best.pt"
+            f"no model at {shown}: give serve.model (or --model) a promoted model folder or a train checkpoint such as models/resnet18/seed42/best.pt"
         )
     if not local.is_dir():
         return "checkpoint", local, {}
@@ -467,30 +483,48 @@ def _preprocessing(shown: str, prep: dict[str, Any], ckpt: dict[str, Any]) -> tu
     return image_size, resize_mode, mean, std
 
 
-def _test_metrics(card: dict[str, Any], cm_path: Optional[Path], layout: str, ckpt_path: Path, arch: str,
-                  metrics_dir: str, plots_dir: str, notes: list[str]) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
-    """Test metrics and confusion matrix image: the card's, else evaluate's (``<metrics>/<arch>/evaluate.json``)."""
+def _run_folder(arch: str, meta: dict[str, Any], local: Path) -> str:
+    """The model's run folder under metrics/ and plots/ (``cvpipe.core.config.run_name``: ``<arch>/seed<seed>``):
+    the seed from the checkpoint's params, else from a ``.../<arch>/seed<N>/`` model path; ``<arch>`` alone when
+    neither says (a model from before the bake-off had seeds)."""
+    train = meta.get("params", {}).get("train") if isinstance(meta.get("params"), dict) else None
+    seed = train.get("seed") if isinstance(train, dict) else None
+    folder = local.parent if local.suffix in (".pt", ".pth") else local
+    if seed is None and folder.parent.name == arch and re.fullmatch(r"seed\d+", folder.name):
+        seed = int(folder.name[4:])
+    return arch if seed is None else run_name(arch, int(seed))
+
+
+def _test_metrics(card: dict[str, Any], cm_path: Optional[Path], layout: str, ckpt_path: Path, run: str,
+                  dirs: tuple[str, str], plots_dir: str, notes: list[str]) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
+    """Test metrics and confusion matrix image: the card's, else evaluate's full report
+    (``<reports>/<run>/evaluate.json``), else its headline (``<metrics>/<run>/evaluate.json``); *dirs* is
+    (reports, metrics), *run* from :func:`_run_folder`."""
     metrics = card.get("test_metrics") or card.get("metrics")
     if metrics is not None:
         return metrics, cm_path
-    candidates = [storage.join(metrics_dir, arch, "evaluate.json")]
-    if layout == "checkpoint" and len(ckpt_path.parents) >= 3:
-        candidates.append(str(ckpt_path.parents[2] / "metrics" / arch / "evaluate.json"))
+    candidates = [storage.join(d, run, "evaluate.json") for d in dirs]
+    depth = len(Path(run).parts)  # models/<arch>/seed<N>/best.pt: the project is depth + 1 folders above
+    if layout == "checkpoint" and len(ckpt_path.parents) >= depth + 2:
+        candidates += [str(ckpt_path.parents[depth + 1] / sub / run / "evaluate.json") for sub in ("reports", "metrics")]
     for cand in candidates:
         if storage.exists(cand):
             metrics = _metrics_from_evaluate(storage.read_json(cand))
             notes.append(f"test metrics read from {cand}")
             if cm_path is None:
-                cm_path = _confusion_matrix_near(cand, plots_dir, arch)
+                cm_path = _confusion_matrix_near(cand, plots_dir, run)
             break
     return metrics, cm_path
 
 
-def _confusion_matrix_near(evaluate_json: str, plots_dir: str, arch: str) -> Optional[Path]:
-    """evaluate's confusion matrix image in *plots_dir*, else in the plots folder of evaluate.json's project."""
-    base = Path(evaluate_json).parents[2] if not storage.is_remote(evaluate_json) else None
-    for pc in ([Path(plots_dir) / arch / "confusion_matrix.png"] +
-               ([base / "plots" / arch / "confusion_matrix.png"] if base else [])):
+def _confusion_matrix_near(evaluate_json: str, plots_dir: str, run: str) -> Optional[Path]:
+    """evaluate's confusion matrix image in *plots_dir*, else in the plots folder of evaluate.json's project
+    (``<project>/metrics/<run>/evaluate.json``)."""
+    depth = len(Path(run).parts)
+    local = not storage.is_remote(evaluate_json) and len(Path(evaluate_json).parents) >= depth + 2
+    base = Path(evaluate_json).parents[depth + 1] if local else None
+    for pc in ([Path(plots_dir) / run / "confusion_matrix.png"] +
+               ([base / "plots" / run / "confusion_matrix.png"] if base else [])):
         if pc.is_file():
             return pc
     return None

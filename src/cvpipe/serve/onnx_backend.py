@@ -3,7 +3,9 @@
 The graph evaluate exports (:mod:`cvpipe.evaluate.export`) takes ``pixels``, uint8 NHWC RGB
 ``[batch, S, S, 3]``, and does the float conversion, the mean/std normalization and the NCHW
 transpose itself; this backend only stacks the arrays :meth:`cvpipe.serve.model.ServedModel.to_array`
-made (the preprocess functions) and applies a softmax to the ``logits``.
+made (the preprocess functions) and applies a softmax to the ``logits``. Those are already divided by the
+temperature evaluate fitted (issue #18), so the softmax is the calibrated probabilities the abstain rule
+(``serve.abstain_below``, :mod:`cvpipe.serve.abstain`) needs; nothing is divided here.
 
 Session options are set for the machine (:func:`session_options`): ``intra_op_num_threads`` from
 ``serve.onnx_threads`` (0 = :func:`cvpipe.serve.model.auto_threads`: the cores this process may use

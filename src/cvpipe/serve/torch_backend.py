@@ -7,6 +7,9 @@ so the app image (onnxruntime, no torch) never loads it. Where torch is not inst
 one line (:func:`load`).
 
 Normalization is :class:`cvpipe.torchkit.loaders.BatchNormalizer`, the one train and evaluate use.
+The logits are divided by the checkpoint's ``temperature`` (evaluate's fit on the validation split,
+stored in the exported model.pt; 1.0 for a bare train checkpoint) before the softmax, so the torch
+backend's probabilities are the calibrated ones model.onnx gives (its graph divides by the same value).
 """
 
 from __future__ import annotations
@@ -26,29 +29,32 @@ class TorchBackend:
 
     name = NAME
 
-    def __init__(self, module, mean, std, device):
+    def __init__(self, module, mean, std, device, temperature: float = 1.0):
         from cvpipe.torchkit.loaders import BatchNormalizer
         from cvpipe.torchkit.runtime import Runtime
 
-        self.module, self.device = module, device
+        if not temperature > 0:
+            raise StageError(f"the temperature must be positive, not {temperature!r}")
+        self.module, self.device, self.temperature = module, device, float(temperature)
         runtime = Runtime(device, amp_dtype=None, use_scaler=False, channels_last=False)
         self._normalize = BatchNormalizer(mean, std, runtime)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        """Softmax probabilities of uint8 NHWC *pixels* (normalized by BatchNormalizer on the device)."""
+        """Calibrated softmax probabilities, ``softmax(logits / temperature)``, of uint8 NHWC *pixels*
+        (normalized by BatchNormalizer on the device)."""
         import torch
 
         with torch.inference_mode():
             # contiguous NCHW like the module's weights (the normalizer's permute leaves NHWC memory,
             # which would send the convolutions down another kernel path)
             x = self._normalize(torch.from_numpy(np.ascontiguousarray(pixels))).contiguous()
-            return torch.softmax(self.module(x).float(), dim=1).cpu().numpy()
+            return torch.softmax(self.module(x).float() / self.temperature, dim=1).cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         import torch
 
         return {"name": NAME, "file": "checkpoint", "device": str(self.device), "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__}
+                "temperature": self.temperature, "torch": torch.__version__}
 
 
 def _torch():

@@ -59,6 +59,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise StageError(f"cannot load checkpoint {path}: {exc}") from None
 
 
+CHECKPOINT_FILES = ("best.pt", "last.pt")
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
+    """A run's checkpoints by file name (those that exist): train logs them as its W&B ``checkpoint``
+    artifact and evaluate, which reads one of them, records using the same files (same digest)."""
+    return {name: Path(model_dir) / name for name in CHECKPOINT_FILES if (Path(model_dir) / name).is_file()}
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]):
     model = create(ckpt["arch"], num_classes=len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])

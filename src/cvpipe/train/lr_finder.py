@@ -20,8 +20,8 @@ short loop over cvpipe's own loader, normalizer, training step (:func:`cvpipe.to
 the train loop's forward/loss/mixup) and timm optimizer (with its layer-decay
 ``lr_scale`` groups, so the suggested value is ``train.lr`` as the train stage uses it).
 
-Writes ``<paths.plots>/<arch>/lr_finder.png`` (loss vs LR, suggestion marked) and
-``<paths.metrics>/<arch>/lr_finder.json``; ``--write-lr`` stores the suggestion in params.yaml
+Writes ``<paths.plots>/<run>/lr_finder.png`` (loss vs LR, suggestion marked) and
+``<paths.metrics>/<run>/lr_finder.json`` (``<run>`` = ``params.run_name``, ``<arch>/seed<seed>``); ``--write-lr`` stores the suggestion in params.yaml
 (``bakeoff.archs.<arch>.lr`` when the arch is listed there, else ``train.lr``), comments kept.
 """
 
@@ -137,8 +137,8 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
         "current_lr": tp.lr, "steps_run": len(lrs), "lr_min": lr_min, "lr_max": lr_max,
         "lrs": lrs, "losses": [round(v, 6) for v in losses], "smoothed": [round(v, 6) for v in smoothed],
     }
-    metrics_path = storage.join(params.paths.metrics, tp.arch, "lr_finder.json")
-    plot_path = storage.join(params.paths.plots, tp.arch, "lr_finder.png")
+    metrics_path = storage.join(params.paths.metrics, params.run_name, "lr_finder.json")
+    plot_path = storage.join(params.paths.plots, params.run_name, "lr_finder.png")
     storage.write_json(metrics_path, result)
     storage.write_bytes(plot_path, plot(result))
     info(f"LR range test ({len(lrs)} steps, {tp.optimizer}, batch {tp.batch_size}): suggested lr {picks['suggested']:.3g} "

@@ -3,15 +3,18 @@
 Reads ``train.*``, ``wandb.*`` and the prepared dataset in ``paths.prepared``
 (including the augmentation pipeline preprocess saved beside it). Writes (rank 0 only)::
 
-    <paths.models>/<arch>/best.pt, last.pt     checkpoints: model, optimizer, scheduler, EMA,
+    <paths.models>/<run>/best.pt, last.pt      checkpoints: model, optimizer, scheduler, EMA,
                                                scaler, epoch, RNG states (torch, numpy, python,
                                                loader; one per rank), classes, resolved params,
                                                dataset fingerprint, W&B run id, history
-    <paths.metrics>/<arch>/train.json          final training metrics (DVC metrics)
-    <paths.plots>/<arch>/history.csv           one row per epoch (DVC plots)
+    <paths.metrics>/<run>/train.json           headline: epochs, val_acc, throughput_img_s, seconds (DVC metrics)
+    <paths.reports>/<run>/train.json           the full summary: plan, best and final epoch, runtime, ids (git)
+    <paths.plots>/<run>/history.csv            one row per epoch (DVC plots)
 
+where ``<run>`` is ``params.run_name``, ``<arch>/seed<seed>`` (one cell of the bake-off: train.arch x train.seed),
 and logs config (resolved params + git commit + dataset hash), per-update loss/LR,
-per-epoch metrics, img/s (and GPU memory) and the best model as an artifact to W&B.
+per-epoch metrics, img/s (and GPU memory) to W&B, records using the ``dataset`` artifact and logs
+best.pt + last.pt as the ``checkpoint-<arch>-seed<seed>`` artifact (evaluate logs "the model").
 
 A ``last.pt`` written by an unfinished run with the same ``train.*`` params and the
 same data is resumed automatically (``train.auto_resume``); ``cvpipe train --resume``
@@ -44,9 +47,10 @@ from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
 from cvpipe.core.console import EpochProgress, info, set_quiet, warn
 from cvpipe.data import augment
-from cvpipe.data.prepared import PreparedDataset
+from cvpipe.data.prepared import ARTIFACT as DATASET_ARTIFACT
+from cvpipe.data.prepared import PreparedDataset, lineage_files
 from cvpipe.torchkit.loaders import default_workers
-from cvpipe.torchkit.models import check_arch
+from cvpipe.torchkit.models import check_arch, checkpoint_files
 from cvpipe.torchkit.runtime import Runtime, resolve_runtime, seed_everything
 from cvpipe.train import build, distributed, finetune
 from cvpipe.train import checkpoint as ckpt_lib
@@ -65,10 +69,13 @@ def _write_history(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def output_paths(params: Params, name: Optional[str] = None) -> dict[str, str]:
-    name = name or params.train.arch
+    """Where train writes one run's files: under ``<paths.X>/<name>``, *name* the run folder
+    (default ``params.run_name``, ``<arch>/seed<seed>``, convention of the bake-off's cells)."""
+    name = name or params.run_name
     return {
         "model_dir": storage.join(params.paths.models, name),
         "metrics": storage.join(params.paths.metrics, name, "train.json"),
+        "report": storage.join(params.paths.reports, name, "train.json"),
         "history": storage.join(params.paths.plots, name, "history.csv"),
     }
 
@@ -123,6 +130,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
 
     config = _tracking_config(params, resolved, fingerprint, data, net, rt, dist)
     tracker = _start_tracker(params, tp, config, fingerprint, state, dist)
+    tracker.use_artifact(lineage_files(ds.root), name=DATASET_ARTIFACT, type="dataset")  # W&B lineage: data -> train
     ctx = build.Context(rt, dist, data, net, out, updates_per_epoch, start_epoch, fingerprint, tracker, budget,
                         kill_after=int(os.environ.get(KILL_ENV, "0") or 0))
     checkpointer = ckpt_lib.Checkpointer(ctx, resolved, identity)
@@ -168,7 +176,7 @@ def _start_tracker(params: Params, tp, config: dict[str, Any], fingerprint: str,
     resume_id = state.get("wandb_run_id") if state else None
     for attempt in range(4):
         tracker = tracking.start(
-            params, job_type="train", name=f"train-{tp.arch}", config=config,
+            params, job_type="train", name=f"train-{tp.arch}-seed{tp.seed}", config=config,
             tags=[tp.arch, tp.finetune, "pretrained" if (tp.pretrained or tp.pretrained_path) else "scratch"],
             group=tracking.group_name(params, fingerprint),
             resume_id=resume_id,
@@ -265,6 +273,8 @@ def _summary(ctx: build.Context, run: build.RunState, stopped_early: bool, elaps
         "best_epoch": best["epoch"],
         "best_val_acc": best["val_acc"],
         "best_val_loss": best["val_loss"],
+        # the weights best.pt was picked by: the EMA's under an ema_ monitor (the metrics file's val_acc)
+        "best_monitored_val_acc": best["ema_val_acc" if tp.monitor.startswith("ema_") else "val_acc"],
         "final_train_loss": history[-1]["train_loss"],
         "final_val_acc": history[-1]["val_acc"],
         "final_val_loss": history[-1]["val_loss"],
@@ -285,15 +295,30 @@ def _summary(ctx: build.Context, run: build.RunState, stopped_early: bool, elaps
     return summary
 
 
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file ``<paths.metrics>/<run>/train.json``: what a person compares across runs.
+
+    ``val_acc`` is the validation accuracy of the weights ``best.pt`` was picked by (the EMA's when
+    ``train.monitor`` is an ``ema_`` metric) at its epoch; ``epochs`` the epochs run. Keys shared with the
+    other stages' metrics files (``seconds``, ``throughput_img_s``) keep ``dvc metrics show`` one narrow
+    table; the full summary is ``<paths.reports>/<run>/train.json``."""
+    return {"epochs": summary["epochs_run"], "val_acc": summary["best_monitored_val_acc"],
+            "throughput_img_s": summary["img_per_s"], "seconds": summary["seconds"]}
+
+
 def _publish(ctx: build.Context, run: build.RunState, summary: dict[str, Any], elapsed: float) -> None:
-    """train.json, the W&B summary and the best model as an artifact (rank 0); the closing line on the console."""
+    """train.json, the W&B summary and the checkpoints as an artifact (rank 0); the closing line on the console."""
     tp, best, monitor, tracker = run.tp, run.stopper.best, run.tp.monitor, ctx.tracker
     if ctx.dist.is_main:
-        storage.write_json(ctx.out["metrics"], summary)
+        storage.write_json(ctx.out["report"], summary)
+        storage.write_json(ctx.out["metrics"], headline(summary))
         tracker.summary({k: v for k, v in summary.items() if k != "wandb_run_id"})
+        # the checkpoints (optimizer state included) are a `checkpoint`, not "the model": evaluate logs the
+        # weights it scored as the `model` artifact and records reading this one
         tracker.log_artifact(
-            storage.join(ctx.out["model_dir"], "best.pt"), name=f"model-{tp.arch}", type="model",
-            metadata={monitor: best[monitor], "epoch": best["epoch"], "dataset_hash": ctx.fingerprint}, aliases=["best", "latest"],
+            checkpoint_files(ctx.out["model_dir"]), name=tracking.checkpoint_artifact(tp.arch, tp.seed), type="checkpoint",
+            metadata={monitor: best[monitor], "best_epoch": best["epoch"], "epochs_run": run.history[-1]["epoch"],
+                      "dataset_hash": ctx.fingerprint},
         )
         tracker.finish()
     info(

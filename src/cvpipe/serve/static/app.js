@@ -1,4 +1,4 @@
-// cvpipe web page: upload -> POST /predict -> top-k bars; GET /model -> model card.
+// cvpipe web page: upload -> POST /predict -> top-k bars ("not sure" when the server abstains); GET /model -> model card.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let limits = { max_upload_bytes: 10 * 1024 * 1024 };
@@ -16,6 +16,7 @@ async function classify(file) {
   if (!file) return;
   $("result").hidden = true;
   $("predicted-label").textContent = "";
+  $("verdict").classList.remove("unsure");
   if (file.size > limits.max_upload_bytes) {
     showMessage(`Rejected: ${file.name} is ${file.size} bytes; the limit is ${limits.max_upload_bytes} bytes.`);
     return;
@@ -37,8 +38,15 @@ async function classify(file) {
   }
   showMessage("");
   $("preview").src = URL.createObjectURL(file);
-  $("predicted-label").textContent = data.label;
-  $("predicted-prob").textContent = `(${pct(data.probability)})`;
+  if (data.unsure) {  // label is null: the calibrated top-1 probability is below serve.abstain_below
+    $("verdict").classList.add("unsure");
+    $("predicted-label").textContent = "not sure";
+    $("predicted-prob").textContent = `(best guess ${data.top_k[0].label} at ${pct(data.probability)}, ` +
+      `below the ${pct(data.abstain_below)} threshold)`;
+  } else {
+    $("predicted-label").textContent = data.label;
+    $("predicted-prob").textContent = `(${pct(data.probability)})`;
+  }
   const bars = $("bars");
   bars.replaceChildren();
   for (const t of data.top_k) {
@@ -81,6 +89,18 @@ async function loadCard() {
   if (m.trained_epochs) row(tbody, "trained epochs", m.trained_epochs);
   if (m.model_cost) row(tbody, "model cost", Object.entries(m.model_cost).map(([k, v]) => `${k} ${v}`).join(", "));
   if (m.backend) row(tbody, "served by", m.backend.name + (m.backend.file ? ` (${m.backend.file})` : ""));
+  const ab = m.abstain;
+  if (ab) {
+    row(tbody, "temperature", ab.temperature === null ? "unknown" : `${ab.temperature} (${ab.source})`);
+    if (ab.enabled) {
+      const e = ab.expected;  // evaluate's test coverage/error at this threshold, when the card has them
+      let seen = "";
+      if (e && typeof e.coverage === "number") {
+        seen = ` (test: answers ${pct(e.coverage)}` + (typeof e.error === "number" ? `, error ${pct(e.error)} on those)` : ")");
+      }
+      row(tbody, "not sure below", pct(ab.abstain_below) + seen);
+    }
+  }
   $("metrics").hidden = false;
   if (m.confusion_matrix_url) {
     $("confusion").src = m.confusion_matrix_url; $("confusion").hidden = false;
