@@ -44,9 +44,11 @@ MKDIR = "mkdir -p data models metrics plots exports reports wandb .cvpipe"
 BUILD = "docker compose build"
 CHAIN = "docker compose run --rm evaluate"
 COMPARE = "docker compose run --rm --no-deps compare"
+TRAIN = "docker compose run --rm train --epochs 3"  # one stage with its own args (its upstream ones rerun first)
 APP_BUILD = "docker compose --profile app build app"
 APP_UP = "docker compose --profile app up app"
-RUN_IN_ORDER = [MKDIR, BUILD, CHAIN, COMPARE, APP_BUILD]
+RUN_IN_ORDER = [MKDIR, BUILD, CHAIN, COMPARE, TRAIN, APP_BUILD]
+GPU_ONLY = "docker compose -f docker-compose.yml -f docker-compose.gpu.yml run --rm evaluate"  # needs NVIDIA
 # tiny: two epochs of resnet18 at 64 px on 28 photos (every other key as the repo's params.yaml)
 PARAMS = {
     "ingest.source": "data/source",  # relative to the project (/work in the containers)
@@ -88,6 +90,8 @@ def test_header_documents_the_composed_pipeline():
     # compose runs them in this order: the chain, then compare, then the app on what compare promoted
     order = [documented.index(c) for c in [BUILD, CHAIN, COMPARE, APP_UP]]
     assert order == sorted(order), documented
+    # tests/docs_blocks.yaml skips this header in test_docs because this test runs it: every line but the GPU one
+    assert set(documented) == {ENV_LINE, *RUN_IN_ORDER, APP_UP, GPU_ONLY}, documented
 
 
 def test_mkdir_line_creates_every_mounted_project_folder():
