@@ -358,7 +358,7 @@ def auto_threads(concurrent_runs: int) -> int:
 
 
 def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", plots_dir: str = "plots",
-               reports_dir: str = "reports", torch_threads: int = 0, backend: str = "auto", onnx_threads: int = 0,
+               reports_dir: Optional[str] = None, torch_threads: int = 0, backend: str = "auto", onnx_threads: int = 0,
                concurrent_runs: int = 1) -> ServedModel:
     """Load a promoted model folder or a bare checkpoint (local or remote) on the backend *backend*
     picks (see the module docstring); raise StageError when impossible. *concurrent_runs* (model runs
@@ -401,7 +401,8 @@ def load_model(uri: str, *, device: str = "cpu", metrics_dir: str = "metrics", p
     elif temperature.value is None:
         notes.append(f"calibration {temperature.source}")
     metrics, cm_path = _test_metrics(card, files.get("confusion_matrix.png"), layout, ckpt_path,
-                                     _run_folder(arch, meta, local), (reports_dir, metrics_dir), plots_dir, notes)
+                                     _run_folder(arch, meta, local), (reports_dir or _sibling(metrics_dir, "reports"), metrics_dir),
+                                     plots_dir, notes)
     files["confusion_matrix.png"] = cm_path
     if metrics is None:
         notes.append("no test metrics: the model folder has no card.json and no evaluate.json was found (run cvpipe evaluate)")
@@ -515,6 +516,13 @@ def _test_metrics(card: dict[str, Any], cm_path: Optional[Path], layout: str, ck
                 cm_path = _confusion_matrix_near(cand, plots_dir, run)
             break
     return metrics, cm_path
+
+
+def _sibling(folder: str, name: str) -> str:
+    """*name* beside *folder* (``<project>/metrics`` -> ``<project>/reports``), local or remote."""
+    folder = str(folder).rstrip("/")
+    parent = folder.rsplit("/", 1)[0] if "/" in folder else ""
+    return storage.join(parent, name) if parent else name
 
 
 def _confusion_matrix_near(evaluate_json: str, plots_dir: str, run: str) -> Optional[Path]:
