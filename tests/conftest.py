@@ -5,6 +5,10 @@
 * ``project``: a temporary project folder (cwd) with its own params.yaml, so a
   test's outputs never touch the repository.
 * W&B always runs offline inside the test's folder.
+* Disk: a passed test's ``tmp_path`` is deleted at its teardown (pyproject's retention policy) and
+  every folder ``tmp_path_factory`` made while a module ran is deleted when the module ends, unless
+  one of its tests failed (kept to debug). So fixtures that make folders with ``tmp_path_factory``
+  are module- or function-scoped; a session-scoped one would lose its folder after its first module.
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sweep_module_scratch(request, tmp_path_factory):
+    """Delete the folders tmp_path_factory made during this module once it ends (see the docstring)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        return
+    for path in set(base.iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

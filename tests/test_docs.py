@@ -63,7 +63,7 @@ def new_bucket(env: dict) -> str:
 _BUCKETS = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def docs_env(tmp_path_factory):
     """Environment variables the blocks run with (see docs_blocks.yaml for the DOCS_* ones)."""
     root = tmp_path_factory.mktemp("docs")
@@ -82,7 +82,7 @@ def docs_env(tmp_path_factory):
         yield env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def built_clone(docs_env):
     """The scratch clone after `dvc repro` (what `make run` does), and the HTTP server over its models/."""
     root = Path(docs_env["DOCS_ROOT"])

@@ -247,7 +247,7 @@ def test_prepared_dataset_reads_from_a_remote_url_by_copying_once(project, monke
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hymenoptera_raw(real_data, tmp_path_factory) -> Path:
     """hymenoptera_data ingested once (split layout kept as split_hint), through the real CLI."""
     files = hymenoptera_files(real_data)
