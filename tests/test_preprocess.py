@@ -21,7 +21,8 @@ from cvpipe.data.prepared import PreparedDataset
 from cvpipe.data.resize import phash
 from cvpipe.ingest import stage as ingest
 from cvpipe.preprocess import stage as preprocess
-from cvpipe.preprocess.splits import near_duplicate_groups, predefined_split, straddling_groups, stratified_split
+from cvpipe.preprocess.near_duplicates import near_duplicate_groups
+from cvpipe.preprocess.splits import predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- helpers
 

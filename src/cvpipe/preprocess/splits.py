@@ -3,8 +3,11 @@
 * **Near-duplicates** are found with a 64-bit perceptual hash (``imagehash.phash``)
   of every image: two images whose hashes differ in at most
   ``split.near_duplicate_distance`` bits are linked, and linked images form a
-  group (connected components, i.e. union-find). A resized or recompressed copy
-  of a photo lands within a few bits of the original.
+  group (connected components; :mod:`cvpipe.preprocess.near_duplicates` finds them
+  without comparing all pairs). A resized or recompressed copy of a photo lands
+  within a few bits of the original.
+* Every function here is linear in the images (sorts and ``np.unique``), no
+  per-group or per-class Python loop: a million images split in seconds.
 * **Stratified** splits (scikit-learn ``train_test_split``) are drawn over
   *groups*, stratified by each group's majority label, so a group never
   straddles train/val/test. Without near-duplicates every group is one image
@@ -31,38 +34,13 @@ SPLITS = ("train", "val", "test")
 # ----------------------------------------------------------------------------- hashing / grouping
 
 
-def near_duplicate_groups(hashes: np.ndarray, max_distance: Optional[int], block: int = 2048) -> np.ndarray:
-    """Group id per image: images within ``max_distance`` bits (transitively) share a group.
-
-    Pairwise Hamming distances are computed in blocks (O(n^2) popcounts, about a
-    second for 20k images); ``None`` disables grouping (every image its own group).
-    """
-    n = len(hashes)
-    if max_distance is None or n == 0:
-        return np.arange(n, dtype=np.int64)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    h = np.asarray(hashes, dtype=np.uint64)
-    rows, cols = [], []
-    for start in range(0, n, block):
-        part = h[start : start + block]
-        dist = np.bitwise_count(part[:, None] ^ h[None, :])
-        r, c = np.nonzero(dist <= max_distance)
-        keep = c > r + start  # each pair once, no self-pairs
-        rows.append(r[keep] + start)
-        cols.append(c[keep])
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64)
-
-
 def groups_report(groups: np.ndarray, ids: list[str], labels: np.ndarray, classes: list[str]) -> list[dict]:
     """The multi-image groups: member ids and labels (a mixed-label group is flagged)."""
     out = []
-    order = np.argsort(groups, kind="stable")
+    groups = np.asarray(groups)
+    multi = np.bincount(groups)[groups] > 1  # singletons (most images) never reach the Python loop
+    order = np.flatnonzero(multi)
+    order = order[np.argsort(groups[order], kind="stable")]
     g_sorted = groups[order]
     bounds = np.flatnonzero(np.diff(g_sorted)) + 1
     for members in np.split(order, bounds):
@@ -76,22 +54,29 @@ def groups_report(groups: np.ndarray, ids: list[str], labels: np.ndarray, classe
 
 def straddling_groups(groups: np.ndarray, splits: dict[str, np.ndarray]) -> list[int]:
     """Group ids that have members in more than one split (leakage)."""
-    where: dict[int, set[str]] = {}
-    for name, idx in splits.items():
-        for g in groups[idx].tolist():
-            where.setdefault(g, set()).add(name)
-    return sorted(g for g, s in where.items() if len(s) > 1)
+    groups = np.asarray(groups)
+    parts = [np.unique(groups[np.asarray(idx, dtype=np.int64)]) for idx in splits.values()]
+    if not parts:
+        return []
+    ids, seen_in = np.unique(np.concatenate(parts), return_counts=True)
+    return ids[seen_in > 1].tolist()
 
 
 # ----------------------------------------------------------------------------- splitting
 
 
 def _unit_labels(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique groups among ``idx`` and each group's majority label."""
+    """Unique groups among ``idx`` and each group's majority label (ties: the lowest label)."""
     units, inverse = np.unique(groups[idx], return_inverse=True)
+    unit_of = inverse.reshape(-1).astype(np.int64)
+    lab = np.asarray(labels)[idx].astype(np.int64)
+    width = int(lab.max()) + 1 if len(lab) else 1
+    pairs, counts = np.unique(unit_of * width + lab, return_counts=True)  # (unit, label) -> count
+    pair_unit, pair_label = pairs // width, pairs % width
+    best = np.lexsort((pair_label, -counts, pair_unit))  # per unit: most members first, then lowest label
+    first = best[np.r_[True, pair_unit[best][1:] != pair_unit[best][:-1]]]
     unit_label = np.zeros(len(units), dtype=np.int64)
-    for u in range(len(units)):
-        unit_label[u] = np.bincount(labels[idx][inverse == u]).argmax()
+    unit_label[pair_unit[first]] = pair_label[first]
     return units, unit_label
 
 

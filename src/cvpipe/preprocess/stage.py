@@ -33,7 +33,8 @@ from cvpipe.core.errors import StageError
 from cvpipe.data import augment, manifest
 from cvpipe.data.prepared import SPLITS, SplitWriter, write_meta
 from cvpipe.data.resize import resize_all
-from cvpipe.preprocess.splits import groups_report, near_duplicate_groups, predefined_split, straddling_groups, stratified_split
+from cvpipe.preprocess.near_duplicates import near_duplicate_groups
+from cvpipe.preprocess.splits import groups_report, predefined_split, straddling_groups, stratified_split
 
 # ----------------------------------------------------------------------------- statistics
 
