@@ -110,7 +110,11 @@ def test_documented_block_runs(block: Block, built_clone, docs_env, tmp_path):
         pytest.skip("no Docker engine (CI sets CVPIPE_REQUIRE_DOCKER=1 and has one)")
     env = {**docs_env, **{k: string.Template(str(v)).safe_substitute(docs_env) for k, v in PLAN.env.get(block.id, {}).items()},
            "DOCS_WHILE_SERVING": PLAN.while_serving.get(block.id, ""),
-           "DOCS_ORIGIN": str(tmp_path / "origin.git"), "DOCS_BUCKET": new_bucket(docs_env)}
+           "DOCS_ORIGIN": str(tmp_path / "origin.git"), "DOCS_BUCKET": new_bucket(docs_env),
+           # every block's clone is at .../clone, and a passed block's folder name is reused by the next one:
+           # under one compose project ("clone") compose would restart the previous block's containers,
+           # bound to files that were deleted with its folder
+           "COMPOSE_PROJECT_NAME": f"docs{os.getpid()}-{next(_BUCKETS)}"}
     work = copy_clone(built_clone, tmp_path / "clone", env)
     script = PLAN.script(block, BY_ID)
     start = time.monotonic()
