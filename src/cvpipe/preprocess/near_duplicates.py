@@ -38,7 +38,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 LOOP_RUN = 256  # longer runs of one block value are compared all-pairs in chunks (faster than walking them)
-MIN_BLOCK_BITS = 8  # narrower blocks (d > 6) give runs of n/256 hashes: brute force is no slower then
+MIN_BLOCK_BITS = 8  # narrower blocks (d >= 8) give runs of n/128 hashes or more: brute force is no slower then
 _BITS = 64
 
 
