@@ -34,6 +34,20 @@ from docs_blocks import Block
 
 VENV_BIN = Path(sys.executable).parent
 
+# what the suite's own launcher leaves in the environment that a user's shell would not have. A parent
+# `make test PYTEST_ARGS=...` (CI's .ci/run) passes its command-line variables to every make below it
+# through MAKEFLAGS, where they beat the environment: the README's `make test` in a block would then run
+# the whole suite instead of the plan's PYTEST_ARGS (CI timed out on README.md#quickstart that way).
+_NOT_A_USERS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
+_NOT_A_USERS_PREFIXES = ("WANDB_", "PYTEST_", "DOCS_")
+
+
+def user_environ(environ: dict) -> dict:
+    """``environ`` as a user's fresh shell would have it: without the parent make's flags and
+    command-line variables, and without the W&B, pytest and docs-test settings of this run."""
+    return {k: v for k, v in environ.items()
+            if k not in _NOT_A_USERS and not k.startswith(_NOT_A_USERS_PREFIXES)}
+
 # bash functions every block starts with: `cvpipe serve` / `docker compose up` / `docker run -p`
 # start a server; it is checked through /healthz and /model, then stopped
 PRELUDE = r'''

@@ -14,10 +14,12 @@ the collector and runner rules, synopses and the "a broken command fails" proper
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import string
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import pytest
 
 from conftest import REPO, make_digits_slice
 from docs_blocks import Block, collect, command_lines, markdown_blocks, synopsis_options, usage_comment_blocks
-from docs_runner import VENV_BIN, Plan, copy_clone, make_clone, run_script
+from docs_runner import VENV_BIN, Plan, copy_clone, make_clone, run_script, user_environ
 from servers import free_port, gcs_emulator, http_server
 
 PLAN_FILE = Path(__file__).with_name("docs_blocks.yaml")
@@ -67,7 +69,7 @@ _BUCKETS = itertools.count(1)
 def docs_env(tmp_path_factory):
     """Environment variables the blocks run with (see docs_blocks.yaml for the DOCS_* ones)."""
     root = tmp_path_factory.mktemp("docs")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "PYTEST_", "DOCS_"))}
+    keep = user_environ(dict(os.environ))
     with gcs_emulator(root / "gcs") as endpoint:
         env = {
             **keep, **GIT_ENV,
@@ -190,3 +192,24 @@ def test_a_broken_readme_command_fails(tmp_path):
     failed = run_script(Plan().script(broken, {}), clone, env, 300)
     assert failed.returncode != 0
     assert "shwo" in failed.stderr + failed.stdout
+
+
+def test_a_block_under_ci_make_runs_the_plans_make_test_not_cis(tmp_path):
+    """.ci/run is `make test PYTEST_ARGS=...`; a parent make hands its command-line variables to every
+    make below it through MAKEFLAGS, where they beat the environment. A block's `make test` (README
+    quickstart) must run the plan's PYTEST_ARGS, not CI's whole suite again."""
+    outer = tmp_path / "outer.mk"
+    dump = tmp_path / "env.json"
+    outer.write_text(f"all:\n\t@{sys.executable} -c 'import json, os; json.dump(dict(os.environ), open(\"{dump}\", \"w\"))'\n")
+    subprocess.run(["make", "-s", "-f", str(outer), "PYTEST_ARGS=from-ci"], check=True, capture_output=True)
+    under_ci = json.loads(dump.read_text())
+    assert "PYTEST_ARGS=from-ci" in under_ci.get("MAKEFLAGS", "")
+
+    def inner_make_test(environ: dict) -> str:
+        env = {**environ, "PYTEST_ARGS": "from-plan", "PATH": os.pathsep.join(PATH_DIRS)}
+        return subprocess.run(["make", "-n", "-C", str(REPO), "test"], env=env, capture_output=True,
+                              text=True, check=True).stdout
+
+    assert "pytest from-ci" in inner_make_test(under_ci)   # what the block ran before user_environ
+    dry_run = inner_make_test(user_environ(under_ci))
+    assert "pytest from-plan" in dry_run and "from-ci" not in dry_run
