@@ -89,6 +89,23 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cvpipe", *argv]
 
 
+def broadcast_buffers(module, d: Dist) -> None:
+    """Give every rank rank 0's buffers of *module* (BatchNorm running statistics).
+
+    DDP keeps the trained model's buffers in step (it broadcasts them from rank 0 at each forward),
+    but a copy updated outside DDP, such as the EMA of the weights, drifts per rank: each rank's EMA
+    averages its own rank's buffers. Rank 0's copy is the one checkpointed, so a run resumed
+    from it would validate a different EMA on the other ranks than the uninterrupted run did;
+    broadcasting before the EMA is validated makes both runs validate rank 0's, bit for bit.
+    """
+    if not d.enabled:
+        return
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def gather_object(obj, d: Dist) -> list:
     """Every rank's ``obj`` as a list (index = rank), on every rank."""
     if not d.enabled:

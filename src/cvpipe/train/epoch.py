@@ -120,6 +120,7 @@ def validate(ctx: Context, row: dict[str, Any]) -> None:
         v_loss, v_correct, v_n = _val_sums(ctx, net.model)
         row["val_loss"], row["val_acc"] = round(v_loss / v_n, 6), round(v_correct / v_n, 6)
         if net.ema is not None:
+            distributed.broadcast_buffers(net.ema.module, ctx.dist)   # rank 0's EMA, the checkpointed one
             e_loss, e_correct, e_n = _val_sums(ctx, net.ema.module)
             row["ema_val_loss"], row["ema_val_acc"] = round(e_loss / e_n, 6), round(e_correct / e_n, 6)
     else:

@@ -59,8 +59,23 @@ from cvpipe.train.epoch import train_epoch, validate
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
 EMA_COLUMNS = ["ema_val_loss", "ema_val_acc"]
-# Fault injection for the kill/resume test: SIGKILL this process after N optimizer steps.
+# Fault injection for the kill/resume tests: SIGKILL this process after N batches of a run that
+# started fresh (a resumed run never kills itself, so the group torchrun restarts runs to the end);
+# under torchrun only the rank named by KILL_RANK_ENV (default: every rank).
 KILL_ENV = "CVPIPE_FAULT_KILL_AFTER_STEPS"
+KILL_RANK_ENV = "CVPIPE_FAULT_KILL_RANK"
+
+
+def fault_kill_after(rank: int, resumed: bool) -> int:
+    """Batches after which this process kills itself (0 = never), from the fault-injection env vars.
+
+    "Fresh run only" rather than torchrun's TORCHELASTIC_RESTART_COUNT: a node restarted because
+    another node failed keeps restart count 0, and ranks may move between nodes in the new round.
+    """
+    only_rank = os.environ.get(KILL_RANK_ENV, "")
+    if resumed or (only_rank and int(only_rank) != rank):
+        return 0
+    return int(os.environ.get(KILL_ENV, "0") or 0)
 
 
 def _write_history(path: str, rows: list[dict[str, Any]]) -> None:
@@ -132,7 +147,7 @@ def _run(params: Params, rt: Runtime, dist: distributed.Dist, resume: bool) -> d
     tracker = _start_tracker(params, tp, config, fingerprint, state, dist)
     tracker.use_artifact(lineage_files(ds.root), name=DATASET_ARTIFACT, type="dataset")  # W&B lineage: data -> train
     ctx = build.Context(rt, dist, data, net, out, updates_per_epoch, start_epoch, fingerprint, tracker, budget,
-                        kill_after=int(os.environ.get(KILL_ENV, "0") or 0))
+                        kill_after=fault_kill_after(dist.rank, resumed=state is not None))
     checkpointer = ckpt_lib.Checkpointer(ctx, resolved, identity)
     started = time.perf_counter()
     try:
