@@ -99,6 +99,19 @@ def test_yaml_anchor_is_refused_with_its_line(tmp_path):
     _refused(_run(tmp_path), "params.yaml", "line", "anchor")
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second ``lr:`` lower in train: (or a second
+    ``train:`` section) would undo the first without a word."""
+    lines = (REPO / "params.yaml").read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("  epochs: "))
+    (tmp_path / "params.yaml").write_text("".join(lines[:at + 1] + ["  epochs: 3\n"] + lines[at + 1:]))
+    _refused(_run(tmp_path), "params.yaml", f"line {at + 2}", "'epochs' is given twice", f"first at line {at + 1}")
+    # the same key in different mappings is fine, and so is the file without the copy
+    from cvpipe.core.config import parse_yaml
+
+    assert parse_yaml("a: {x: 1}\nb: {x: 2}\n") == {"a": {"x": 1}, "b": {"x": 2}}
+
+
 @pytest.mark.parametrize("via", VIA)
 def test_deeply_nested_yaml_is_refused(tmp_path, via):
     """A few kilobytes of '[' must not blow the parser's recursion (exit 1 with RecursionError)."""

@@ -522,7 +522,9 @@ class _ParamsLoader(yaml.SafeLoader):
     * anchors and aliases (``&a``/``*a``, merge keys): a few hundred bytes of aliases expand to
       billions of nodes (the "billion laughs"), which validation and error messages would walk;
     * nesting deeper than :data:`MAX_YAML_DEPTH` (the composer recurses: ``[[[[...`` overflows the stack);
-    * integers too long for Python to convert (``int()`` refuses more than 4,300 digits).
+    * integers too long for Python to convert (``int()`` refuses more than 4,300 digits);
+    * a key given twice in one mapping: PyYAML keeps the last silently, so an edit lower in the
+      file (``train:`` pasted twice, a second ``lr:``) would quietly undo another.
 
     Each is a :class:`yaml.MarkedYAMLError` with the line and column where it appears.
     """
@@ -552,6 +554,22 @@ class _ParamsLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"integer of {len(str(node.value)):,} characters is too long", node.start_mark
             ) from None
+
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if seen is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {clip(repr(key), 60)} is given twice in one mapping (first at line {seen.line + 1});"
+                        " keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _ParamsLoader.add_constructor("tag:yaml.org,2002:int", _ParamsLoader.construct_yaml_int)
