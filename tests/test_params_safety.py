@@ -213,6 +213,10 @@ BAD_VALUES = [
     ("split seed negative", "split.seed", "-1", "split.seed"),
     ("train seed negative", "train.seed", "-1", "train.seed"),
     ("train seed above 2**32-1", "train.seed", str(2**32), "train.seed"),
+    # scikit-learn's random_state refuses it deep in the audit's cross-validation
+    ("audit seed above 2**32-1", "audit.seed", str(2**32), "audit.seed"),
+    ("evaluate bootstrap_seed above 2**32-1", "evaluate.bootstrap_seed", str(2**32), "evaluate.bootstrap_seed"),
+    ("compare seed above 2**32-1", "compare.seed", str(2**32), "compare.seed"),
     ("batch_size 10**20", "train.batch_size", str(10**20), "train.batch_size"),
     ("batch_size 1e20 float", "train.batch_size", "1.0e+20", "train.batch_size"),
     ("evaluate batch_size 10**20", "evaluate.batch_size", str(10**20), "evaluate.batch_size"),
@@ -244,7 +248,7 @@ def test_bad_value_exit_2_naming_the_key(tmp_path, via, key, yaml_text, needle):
 
 
 @pytest.mark.parametrize("key,yaml_text", [
-    ("train.seed", str(2**32 - 1)), ("split.seed", "0"), ("train.device", "cuda:1"), ("serve.device", "mps"),
+    ("train.seed", str(2**32 - 1)), ("split.seed", "0"), ("audit.seed", str(2**32 - 1)), ("train.device", "cuda:1"), ("serve.device", "mps"),
     ("train.batch_size", str(2**20)), ("ingest.workers", "1024"), ("paths.raw", "."),
     ("augment.train", "[{Affine: {p: 0.5}}]"),
 ])

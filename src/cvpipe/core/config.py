@@ -294,7 +294,7 @@ class EvaluateParams(_Section):
     bootstrap_resamples: int = Field(
         1000, ge=0, le=100_000, description="stratified bootstrap resamples for macro-F1, ROC-AUC and ECE intervals; 0 = none"
     )
-    bootstrap_seed: int = Field(0, ge=0, description="seeds the bootstrap resampling")
+    bootstrap_seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the bootstrap resampling")
 
 
 class CompareParams(_Section):
@@ -315,7 +315,7 @@ class CompareParams(_Section):
     resamples: int = Field(
         5000, ge=200, le=1_000_000, description="paired bootstrap / sign-flip resamples of the tests that are not exact"
     )
-    seed: int = Field(0, ge=0, lt=2**32, description="seeds the resampling, so a rerun gives the same p-values")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds the resampling, so a rerun gives the same p-values")
 
 
 class AuditParams(_Section):
@@ -340,7 +340,8 @@ class AuditParams(_Section):
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = Field(
         "prune_by_noise_rate", description="cleanlab.filter.find_label_issues' filter_by"
     )
-    seed: int = Field(42, ge=0, description="seeds the fold assignment")
+    seed: int = Field(42, ge=0, le=MAX_SEED,
+                      description="seeds the fold assignment (scikit-learn's random_state: at most 2**32-1)")
     gallery_size: int = Field(16, ge=0, le=400, description="top suspects drawn in plots/audit/suspects.png (0 = none)")
     table_images: int = Field(200, ge=0, le=100_000, description="top suspects logged with their images to the W&B table")
 
