@@ -66,6 +66,21 @@ def test_a_one_epoch_plan_grows_inside_that_epoch(clock):
     assert b.replan(5, 8.0, pending_s=6.0) == 5  # never below the epoch in progress
 
 
+def test_a_plan_grows_only_when_slower_epochs_still_fit(clock):
+    """Hysteresis: growing needs the longer plan to fit with every remaining second GROW_MARGIN slower, so a
+    plan grown on one optimistic measure is not shrunk at the next (which would cut the cosine off);
+    shrinking needs no margin."""
+    from cvpipe.train.budget import GROW_MARGIN
+
+    b = TimeBudget(minutes=1, max_epochs=1000)  # 60 s, 2 s reserved
+    clock.now += 20  # 38 s left
+    assert b.replan(1, 9.0) == 1 + int(38 // 9) == 5  # no current plan: whatever fits
+    assert b.replan(1, 9.0, current=3) == 1 + int(38 // (9.0 * GROW_MARGIN)) == 4  # grows, by what fits slower
+    assert b.replan(1, 9.0, current=5) == 5
+    assert b.replan(1, 9.0, current=7) == 5  # shrinks to what fits, no margin
+    assert b.replan(1, 12.0, pending_s=5.0, current=2) == max(2, 1 + int((38 - 5 * GROW_MARGIN) // (12 * GROW_MARGIN)))
+
+
 def _lrs(sched, opt, updates):
     out = []
     for u in updates:
@@ -150,6 +165,7 @@ def test_time_budget_is_honoured_with_a_completed_schedule(tmp_path, digits_prep
     wall = time.monotonic() - t0
     summary = json.loads((tmp_path / "reports/resnet18/seed42/train.json").read_text())
     tb = summary["time_budget"]
+    print(f"budget test: process wall {wall:.1f} s of {budget_s:.0f}, spent {tb['spent_s']} s, {summary['epochs_run']} epochs")
     assert abs(wall - budget_s) <= 0.15 * budget_s, (wall, tb, proc.stderr[-2000:])
     assert summary["epochs_run"] == summary["epochs"] == tb["planned_epochs"] >= 5, tb
     assert not summary["stopped_early"]

@@ -36,6 +36,8 @@ class BudgetPlan:
     budget: TimeBudget
     details: dict[str, Any]  # the initial measurement and plan (train.json's time_budget, the checkpoint's budget.info)
     min_warmup: int  # train.warmup_epochs as configured: the floor of every planned warmup
+    train_s: float = 0.0  # the last epoch's training loop, in seconds (set by train_epoch)
+    overhead_s: float = 0.0  # the rest of the last epoch's wall: validation, checkpoint, history, barrier
 
     def apply(self, tp: TrainParams, epochs: int) -> TrainParams:
         """*tp* planned for ``epochs`` epochs, with the warmup :func:`planned_warmup` gives that many."""
@@ -143,18 +145,23 @@ def _synchronize(rt: Runtime) -> None:
 def replan_after_epoch(plan: BudgetPlan, run: RunState, epoch: int, walls: list[float], dist: distributed.Dist,
                        updates_per_epoch: int) -> bool:
     """Re-plan after 0-based ``epoch`` from the measured epoch *walls*; True when the run must end here."""
-    wall = distributed.all_sum([epoch_estimate(walls)], dist)[0] / dist.world_size
-    return _apply(plan, run, epoch, plan.budget.replan(epoch + 1, wall), wall, updates_per_epoch)
+    wall, overhead = (x / dist.world_size for x in distributed.all_sum(
+        [epoch_estimate(walls), max(walls[-1] - plan.train_s, 0.0)], dist))
+    plan.overhead_s = overhead
+    return _apply(plan, run, epoch, plan.budget.replan(epoch + 1, wall, current=run.tp.epochs), wall, updates_per_epoch)
 
 
 def replan_in_epoch(plan: BudgetPlan, run: RunState, epoch: int, done: float, elapsed_s: float, dist: distributed.Dist,
                     updates_per_epoch: int) -> None:
     """Re-plan a ``done`` share (0-1) into 0-based ``epoch``, ``elapsed_s`` after it started, from this epoch's own
     pace: the freshest measure of the machine (a CPU hog that has just stopped, or started). Counting the
-    current epoch, the plan never ends before it; the validation and checkpoint time the pace leaves out is
-    corrected by the re-plan at the epoch's end."""
+    current epoch, the plan never ends before it. An epoch costs its pace plus the last epoch's overhead
+    (validation, checkpoint: :attr:`BudgetPlan.overhead_s`), the same measure the re-plan at the epoch's end
+    uses; with the pace alone, plans grew inside an epoch and shrank at its end, cutting the cosine off."""
     pace = distributed.all_sum([elapsed_s / max(done, 1e-6)], dist)[0] / dist.world_size
-    _apply(plan, run, epoch, plan.budget.replan(epoch + 1, pace, pending_s=(1.0 - done) * pace), pace, updates_per_epoch)
+    epoch_s, pending_s = pace + plan.overhead_s, (1.0 - done) * pace + plan.overhead_s
+    new_plan = plan.budget.replan(epoch + 1, epoch_s, pending_s=pending_s, current=run.tp.epochs)
+    _apply(plan, run, epoch, new_plan, epoch_s, updates_per_epoch)
 
 
 def _apply(plan: BudgetPlan, run: RunState, epoch: int, new_plan: int, wall: float, updates_per_epoch: int) -> bool:

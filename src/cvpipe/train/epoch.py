@@ -73,6 +73,8 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - t0
+    if ctx.budget is not None:
+        ctx.budget.train_s = train_seconds  # the rest of the epoch's wall is the budget's per-epoch overhead
     run.phase.scheduler.step(epoch + 1 - run.phase.start)
     t_loss, t_correct, t_seen = distributed.all_sum([float(loss_sum), float(correct), float(seen)], dist)
     row: dict[str, Any] = {
