@@ -39,11 +39,12 @@ say which.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from importlib import resources
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import anyio
 from fastapi import FastAPI, File, Request, UploadFile
@@ -174,6 +175,15 @@ class ErrorResponse(BaseModel):
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 504)}
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown, stop the micro-batcher's worker thread (after uvicorn has finished the requests in flight)."""
+    yield
+    batcher: Optional[MicroBatcher] = getattr(app.state, "batcher", None)
+    if batcher is not None:
+        await anyio.to_thread.run_sync(batcher.close)
+
+
 def create_app(model: ServedModel, settings: ServeParams, limits: Optional[ServeLimits] = None,
                review: Optional[ReviewStore] = None) -> FastAPI:
     """The app around *model*; *limits* (default :class:`ServeLimits`) sets the request cap, which the
@@ -181,6 +191,7 @@ def create_app(model: ServedModel, settings: ServeParams, limits: Optional[Serve
     label review page and API (:mod:`cvpipe.serve.review`)."""
     limits = limits or ServeLimits.from_params(settings)
     app = FastAPI(
+        lifespan=_lifespan,
         title="cvpipe",
         version=__version__,
         summary="Image classification with the promoted cvpipe model.",
@@ -267,7 +278,7 @@ def _add_predict_route(app: FastAPI, model: ServedModel, settings: ServeParams, 
     batcher = None
     if settings.batch_window_ms > 0:  # decoding holds a compute slot; inference waits in the batcher, not in a slot
         batcher = MicroBatcher(model.backend.run, settings.batch_window_ms, settings.max_batch_size)
-        app.state.batcher = batcher  # its worker is a daemon thread idle on a queue; batcher.close() ends it
+        app.state.batcher = batcher  # its worker thread idles on a queue; the app's shutdown (_lifespan) ends it
 
     @app.post("/predict", tags=["model"], response_model=PredictResponse, responses=ERRORS)
     async def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, GIF, BMP, TIFF)"),

@@ -59,9 +59,16 @@ class MicroBatcher:
             raise item.error
         return item.result
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive (until :meth:`close`)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        """Stop the worker once the batches already queued have run (waits up to 5 s); closing twice is harmless."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=5)
 
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
         """*first* and whatever arrives within the window (at most max_batch); True when told to stop."""
