@@ -306,6 +306,26 @@ def _relaunch_torchrun(nproc: int, p: Params) -> None:
 
 
 @_stage_command
+def vertex_job(
+    cli: _Frame,
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch (its bakeoff.archs overrides apply, as in `cvpipe train`)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
+    image: Optional[str] = typer.Option(None, "--image", help="Override vertex.image_uri: the train image in Artifact Registry."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Override vertex.nodes: machines in the job."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the spec here (local or gs://) instead of stdout."),
+) -> None:
+    """Write a Vertex AI custom job spec (YAML, for `gcloud ai custom-jobs create --config`) that runs `cvpipe train`
+    from the train image with these params on vertex.nodes machines (torchrun, c10d rendezvous)."""
+    flags = {"train.arch": arch, "train.seed": seed, "vertex.image_uri": image, "vertex.nodes": nodes}
+    p = cli.for_arch(cli.load(flags), flags)
+    from cvpipe.train import vertex
+
+    vertex.write(vertex.job_spec(p), out)
+    if out is not None:
+        info(f"wrote the Vertex AI job spec for {p.run_name} on {p.vertex.nodes} node(s) to {out}")
+
+
+@_stage_command
 def evaluate(
     cli: _Frame,
     arch: Optional[str] = typer.Option(None, "--arch", help="Override train.arch: which trained model to evaluate."),

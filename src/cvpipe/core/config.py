@@ -453,6 +453,47 @@ class WandbParams(_Section):
         return v
 
 
+class VertexParams(_Section):
+    """``cvpipe vertex-job``: the Vertex AI custom job that runs ``cvpipe train`` from the train image
+    (cvpipe.train.vertex). Nothing in the pipeline itself reads this section."""
+
+    image_uri: str = Field("", description="the train image in Artifact Registry: REGION-docker.pkg.dev/PROJECT/REPO/cvpipe-train:TAG")
+    machine_type: str = Field("n1-standard-8", min_length=1, description="Compute Engine machine type of every node")
+    accelerator_type: str = Field(
+        "", description="'' for none, else a MachineSpec.acceleratorType such as NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_H100_80GB")
+    accelerator_count: int = Field(0, ge=0, le=16, description="accelerators per node (0 with accelerator_type '')")
+    nodes: int = Field(1, ge=1, le=256, description="machines: workerpool0 (1, hosts the rendezvous) + workerpool1 (nodes - 1)")
+    nproc_per_node: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        "auto", description="processes per node: auto = one per GPU (one per CPU core without one)")
+    max_restarts: int = Field(3, ge=0, le=100, description="torchrun --max-restarts: group restarts after a worker dies")
+    rdzv_port: int = Field(29400, ge=1024, le=65535, description="c10d rendezvous port on the workerpool0 machine")
+    boot_disk_gb: int = Field(100, ge=10, le=65536, description="boot disk per node (the gs:// prepared data is copied there)")
+    boot_disk_type: Literal["pd-ssd", "pd-standard", "hyperdisk-balanced"] = "pd-ssd"
+    service_account: str = Field("", description="the job's service account e-mail ('' = the project's Vertex AI default)")
+    timeout_hours: float = Field(24.0, gt=0, le=24 * 30, description="the job is stopped after this long")
+    base_output_dir: str = Field("", description="gs:// prefix Vertex AI exposes as AIP_MODEL_DIR etc. ('' = none)")
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Z0-9_]+", v):
+            raise ValueError(f"{v!r} is not a MachineSpec.acceleratorType (e.g. NVIDIA_TESLA_T4, NVIDIA_L4)")
+        return v
+
+    @field_validator("base_output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        if v and not v.startswith("gs://"):
+            raise ValueError(f"{v!r}: Vertex AI writes only to a gs:// prefix")
+        return v
+
+    @model_validator(mode="after")
+    def _accelerator_pair(self) -> "VertexParams":
+        if bool(self.accelerator_type) != bool(self.accelerator_count):
+            raise ValueError("accelerator_type and accelerator_count go together: both set, or '' and 0")
+        return self
+
+
 class Params(_Section):
     paths: PathsParams = Field(default_factory=PathsParams)
     ingest: IngestParams = Field(default_factory=IngestParams)
@@ -466,6 +507,7 @@ class Params(_Section):
     bakeoff: BakeoffParams = Field(default_factory=BakeoffParams)
     wandb: WandbParams = Field(default_factory=WandbParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    vertex: VertexParams = Field(default_factory=VertexParams)
 
     @model_validator(mode="after")
     def _bakeoff_overrides_valid(self) -> "Params":
