@@ -139,6 +139,20 @@ def test_sign_flip_test_over_seeds_reduces_to_mcnemar_exact():
     assert two.p_value == pytest.approx(one.p_value) and two.diff == pytest.approx(one.diff)
 
 
+def test_sign_flip_test_in_batches_gives_the_same_p_value(monkeypatch):
+    """The sampled sign-flip test runs its resamples in batches of at most MAX_RESAMPLE_CELLS index cells (scipy
+    would hold every resample at once: gigabytes at a million images); the p-value does not depend on the batch."""
+    rng = np.random.default_rng(3)
+    actual = rng.integers(0, 10, 300)
+    best, other = rng.random((2, 300)) < 0.8, rng.random((2, 300)) < 0.75
+    args = (_outcomes(best, actual, (1, 2)), _outcomes(other, actual, (1, 2)), "accuracy", 0.05, 999, 7)
+    whole = stats.paired_test(*args)
+    monkeypatch.setattr(stats, "MAX_RESAMPLE_CELLS", 1000)  # ~100 discordant images x 2: a few resamples a batch
+    batched = stats.paired_test(*args)
+    assert whole.test.startswith("sign-flip permutation") and 0 < whole.p_value < 1
+    assert batched.p_value == whole.p_value
+
+
 def test_bootstrap_test_of_macro_f1_is_seeded_and_separates_a_clear_gap():
     rng = np.random.default_rng(0)
     actual = rng.integers(0, 10, 400)

@@ -33,6 +33,7 @@ progress (:class:`cvpipe.core.console.PhaseProgress`): bars on a terminal, one l
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -463,9 +464,10 @@ def _log_wandb(params, name, ckpt, ckpt_path, metrics, m, targets, preds, probs,
             import wandb
 
             n = min(len(targets), params.evaluate.table_images)
-            order = list(mistakes) + [i for i in range(len(targets)) if i not in set(mistakes)]
+            wrong = set(mistakes)  # the mistakes first, then the other rows, up to n (not a list of every row)
+            order = itertools.islice(itertools.chain(mistakes, (i for i in range(len(targets)) if i not in wrong)), n)
             table = wandb.Table(columns=["row", "id", "image", "actual", "predicted", "confidence", "correct"])
-            for i in order[:n]:
+            for i in order:
                 p = int(preds[i])
                 table.add_data(i, test.index[i]["id"], wandb.Image(np.asarray(images[i])), classes[int(targets[i])],
                                classes[p], float(probs[i, p]), bool(p == targets[i]))
