@@ -30,7 +30,6 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -44,14 +43,26 @@ SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["row", "id", "label", "source_uri", "augmented_from"]
 
 
-@dataclass
 class Split:
-    """One split, memory-mapped. ``images[i]`` is an (H, W, 3) uint8 array."""
+    """One split, memory-mapped. ``images[i]`` is an (H, W, 3) uint8 array; ``index`` (index.csv's rows)
+    is read on first use: training needs only images and labels, and the rows cost about half a
+    kilobyte of Python objects per image (half a gigabyte at a million)."""
 
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
-    index: list[dict[str, str]]
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray,
+                 index: Optional[list[dict[str, str]]] = None, index_path: Optional[Path] = None):
+        self.name, self.images, self.labels = name, images, labels
+        self._index, self._index_path = index, index_path
+
+    @property
+    def index(self) -> list[dict[str, str]]:
+        if self._index is None:
+            if self._index_path is None:
+                raise StageError(f"split {self.name} has no index.csv")
+            with open(self._index_path, newline="", encoding="utf-8") as fh:
+                self._index = list(csv.DictReader(fh))
+            if len(self._index) != len(self):
+                raise StageError(f"{self._index_path}: {len(self._index)} rows but {len(self)} labels")
+        return self._index
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -89,11 +100,11 @@ class PreparedDataset:
             raise StageError(f"prepared dataset {self.root} has no '{name}' split")
         images = np.load(d / "images.npy", mmap_mode="r")
         labels = np.load(d / "labels.npy")
-        with open(d / "index.csv", newline="", encoding="utf-8") as fh:
-            index = list(csv.DictReader(fh))
         if images.shape[0] != labels.shape[0]:
             raise StageError(f"{d}: {images.shape[0]} images but {labels.shape[0]} labels")
-        return Split(name, images, labels, index)
+        if not (d / "index.csv").exists():
+            raise StageError(f"prepared dataset {self.root}: '{name}' has no index.csv (rerun `cvpipe preprocess`)")
+        return Split(name, images, labels, index_path=d / "index.csv")
 
 
 class SplitWriter:
