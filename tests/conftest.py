@@ -141,6 +141,36 @@ def cvpipe(*args: str, cwd: Path | None = None, env: dict | None = None, check: 
     return proc
 
 
+def run_together(runs: list[tuple[list[str], dict]], cwd: Path, name: str, timeout: float) -> list[tuple[int, str]]:
+    """Start every (command, env) of *runs* at once in *cwd*, each in its own process group, and return each
+    one's (exit code, output). The outputs go to files ``<name>-<i>.log``: with pipes, read one after the
+    other, the unread one can fill and block its process, and a peer waiting for it in a collective hangs.
+    A process still running after *timeout* seconds is killed with its children (exit code -9), so a stuck
+    rendezvous fails the test instead of hanging CI."""
+    import signal
+    import time
+
+    logs = [open(cwd / f"{name}-{i}.log", "w+") for i in range(len(runs))]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             for (cmd, env), log in zip(runs, logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait()
+        outs = []
+        for log in logs:
+            log.seek(0)
+            outs.append(log.read())
+            log.close()
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
 # ---- headless Chromium (tests/test_browser.py, tests/test_review_browser.py) ----------------------
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -12,13 +12,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cvpipe, write_params
+from conftest import cvpipe, run_together, write_params
 
 from cvpipe.core.config import TrainParams, load_params
 from cvpipe.core.errors import ParamsError, StageError
@@ -519,37 +518,15 @@ def _two_node_train(folder: Path, port: int, env: dict, timeout: float = 420) ->
     on a cluster where the endpoint is a third machine. A launcher that outlives *timeout* is killed
     with its workers (process group), so a stuck rendezvous fails the test instead of hanging CI.
     """
-    import signal
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cvpipe-test",
            "--rdzv-conf=is_host=false", "--monitor-interval=0.5", "-m", "cvpipe", "train", "-q"]
-    # each launcher logs to a file: with pipes, one read after the other, the unread launcher's pipe can
-    # fill, block its worker, and the other worker then waits for it in a collective forever
-    logs = [open(folder / f"torchrun-{i}.log", "w+") for i in range(2)]
     # a fresh rendezvous store per round (train/README.md#several-machines): with the shared one, a node
     # restarted because the other failed keeps restart count 0 while the failed one counts 1, and the
     # workers read each other's addresses under different prefixes (stale keys, a dead peer's port)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "LOGLEVEL": "INFO", **env}
-    launchers = [subprocess.Popen(cmd, cwd=folder, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-                 for log in logs]
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and any(p.poll() is None for p in launchers):
-            time.sleep(0.5)
-    finally:
-        for proc in launchers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in launchers:
-            proc.wait()
-        outs = []
-        for log in logs:
-            log.seek(0)
-            outs.append(log.read())
-            log.close()
-    results = [subprocess.CompletedProcess(cmd, p.returncode, out, "") for p, out in zip(launchers, outs)]
+    ran = run_together([(cmd, env), (cmd, env)], folder, "torchrun", timeout)
+    results = [subprocess.CompletedProcess(cmd, rc, out, "") for rc, out in ran]
     for i, r in enumerate(results):
         assert r.returncode == 0, f"launcher {i} exited {r.returncode} (killed after {timeout} s if -9):\n" + \
             "\n\n".join(f"---- launcher {j}\n{x.stdout[-3000:]}" for j, x in enumerate(results))

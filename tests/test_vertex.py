@@ -12,15 +12,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cvpipe
+from conftest import REPO, cvpipe, run_together
 
 from cvpipe.core.config import Params, load_params, parse_override
 from cvpipe.core.errors import ParamsError
@@ -196,30 +193,15 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
 
 def _run_nodes(spec: dict, nodes: list[dict], cwd: Path, env: dict, timeout: float = 300) -> list[str]:
-    """Run every node's container command (the spec's command, args and env, plus its CLUSTER_SPEC) as
-    a process group; a node still running after *timeout* is killed with its workers."""
+    """Run every node's container command (the spec's command, args and env, plus its CLUSTER_SPEC) at once;
+    a node still running after *timeout* is killed with its workers."""
     container = spec["workerPoolSpecs"][0]["containerSpec"]
     cmd = [sys.executable, *container["command"][1:], *container["args"]]
     node_env = {**env, **{e["name"]: e["value"] for e in container["env"]}}
-    logs = [open(cwd / f"node{i}.log", "w+") for i in range(len(nodes))]
-    procs = [subprocess.Popen(cmd, cwd=cwd, env={**node_env, "CLUSTER_SPEC": json.dumps(n)}, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True) for n, log in zip(nodes, logs)]
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    outs = []
-    for log in logs:
-        log.seek(0)
-        outs.append(log.read())
-        log.close()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"node {i} exited {p.returncode}:\n" + "\n----\n".join(o[-3000:] for o in outs)
+    ran = run_together([(cmd, {**node_env, "CLUSTER_SPEC": json.dumps(n)}) for n in nodes], cwd, "node", timeout)
+    outs = [out for _, out in ran]
+    for i, (rc, _) in enumerate(ran):
+        assert rc == 0, f"node {i} exited {rc}:\n" + "\n----\n".join(o[-3000:] for o in outs)
     return outs
 
 
