@@ -14,9 +14,13 @@
    uint8 batches) against torchvision ``ImageFolder`` + PIL + ``transforms``
    (Resize, CenterCrop, RandomAffine of the same ranges, ToTensor) over the raw
    JPEGs; same image size, batch size and worker count, data only (no model).
+3. **Shards loader**: the same images as JPEG (quality 95) WebDataset shards
+   (``preprocess.format: shards``) through the stream train reads them with,
+   against the arrays loader of 2.
 
 Prints one line per measurement, then ONE JSON object as the last line with the
-figures, ``preprocess_ratio``, ``loader_ratio`` and the machine.
+figures, ``preprocess_ratio``, ``loader_ratio``, ``shards_loader_ratio`` (target
+>= 0.8) and the machine.
 """
 
 from __future__ import annotations
@@ -121,6 +125,21 @@ def cvpipe_loader(images_npy: Path, labels: np.ndarray, aug_params, batch: int, 
     return throughput(loader, min_s)
 
 
+def shards_loader(images_npy: Path, labels: np.ndarray, aug_params, batch: int, workers: int, min_s: float,
+                  folder: Path):
+    """The same images as JPEG (quality 95) WebDataset shards (``preprocess.format: shards``), through the
+    loader train builds for a sharded split (:class:`cvpipe.torchkit.streaming.ShardStream`)."""
+    from cvpipe.data import shards
+    from cvpipe.data.prepared import Split
+    from cvpipe.torchkit.loaders import make_loader, train_dataset
+
+    arr = np.load(images_npy, mmap_mode="r")
+    shards.write_split(folder, arr, labels, [str(i) for i in range(len(labels))], 100, "jpg", 95)
+    split = Split("train", shards.load_split(str(folder), folder, arr.shape[1]), labels, [])
+    ds = train_dataset(split, augment.build(aug_params, seed=0), 0, batch, False, 2000, workers=workers)
+    return throughput(make_loader(ds, batch, True, workers, 0, False), min_s)
+
+
 def imagefolder_loader(root: Path, size: int, batch: int, workers: int, min_s: float):
     import torch
     from torch.utils.data import ConcatDataset, DataLoader
@@ -217,6 +236,10 @@ def main() -> int:
         fast, fast_epochs = cvpipe_loader(out, labels, aug_params, args.batch_size, args.workers, args.min_seconds)
         print(f"loader  cvpipe memmap + augment.train: {fast:8.1f} img/s ({fast_epochs} epochs of {len(rows)}) "
               f"-> {fast / base:.2f}x", flush=True)
+        sharded, sharded_epochs = shards_loader(out, labels, aug_params, args.batch_size, args.workers, args.min_seconds,
+                                                Path(tmp) / "shards")
+        print(f"loader  cvpipe JPEG shards (WebDataset) + augment.train: {sharded:8.1f} img/s ({sharded_epochs} epochs) "
+              f"-> {sharded / fast:.2f}x the arrays loader", flush=True)
 
     result = {
         "images": len(rows),
@@ -229,12 +252,14 @@ def main() -> int:
         "loader": {
             "imagefolder_img_s": round(base, 1),
             "cvpipe_img_s": round(fast, 1),
+            "cvpipe_shards_img_s": round(sharded, 1),
             "augmentation": [next(iter(t)) for t in aug_params.train],
         },
         "random_access": access,
         "preprocess_ratio": round(ours / naive, 2),
         "loader_ratio": round(fast / base, 2),
-        "targets": {"preprocess_ratio": 3.0, "loader_ratio": 10.0},
+        "shards_loader_ratio": round(sharded / fast, 2),
+        "targets": {"preprocess_ratio": 3.0, "loader_ratio": 10.0, "shards_loader_ratio": 0.8},
         "machine": info,
     }
     print(json.dumps(result))

@@ -14,8 +14,12 @@ Side by side in one run, same model, image size and batch:
                JPEGs, PIL, torchvision transforms, fp32, a fresh DataLoader each epoch.
 * ``parity``   (``--parity``) digits trained with bf16 autocast and with fp32: final val accuracy.
 
+* ``cvpipe`` on shards: the same, preprocessed as JPEG WebDataset shards (``preprocess.format: shards``)
+               and streamed by :class:`cvpipe.torchkit.streaming.ShardStream`.
+
 Prints one JSON object as its last line with ``ceiling_ratio`` (cvpipe / ceiling,
-target >= 0.9) and ``tutorial_ratio`` (cvpipe / tutorial, target >= 2.5).
+target >= 0.9), ``shards_ceiling_ratio`` (cvpipe on shards / ceiling, target >= 0.9) and
+``tutorial_ratio`` (cvpipe / tutorial, target >= 2.5).
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ def last_epoch(folder: Path, arch: str) -> dict:
         return list(csv.DictReader(fh))[-1]
 
 
-def bench_cvpipe(work: Path, src: Path, a) -> tuple[float, dict]:
-    write_params(work, {
+def bench_cvpipe(work: Path, src: Path, a, fmt: str = "arrays") -> tuple[float, dict]:
+    work.mkdir(parents=True, exist_ok=True)
+    write_params(work, {"preprocess.format": fmt,
         # train/ and val/ as two class-folder sources (SHA256SUMS beside them is not an image folder)
         "ingest.source": [str(src / "train"), str(src / "val")], "preprocess.image_size": a.size,
         "augment.train": [{"HorizontalFlip": {"p": 0.5}}, {"Affine": {"scale": [0.8, 1.0], "translate_percent": [-0.1, 0.1], "p": 0.8}}],
@@ -154,6 +159,8 @@ def main() -> None:
         t0 = time.perf_counter()
         cv, meta = bench_cvpipe(work, src, a)
         print(f"cvpipe   {cv:8.1f} img/s ({meta['amp']}, channels_last)", flush=True)
+        cv_shards, _ = bench_cvpipe(work / "shards", src, a, "shards")
+        print(f"cvpipe   {cv_shards:8.1f} img/s on JPEG shards (preprocess.format: shards)", flush=True)
         ceiling = bench_ceiling(a, amp, a.steps)
         print(f"ceiling  {ceiling:8.1f} img/s ({amp}, channels_last, tensors in memory)", flush=True)
         tut = bench_tutorial(src, a)
@@ -162,7 +169,9 @@ def main() -> None:
         result = {
             "arch": a.arch, "image_size": a.size, "batch_size": a.batch, "precision": amp,
             "cvpipe_img_per_s": round(cv, 2), "ceiling_img_per_s": round(ceiling, 2), "tutorial_img_per_s": round(tut, 2),
-            "ceiling_ratio": round(cv / ceiling, 3), "tutorial_ratio": round(cv / tut, 3),
+            "cvpipe_shards_img_per_s": round(cv_shards, 2),
+            "ceiling_ratio": round(cv / ceiling, 3), "shards_ceiling_ratio": round(cv_shards / ceiling, 3),
+            "tutorial_ratio": round(cv / tut, 3),
             "bf16_fp32_parity": parity,
             "machine": {
                 "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -139,6 +139,13 @@ class PreprocessParams(_Section):
     oversample: int = Field(
         0, ge=0, le=10_000_000, description="minimum images per class in train, topped up with augmented copies; 0 = off"
     )
+    format: Literal["arrays", "shards"] = Field(
+        "arrays", description="arrays = one memory-mapped uint8 array per split (a machine holds it all); shards = "
+        "WebDataset tar shards of encoded images, streamed from a folder or gs:// while training"
+    )
+    shard_size: int = Field(5000, ge=1, le=10_000_000, description="format: shards: images per shard")
+    shard_encoding: Literal["jpg", "png"] = Field("jpg", description="format: shards: jpg (small) or png (lossless)")
+    shard_quality: int = Field(95, ge=1, le=100, description="format: shards, jpg: JPEG quality")
 
 
 class SplitParams(_Section):
@@ -239,6 +246,9 @@ class TrainParams(_Section):
     channels_last: bool = True
     compile: bool = False
     workers: Optional[int] = Field(None, ge=0, le=MAX_WORKERS, description="DataLoader workers; null = auto")
+    shuffle_buffer: int = Field(
+        2000, ge=0, le=10_000_000, description="sharded data: samples held for the streaming shuffle; 0 = shard order only"
+    )
     deterministic: bool = False
     auto_resume: bool = True
 

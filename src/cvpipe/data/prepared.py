@@ -11,13 +11,17 @@ Layout of ``<paths.prepared>/`` (format version 1)::
     near_duplicates.csv     group, id, label, split, source_uri of every near-duplicate group
     <split>/images.npy      uint8 array (N, H, W, 3), NumPy .npy, read memory-mapped
     <split>/labels.npy      int64 array (N,)
+    <split>/shards/, shards.json, offsets.npy   instead of images.npy with ``preprocess.format: shards``
+                            (WebDataset tar shards: :mod:`cvpipe.data.shards`)
     <split>/index.csv       row -> id, label, source_uri, augmented_from (traceability back
                             to ingest; ``augmented_from`` names the source image of rows
                             added by ``preprocess.oversample``, empty otherwise)
 
 A ``gs://`` (any fsspec URL) root is copied down once into
 ``$CVPIPE_CACHE/prepared/<fingerprint>/`` and read locally from there; a new
-preprocess run has a new fingerprint, so a stale copy is never read.
+preprocess run has a new fingerprint, so a stale copy is never read. Shards are
+the exception: only the small files come down, and the shards are read (streamed)
+where they are.
 
 Why this format: an epoch is a walk over a memory-mapped uint8 array, so random
 access costs a page-cache read with no JPEG decode; the whole sample set fits
@@ -37,6 +41,7 @@ import numpy as np
 
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
+from cvpipe.data import shards
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -44,13 +49,15 @@ INDEX_COLUMNS = ["row", "id", "label", "source_uri", "augmented_from"]
 
 
 class Split:
-    """One split, memory-mapped. ``images[i]`` is an (H, W, 3) uint8 array; ``index`` (index.csv's rows)
+    """One split, memory-mapped (or :class:`~cvpipe.data.shards.ShardImages` for shards, with the same
+    indexing). ``images[i]`` is an (H, W, 3) uint8 array; ``index`` (index.csv's rows)
     is read on first use: training needs only images and labels, and the rows cost about half a
     kilobyte of Python objects per image (half a gigabyte at a million)."""
 
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray,
                  index: Optional[list[dict[str, str]]] = None, index_path: Optional[Path] = None):
         self.name, self.images, self.labels = name, images, labels
+        self.shards = images if not isinstance(images, np.ndarray) else None  # ShardImages of a sharded split
         self._index, self._index_path = index, index_path
 
     @property
@@ -98,7 +105,10 @@ class PreparedDataset:
         d = self.root / name
         if not (d / "labels.npy").exists():
             raise StageError(f"prepared dataset {self.root} has no '{name}' split")
-        images = np.load(d / "images.npy", mmap_mode="r")
+        base = storage.join(self.source, name) if storage.is_remote(self.source) else str(d)
+        images = shards.load_split(base, d, self.image_size)
+        if images is None:
+            images = np.load(d / "images.npy", mmap_mode="r")
         labels = np.load(d / "labels.npy")
         if images.shape[0] != labels.shape[0]:
             raise StageError(f"{d}: {images.shape[0]} images but {labels.shape[0]} labels")
@@ -176,6 +186,12 @@ def fetch(uri: str | Path, cache_root: Optional[Path] = None) -> Path:
     if (dest / "meta.json").exists():
         return dest
     fs, path = storage.get_fs(uri)
+    base = path.rstrip("/") + "/"
     with storage.staged_dir(dest) as tmp:
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        for remote in fs.find(base):  # every file but the shards, which are streamed from where they are
+            rel = remote[len(base):]
+            if "/shards/" in "/" + rel:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(tmp / rel))
     return dest

@@ -142,7 +142,7 @@ def run(params: Params) -> dict[str, Any]:
     src = _load(params)
     name, ds, test = src.name, src.ds, src.test
     rt = resolve_runtime(params.train.device, params.train.amp, params.train.channels_last, key="train")
-    images = np.asarray(test.images)
+    images = test.images  # a memory map, or ShardImages (decoded a batch at a time)
     targets = np.asarray(test.labels, dtype=np.int64)
     out = output_paths(params)
     with PhaseProgress(f"evaluate {params.run_name}") as phases:
@@ -249,7 +249,7 @@ def _temperature(params: Params, src: "_Evaluated", model, normalize, rt, phases
     val = ds.split("val") if ds.has_split("val") else None
     if val is None or len(val) == 0:
         return 1.0, None, 0, "no val split to fit the temperature on: probabilities are uncalibrated (T = 1)", None
-    logits = _predict_phase(model, np.asarray(val.images), normalize, rt, ep, phases, "val")
+    logits = _predict_phase(model, val.images, normalize, rt, ep, phases, "val")
     labels = np.asarray(val.labels, dtype=np.int64)
     if (calib.softmax_probs(logits).argmax(axis=1) == labels).all():
         # every val image right: the NLL keeps falling as T -> 0 (no minimum), and a T at the search bound would

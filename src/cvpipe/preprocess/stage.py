@@ -30,7 +30,7 @@ from cvpipe.core import storage
 from cvpipe.core.config import Params
 from cvpipe.core.console import info, progress, warn
 from cvpipe.core.errors import StageError
-from cvpipe.data import augment, manifest
+from cvpipe.data import augment, manifest, shards
 from cvpipe.data.prepared import SPLITS, SplitWriter, write_meta
 from cvpipe.data.resize import resize_all
 from cvpipe.preprocess.near_duplicates import near_duplicate_groups
@@ -129,11 +129,13 @@ def run(params: Params) -> dict[str, Any]:
         splits, leaks, dup_groups = _split_without_leaks(params, rows, labels, classes, hashes, root)
         extra = _write_splits(root, staging, params, pipeline, rows, labels, splits)
         mean, std = _train_mean_std(root, len(splits["train"]))
+        if pp.format == "shards":
+            _shard_splits(root, params)
         card.update(_card(params, rows, labels, classes, splits, extra, dup_groups, mean, std))
         card["near_duplicates"]["straddling_splits"] = len(leaks)
         (root / "augment.json").write_text(augment.to_json(pipeline))
         (root / "eval_transform.json").write_text(augment.to_json(augment.eval_pipeline(size)))
-        meta = {"image_size": size, "resize_mode": pp.resize_mode, "split_strategy": sp.strategy, "mean": mean, "std": std,
+        meta = {"image_size": size, "format": pp.format, "resize_mode": pp.resize_mode, "split_strategy": sp.strategy, "mean": mean, "std": std,
                 "label_review": manifest.read_label_review(raw_dir)}  # ingest's review summary, for the model card
         write_meta(root, classes, meta, {"splits": {k: v["count"] for k, v in card["splits"].items()}})
         card["seconds"] = {"decode_resize": round(resize_seconds, 3), "total": round(time.perf_counter() - started, 3)}
@@ -226,6 +228,26 @@ def _train_mean_std(root: Path, n_train: int) -> tuple[list[float], list[float]]
     """Per-channel mean and std of the train split's own images (not its oversampled copies)."""
     train_images = np.load(root / "train" / "images.npy", mmap_mode="r")[:n_train]
     return mean_std(train_images)
+
+
+def _shard_splits(root: Path, params: Params) -> None:
+    """Re-encode every written split's array as WebDataset shards (``preprocess.format: shards``), then drop
+    the array. Preprocess needs the arrays' disk once while it writes; the machines that train need none."""
+    import csv
+
+    pp = params.preprocess
+    for name in SPLITS:
+        d = root / name
+        if not (d / "images.npy").exists():
+            continue
+        images = np.load(d / "images.npy", mmap_mode="r")
+        with open(d / "index.csv", newline="", encoding="utf-8") as fh:
+            ids = [r["id"] for r in csv.DictReader(fh)]
+        manifest = shards.write_split(d, images, np.load(d / "labels.npy"), ids, pp.shard_size, pp.shard_encoding,
+                                      pp.shard_quality)
+        del images
+        (d / "images.npy").unlink()
+        info(f"{name}: {len(ids)} images in {len(manifest['shards'])} {pp.shard_encoding} shards")
 
 
 def _read_rows(params: Params) -> list[dict[str, str]]:

@@ -33,6 +33,36 @@ class ArrayDataset:
         return img, int(self.labels[i])
 
 
+class RowBatches:
+    """Batches of a split's rows in order, for evaluation (map-style: item j is batch j, collated):
+    one ranged read per batch on shards, a slice of the memory map on arrays."""
+
+    def __init__(self, split: Split, rows, batch: int):
+        self.images, self.labels = split.images, split.labels
+        self.rows, self.batch = np.asarray(rows, dtype=np.int64), batch
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch)
+
+    def __getitem__(self, j: int):
+        import torch
+
+        rows = self.rows[j * self.batch : (j + 1) * self.batch]
+        images = self.images[rows] if len(rows) else np.empty((0,) + tuple(self.images.shape[1:]), np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(images)), torch.as_tensor(np.asarray(self.labels)[rows], dtype=torch.long)
+
+
+def train_dataset(split: Split, pipeline, seed: int, batch: int, drop_last: bool, buffer: int,
+                  rank: int = 0, world_size: int = 1, workers: int = 0):
+    """The training samples of *split*, whichever its format: a map-style :class:`ArrayDataset` over the
+    arrays (a sampler orders it), or a :class:`ShardStream` over shards (which orders itself)."""
+    if split.shards is not None:
+        from cvpipe.torchkit.streaming import ShardStream
+
+        return ShardStream(split, pipeline, seed, batch, drop_last, buffer, rank, world_size, workers)
+    return ArrayDataset(split, pipeline)
+
+
 def collate_uint8(batch):
     """Stack uint8 HWC images into one tensor; conversion and normalization happen on the device."""
     import torch
@@ -73,6 +103,14 @@ def default_workers(device_type: str) -> int:
 def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool, drop_last: bool = False):
     import torch
     from torch.utils.data import DataLoader
+
+    from cvpipe.torchkit.streaming import ShardStream
+
+    if isinstance(ds, ShardStream):  # orders and shards itself (the epoch reaches its workers through shared memory)
+        return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_uint8, pin_memory=pin,
+                          persistent_workers=workers > 0)
+    if isinstance(ds, RowBatches):  # already batched
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin)
 
     g = torch.Generator()
     g.manual_seed(seed)

@@ -21,7 +21,7 @@ from cvpipe.core.config import TrainParams
 from cvpipe.core.console import info, warn
 from cvpipe.core.errors import ParamsError, StageError
 from cvpipe.data.prepared import PreparedDataset, Split
-from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, collate_uint8, make_loader
+from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, RowBatches, collate_uint8, make_loader, train_dataset
 from cvpipe.torchkit.models import data_config, load_checkpoint
 from cvpipe.torchkit.runtime import Runtime
 from cvpipe.train import checkpoint as ckpt_lib
@@ -79,7 +79,7 @@ class TrainData:
     ds: PreparedDataset
     train_split: Split
     pipeline: Any  # the augmentation pipeline (reseeded every epoch)
-    train_ds: ArrayDataset
+    train_ds: Any  # ArrayDataset (arrays), or ShardStream (shards)
     sampler: Any
     gen: Any  # the train loader's torch.Generator: its state goes into the checkpoint
     train_loader: Any
@@ -95,19 +95,30 @@ def build_data(tp: TrainParams, ds: PreparedDataset, train_split: Split, val_spl
     from torch.utils.data import DataLoader, Subset
 
     pin = rt.device.type == "cuda"
-    train_ds = ArrayDataset(train_split, pipeline)
     gen = torch.Generator()
     gen.manual_seed(tp.seed + dist.rank)
     # mixup needs full batches; BatchNorm cannot train on a final batch of one sample
     per_rank = len(train_split) // dist.world_size if tp.class_balance == "sampler" else -(-len(train_split) // dist.world_size)
     drop_last = (tp.uses_mixup and len(train_split) >= tp.batch_size) or (per_rank > rank_batch and per_rank % rank_batch == 1)
-    sampler = _train_sampler(tp, ds, train_split, train_ds, dist, gen, drop_last)
-    train_loader = DataLoader(
-        train_ds, batch_size=rank_batch, sampler=sampler, num_workers=workers, collate_fn=collate_uint8,
-        pin_memory=pin, drop_last=drop_last, persistent_workers=workers > 0, generator=gen,
-    )
+    train_ds = train_dataset(train_split, pipeline, tp.seed, rank_batch, drop_last, tp.shuffle_buffer, dist.rank,
+                             dist.world_size, workers)
+    if train_split.shards is not None:  # a stream orders itself (per epoch, per rank and worker)
+        if tp.class_balance == "sampler":
+            raise ParamsError("train.class_balance: sampler draws images at random, which a sharded split "
+                              "(preprocess.format: shards) cannot serve; use loss, or preprocess.format: arrays")
+        sampler = None
+        train_loader = make_loader(train_ds, rank_batch, True, workers, tp.seed, pin)
+    else:
+        sampler = _train_sampler(tp, ds, train_split, train_ds, dist, gen, drop_last)
+        train_loader = DataLoader(
+            train_ds, batch_size=rank_batch, sampler=sampler, num_workers=workers, collate_fn=collate_uint8,
+            pin_memory=pin, drop_last=drop_last, persistent_workers=workers > 0, generator=gen,
+        )
     val_loader = None
-    if val_split is not None and len(val_split):
+    if val_split is not None and len(val_split) and val_split.shards is not None:
+        rows = np.array_split(np.arange(len(val_split)), dist.world_size)[dist.rank]  # a contiguous share: ranged reads
+        val_loader = make_loader(RowBatches(val_split, rows, max(rank_batch, 128)), 0, False, workers, tp.seed, pin)
+    elif val_split is not None and len(val_split):
         shard = Subset(ArrayDataset(val_split), list(range(dist.rank, len(val_split), dist.world_size)))
         val_loader = make_loader(shard, max(rank_batch, 128), False, workers, tp.seed, pin)
     return TrainData(ds, train_split, pipeline, train_ds, sampler, gen, train_loader, val_loader, rank_batch, workers)

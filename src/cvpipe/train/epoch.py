@@ -38,6 +38,8 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
     data.pipeline.set_random_seed(tp.seed + 7919 * (epoch + 1) + dist.rank)
     if isinstance(data.sampler, DistributedSampler):
         data.sampler.set_epoch(epoch)
+    if hasattr(data.train_ds, "set_epoch"):  # a ShardStream: the epoch's shard order and shuffle
+        data.train_ds.set_epoch(epoch)
     finetune.train_mode(net.model)
     steps_per_epoch = len(data.train_loader)
     bar.start_epoch(epoch + 1, tp.epochs, steps_per_epoch * data.rank_batch * dist.world_size)

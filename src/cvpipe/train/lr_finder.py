@@ -76,7 +76,7 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
     """Run the range test for ``params.train`` on the prepared train split; returns what lr_finder.json holds."""
     import torch
 
-    from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, cycle, default_workers, make_loader
+    from cvpipe.torchkit.loaders import BatchNormalizer, cycle, default_workers, make_loader, train_dataset
     from cvpipe.torchkit.step import forward_loss
 
     if not 0 < lr_min < lr_max:
@@ -90,8 +90,9 @@ def run(params: Params, lr_min: float = 1e-5, lr_max: float = 1.0, steps: int = 
         raise StageError("the train split is empty")
     pipeline = augment.from_dict(json.loads((ds.root / "augment.json").read_text()))
     workers = tp.workers if tp.workers is not None else default_workers(rt.device.type)
-    loader = make_loader(ArrayDataset(split, pipeline), tp.batch_size, True, workers, tp.seed,
-                         rt.device.type == "cuda", drop_last=len(split) > tp.batch_size)
+    drop_last = len(split) > tp.batch_size
+    train_ds = train_dataset(split, pipeline, tp.seed, tp.batch_size, drop_last, tp.shuffle_buffer, workers=workers)
+    loader = make_loader(train_ds, tp.batch_size, True, workers, tp.seed, rt.device.type == "cuda", drop_last=drop_last)
     model = finetune.create_model(tp, ds.num_classes).to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
