@@ -80,6 +80,29 @@ def real_data() -> Path:
     return path
 
 
+def absolute_pythonpath() -> dict[str, str]:
+    """``PYTHONPATH`` with every entry made absolute (a relative ``PYTHONPATH=src`` breaks in a subprocess
+    run in another folder); empty when it is not set."""
+    pp = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep) if p)} if pp else {}
+
+
+def digit_folders(src: Path, classes: int, per_class: int) -> Path:
+    """The first *per_class* real digits (scikit-learn's 8x8 scans, dark on light) of classes 0..classes-1
+    as PNG class folders ``src/<class>/<index>.png``; returns *src*."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(classes):
+        (src / str(c)).mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == c)[:per_class]:
+            img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(img).convert("RGB").save(src / str(c) / f"{i}.png")
+    return src
+
+
 def write_params(folder: Path, overrides: dict | None = None, base: Path = REPO / "params.yaml") -> Path:
     """Copy the repo's params.yaml into *folder*, applying nested *overrides*."""
     data = yaml.safe_load(base.read_text())

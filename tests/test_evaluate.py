@@ -4,12 +4,11 @@ metrics file against the full report, temperature scaling end to end, and the ph
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cvpipe, write_params
+from conftest import absolute_pythonpath, cvpipe, digit_folders, write_params
 from PIL import Image
 
 from cvpipe.evaluate.metrics import calibration, classification_metrics
@@ -79,19 +78,11 @@ def test_ece_hand_checked():
 @pytest.fixture
 def tiny_project(tmp_path, monkeypatch):
     """4 digit classes x 30 images at 32 px, timm's test_resnet trained for 8 epochs (AdamW, no EMA)."""
-    from sklearn.datasets import load_digits
-
     monkeypatch.chdir(tmp_path)
-    pp = os.environ.get("PYTHONPATH")
-    if pp:
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep) if p))
+    for k, v in absolute_pythonpath().items():
+        monkeypatch.setenv(k, v)
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    digits = load_digits()
-    for c in range(4):
-        (tmp_path / "src" / str(c)).mkdir(parents=True)
-        for i in np.flatnonzero(digits.target == c)[:30]:
-            img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
-            Image.fromarray(img).convert("RGB").save(tmp_path / "src" / str(c) / f"{i}.png")
+    digit_folders(tmp_path / "src", 4, 30)
     write_params(tmp_path, {"ingest.source": str(tmp_path / "src"), "ingest.workers": 1, "preprocess.workers": 1,
                             "train.arch": "test_resnet", "train.epochs": 8, "train.batch_size": 16, "train.lr": 0.005,
                             "train.optimizer": "adamw", "train.weight_decay": 0.05,

@@ -5,14 +5,13 @@ against the arrays of the same preprocess."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cvpipe, write_params
+from conftest import absolute_pythonpath, cvpipe, digit_folders, write_params
 
 from cvpipe.data import shards
 from cvpipe.data.prepared import PreparedDataset, Split
@@ -132,24 +131,10 @@ def test_the_stream_splits_ranks_and_workers_and_resumes_mid_epoch(tmp_path):
 @pytest.fixture(scope="module")
 def digits_source(tmp_path_factory) -> Path:
     """10 classes x 30 digits as class folders, ingested once."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     root = tmp_path_factory.mktemp("digits")
-    digits = load_digits()
-    for c in range(10):
-        (root / "src" / str(c)).mkdir(parents=True)
-        for i in np.flatnonzero(digits.target == c)[:30]:
-            img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
-            Image.fromarray(img).convert("RGB").save(root / "src" / str(c) / f"{i}.png")
-    write_params(root, {"ingest.source": str(root / "src"), "ingest.workers": 1})
-    cvpipe("ingest", "-q", cwd=root, env=_env())
+    write_params(root, {"ingest.source": str(digit_folders(root / "src", 10, 30)), "ingest.workers": 1})
+    cvpipe("ingest", "-q", cwd=root, env=absolute_pythonpath())
     return root / "data" / "raw"
-
-
-def _env() -> dict:
-    pp = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep))} if pp else {}
 
 
 def _project(folder: Path, raw: Path, **sets) -> Path:
@@ -179,7 +164,7 @@ def test_shards_on_gcs_train_and_evaluate_like_the_arrays_of_the_same_preprocess
         monkeypatch.setenv("CVPIPE_CACHE", str(tmp_path / "cache"))
         gcsfs.GCSFileSystem.clear_instance_cache()  # a cached filesystem would still point at an earlier emulator
         gcsfs.GCSFileSystem(token="anon").mkdir("data")
-        env = {**_env(), "STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        env = {**absolute_pythonpath(), "STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
                "CVPIPE_CACHE": str(tmp_path / "cache")}
         sharded = _project(tmp_path / "shards", digits_source, **{
             "paths.prepared": "gs://data/prepared", "preprocess.format": "shards", "preprocess.shard_size": 40,
@@ -224,14 +209,14 @@ def test_sigkill_mid_epoch_on_shards_then_resume_matches_uninterrupted_run(tmp_p
     sets = {"preprocess.format": "shards", "preprocess.shard_size": 50, "train.ema": True, "train.mixup_alpha": 0.2,
             "train.warmup_epochs": 1, "train.batch_size": 32, "train.epochs": 3}
     ref = _project(tmp_path / "ref", digits_source, **sets)
-    cvpipe("preprocess", "-q", cwd=ref, env=_env())
+    cvpipe("preprocess", "-q", cwd=ref, env=absolute_pythonpath())
     killed = _project(tmp_path / "killed", digits_source, **sets, **{"paths.prepared": str(ref / "data" / "prepared")})
-    cvpipe("train", "-q", cwd=ref, env=_env())
+    cvpipe("train", "-q", cwd=ref, env=absolute_pythonpath())
     # 210 train images, batch 32, mixup drops partial batches: 6 steps per epoch -> step 8 is mid epoch 2
-    proc = cvpipe("train", "-q", cwd=killed, env={**_env(), "CVPIPE_FAULT_KILL_AFTER_STEPS": "8"}, check=False)
+    proc = cvpipe("train", "-q", cwd=killed, env={**absolute_pythonpath(), "CVPIPE_FAULT_KILL_AFTER_STEPS": "8"}, check=False)
     assert proc.returncode == -9, proc.stdout + proc.stderr
     assert load_checkpoint(killed / "models" / RUN / "last.pt")["epoch"] == 1
-    proc = cvpipe("train", cwd=killed, env=_env())
+    proc = cvpipe("train", cwd=killed, env=absolute_pythonpath())
     assert "resuming" in proc.stdout + proc.stderr
     timing = {"img_per_s", "seconds"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in _history(killed)] == \

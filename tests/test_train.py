@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cvpipe, run_together, write_params
+from conftest import absolute_pythonpath, cvpipe, digit_folders, run_together, write_params
 
 from cvpipe.core.config import TrainParams, load_params
 from cvpipe.core.errors import ParamsError, StageError
@@ -29,15 +29,10 @@ RUN = f"{ARCH}/seed42"  # the run folder under models/ reports/ plots/ (run_name
 TIMING = {"img_per_s", "seconds"}
 
 
-def _absolute_pythonpath() -> dict[str, str]:
-    pp = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in pp.split(os.pathsep) if p)} if pp else {}
-
-
 @pytest.fixture(autouse=True)
 def _absolute_pythonpath_env(monkeypatch):
     """Subprocesses run in other folders: make a relative PYTHONPATH (``PYTHONPATH=src``) absolute."""
-    for k, v in _absolute_pythonpath().items():
+    for k, v in absolute_pythonpath().items():
         monkeypatch.setenv(k, v)
     # an in-process run leaves wandb's service address here; a CLI subprocess would then share
     # that service, where a SIGKILLed run's stream keeps its id "in use". Separate shells never share it.
@@ -46,19 +41,9 @@ def _absolute_pythonpath_env(monkeypatch):
 
 def _prepare_digits(root: Path, classes: int, per_class: int) -> Path:
     """Ingest + preprocess a class-folder slice of the real digits at 32 px; returns data/prepared."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    src = root / "src"
-    digits = load_digits()
-    for c in range(classes):
-        (src / str(c)).mkdir(parents=True)
-        idx = np.flatnonzero(digits.target == c)[:per_class]
-        for i in idx:
-            img = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
-            Image.fromarray(img).convert("RGB").save(src / str(c) / f"{i}.png")
+    src = digit_folders(root / "src", classes, per_class)
     write_params(root, {"ingest.source": str(src), "ingest.workers": 1, "preprocess.workers": 1})
-    env = _absolute_pythonpath()  # module scope: runs before the function-scoped env fixture
+    env = absolute_pythonpath()  # module scope: runs before the function-scoped env fixture
     cvpipe("ingest", "-q", cwd=root, env=env)
     cvpipe("preprocess", "-q", cwd=root, env=env)
     return root / "data" / "prepared"
