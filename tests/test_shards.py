@@ -200,14 +200,15 @@ def test_shards_on_gcs_train_and_evaluate_like_the_arrays_of_the_same_preprocess
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_on_shards_then_resume_matches_uninterrupted_run(tmp_path, digits_source):
-    """A deterministic run on shards is SIGKILLed in epoch 2; the automatic resume (from last.pt, epoch 1)
-    streams the same order and ends with the uninterrupted run's history and weights, bit for bit."""
+    """A deterministic run on shards, checkpointed every 4 updates, is SIGKILLed at step 2 of epoch 2; the
+    automatic resume (from the mid-epoch last.pt) skips the stream's first 2 batches undecoded, restores the
+    augmentation RNGs and the epoch's sums, and ends with the uninterrupted run's history and weights, bit for bit."""
     import torch
 
     from cvpipe.torchkit.models import load_checkpoint
 
     sets = {"preprocess.format": "shards", "preprocess.shard_size": 50, "train.ema": True, "train.mixup_alpha": 0.2,
-            "train.warmup_epochs": 1, "train.batch_size": 32, "train.epochs": 3}
+            "train.warmup_epochs": 1, "train.batch_size": 32, "train.epochs": 3, "train.checkpoint_every_updates": 4}
     ref = _project(tmp_path / "ref", digits_source, **sets)
     cvpipe("preprocess", "-q", cwd=ref, env=absolute_pythonpath())
     killed = _project(tmp_path / "killed", digits_source, **sets, **{"paths.prepared": str(ref / "data" / "prepared")})
@@ -215,9 +216,10 @@ def test_sigkill_mid_epoch_on_shards_then_resume_matches_uninterrupted_run(tmp_p
     # 210 train images, batch 32, mixup drops partial batches: 6 steps per epoch -> step 8 is mid epoch 2
     proc = cvpipe("train", "-q", cwd=killed, env={**absolute_pythonpath(), "CVPIPE_FAULT_KILL_AFTER_STEPS": "8"}, check=False)
     assert proc.returncode == -9, proc.stdout + proc.stderr
-    assert load_checkpoint(killed / "models" / RUN / "last.pt")["epoch"] == 1
+    last = load_checkpoint(killed / "models" / RUN / "last.pt")
+    assert last["epoch"] == 1 and last["epoch_progress"]["step"] == 2 and last["epoch_progress"]["seen"] == 64
     proc = cvpipe("train", cwd=killed, env=absolute_pythonpath())
-    assert "resuming" in proc.stdout + proc.stderr
+    assert "after epoch 1 and 2 steps of epoch 2" in proc.stdout + proc.stderr
     timing = {"img_per_s", "seconds"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in _history(killed)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in _history(ref)]

@@ -417,8 +417,12 @@ def test_resume_flag_errors_in_one_line(tmp_path, tiny_prepared):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_prepared):
-    common = dict(epochs=3, deterministic=True, ema=True, mixup_alpha=0.2, warmup_epochs=1)
+@pytest.mark.parametrize("every", [0, 3], ids=["epoch-end-checkpoint", "mid-epoch-checkpoint"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_prepared, every):
+    """SIGKILL at step 2 of epoch 2. With epoch-end checkpoints the resume repeats epoch 2; with one every
+    3 updates (steps 3 and 6 here) it continues at step 3 of epoch 2, with the epoch's order, augmentation
+    RNGs and train sums restored. Either way the history and weights are the uninterrupted run's, bit for bit."""
+    common = dict(epochs=3, deterministic=True, ema=True, mixup_alpha=0.2, warmup_epochs=1, checkpoint_every_updates=every)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     for d in (ref, killed):
         d.mkdir()
@@ -427,10 +431,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     # 67 train images, batch 16, mixup drops the last partial batch: 4 steps per epoch -> step 6 is mid epoch 2
     proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": "6"}, check=False)
     assert proc.returncode == -9, proc.stdout + proc.stderr
-    assert load_checkpoint(killed / "models" / RUN / "last.pt")["epoch"] == 1
-    run_id = load_checkpoint(killed / "models" / RUN / "last.pt")["wandb_run_id"]
+    last = load_checkpoint(killed / "models" / RUN / "last.pt")
+    assert last["epoch"] == 1
+    assert (last.get("epoch_progress") or {}).get("step") == (2 if every else None)
+    run_id = last["wandb_run_id"]
     proc = cvpipe("train", cwd=killed)  # automatic resume: same params, unfinished last.pt
-    assert "resuming" in proc.stdout + proc.stderr
+    assert ("resuming" in proc.stdout + proc.stderr) and (("2 steps of epoch 2" in proc.stdout + proc.stderr) == bool(every))
     assert without_timing(history(killed)) == without_timing(history(ref))
     a = load_checkpoint(ref / "models" / RUN / "last.pt")
     b = load_checkpoint(killed / "models" / RUN / "last.pt")
@@ -505,7 +511,7 @@ def _two_node_train(folder: Path, port: int, env: dict, timeout: float = 420) ->
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--max-restarts=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cvpipe-test",
-           "--rdzv-conf=is_host=false", "--monitor-interval=0.5", "-m", "cvpipe", "train", "-q"]
+           "--rdzv-conf=is_host=false", "--monitor-interval=0.5", "-m", "cvpipe", "train"]
     # a fresh rendezvous store per round (train/README.md#several-machines): with the shared one, a node
     # restarted because the other failed keeps restart count 0 while the failed one counts 1, and the
     # workers read each other's addresses under different prefixes (stale keys, a dead peer's port)
@@ -521,19 +527,21 @@ def _two_node_train(folder: Path, port: int, env: dict, timeout: float = 420) ->
 @pytest.mark.slow
 def test_two_node_torchrun_restarts_a_killed_worker_and_ends_like_the_uninterrupted_run(tmp_path, tiny_prepared):
     """Two torchrun launchers (--nnodes 2, c10d rendezvous), deterministic gloo training. Rank 1 is SIGKILLed
-    mid epoch 2; torchrun (--max-restarts 1) restarts the whole group, which resumes from last.pt (epoch 1)
+    mid epoch 2; torchrun (--max-restarts 1) restarts the whole group, which resumes from the mid-epoch
+    last.pt (every 2 updates: epoch 1 and 2 steps of epoch 2, the ranks' RNG states and sums collected)
     and ends with the uninterrupted two-node run's history and weights, bit for bit."""
     from torch.distributed import TCPStore
 
     from servers import free_port
 
-    common = dict(epochs=3, deterministic=True, ema=True, warmup_epochs=1)
+    common = dict(epochs=3, deterministic=True, ema=True, warmup_epochs=1, checkpoint_every_updates=2)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     for d in (ref, killed):
         d.mkdir()
         setup_project(d, tiny_prepared, **common)
-    # 67 train images, 2 ranks x batch 16: 3 batches per rank and epoch -> batch 5 of rank 1 is mid epoch 2
-    fault = {"CVPIPE_FAULT_KILL_AFTER_STEPS": "5", "CVPIPE_FAULT_KILL_RANK": "1"}
+    # 4 batches per rank and epoch (12 updates in 3 epochs) -> batch 6 of rank 1 is step 2 of epoch 2, right
+    # after the mid-epoch checkpoint of update 6
+    fault = {"CVPIPE_FAULT_KILL_AFTER_STEPS": "6", "CVPIPE_FAULT_KILL_RANK": "1"}
     for folder, env in ((ref, {}), (killed, fault)):
         port = free_port()
         store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
@@ -543,6 +551,7 @@ def test_two_node_torchrun_restarts_a_killed_worker_and_ends_like_the_uninterrup
             del store
     log = "\n".join(r.stdout for r in results)
     assert "exitcode: -9" in log and "will restart worker group" in log, log[-4000:]   # killed, then restarted
+    assert "after epoch 1 and 2 steps of epoch 2" in log, log[-4000:]   # resumed inside epoch 2
     import json
 
     assert json.loads((killed / "reports" / RUN / "train.json").read_text())["world_size"] == 2

@@ -251,6 +251,9 @@ class TrainParams(_Section):
     )
     deterministic: bool = False
     auto_resume: bool = True
+    checkpoint_every_updates: int = Field(
+        0, ge=0, description="also write last.pt every N optimizer updates inside an epoch (mid-epoch resume); 0 = epoch ends only"
+    )
 
     @field_validator("device")
     @classmethod

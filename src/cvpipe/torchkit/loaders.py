@@ -52,6 +52,25 @@ class RowBatches:
         return torch.from_numpy(np.ascontiguousarray(images)), torch.as_tensor(np.asarray(self.labels)[rows], dtype=torch.long)
 
 
+class SkippingSampler:
+    """A sampler whose next pass leaves out its first ``skip`` indices (then skips nothing again): a run
+    resumed mid-epoch draws the epoch's order as the uninterrupted run did (the inner sampler and its
+    generator restored) and starts after the batches already taken. Its length stays the whole epoch's,
+    so the step count per epoch, and the schedule built on it, do not change."""
+
+    def __init__(self, inner):
+        self.inner, self.skip = inner, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        import itertools
+
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.inner), skip, None)
+
+
 def train_dataset(split: Split, pipeline, seed: int, batch: int, drop_last: bool, buffer: int,
                   rank: int = 0, world_size: int = 1, workers: int = 0):
     """The training samples of *split*, whichever its format: a map-style :class:`ArrayDataset` over the
@@ -100,20 +119,25 @@ def default_workers(device_type: str) -> int:
     return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
-def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool, drop_last: bool = False):
+def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool, drop_last: bool = False,
+                generator=None):
+    """A DataLoader over *ds*; *generator* (default: one seeded with *seed*) draws the shuffle and the workers'
+    base seed, so a pass never draws from the global torch RNG (which dropout and drop-path use)."""
     import torch
     from torch.utils.data import DataLoader
 
     from cvpipe.torchkit.streaming import ShardStream
 
+    g = generator
+    if g is None:
+        g = torch.Generator()
+        g.manual_seed(seed)
     if isinstance(ds, ShardStream):  # orders and shards itself (the epoch reaches its workers through shared memory)
         return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_uint8, pin_memory=pin,
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, generator=g)
     if isinstance(ds, RowBatches):  # already batched
-        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin)
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, generator=g)
 
-    g = torch.Generator()
-    g.manual_seed(seed)
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -21,7 +21,8 @@ from cvpipe.core.config import TrainParams
 from cvpipe.core.console import info, warn
 from cvpipe.core.errors import ParamsError, StageError
 from cvpipe.data.prepared import PreparedDataset, Split
-from cvpipe.torchkit.loaders import ArrayDataset, BatchNormalizer, RowBatches, collate_uint8, make_loader, train_dataset
+from cvpipe.torchkit.loaders import (ArrayDataset, BatchNormalizer, RowBatches, SkippingSampler, collate_uint8, make_loader,
+                                    train_dataset)
 from cvpipe.torchkit.models import data_config, load_checkpoint
 from cvpipe.torchkit.runtime import Runtime
 from cvpipe.train import checkpoint as ckpt_lib
@@ -54,7 +55,9 @@ def load_resume_state(tp: TrainParams, ds: PreparedDataset, last_path: str, iden
     if state is not None:
         if list(state["classes"]) != ds.classes or state["arch"] != tp.arch:
             raise StageError(f"cannot resume from {last_path}: it was trained for {state['arch']} on classes {state['classes']}")
-        info(f"resuming {last_path} after epoch {state['epoch']} ({why})")
+        step = (state.get("epoch_progress") or {}).get("step")
+        at = f"epoch {state['epoch']}" + (f" and {step} step{'s' * (step != 1)} of epoch {state['epoch'] + 1}" if step else "")
+        info(f"resuming {last_path} after {at} ({why})")
     return state
 
 
@@ -87,6 +90,14 @@ class TrainData:
     rank_batch: int
     workers: int
 
+    def skip_batches(self, step: int) -> None:
+        """Start the epoch's next pass after this rank's first *step* batches (a mid-epoch resume),
+        in the order the uninterrupted pass had, without loading the skipped images."""
+        if self.train_split.shards is not None:
+            self.train_ds.resume(step)
+        else:
+            self.train_loader.sampler.skip = step * self.rank_batch
+
 
 def build_data(tp: TrainParams, ds: PreparedDataset, train_split: Split, val_split: Optional[Split], pipeline,
                dist: distributed.Dist, rt: Runtime, rank_batch: int, workers: int) -> TrainData:
@@ -107,11 +118,11 @@ def build_data(tp: TrainParams, ds: PreparedDataset, train_split: Split, val_spl
             raise ParamsError("train.class_balance: sampler draws images at random, which a sharded split "
                               "(preprocess.format: shards) cannot serve; use loss, or preprocess.format: arrays")
         sampler = None
-        train_loader = make_loader(train_ds, rank_batch, True, workers, tp.seed, pin)
+        train_loader = make_loader(train_ds, rank_batch, True, workers, tp.seed, pin, generator=gen)
     else:
         sampler = _train_sampler(tp, ds, train_split, train_ds, dist, gen, drop_last)
         train_loader = DataLoader(
-            train_ds, batch_size=rank_batch, sampler=sampler, num_workers=workers, collate_fn=collate_uint8,
+            train_ds, batch_size=rank_batch, sampler=SkippingSampler(sampler), num_workers=workers, collate_fn=collate_uint8,
             pin_memory=pin, drop_last=drop_last, persistent_workers=workers > 0, generator=gen,
         )
     val_loader = None
@@ -235,6 +246,9 @@ class RunState:
     phase_updates: int = 0  # optimizer updates in this phase (the scheduler's clock)
     total_updates: int = 0  # optimizer updates in the run (EMA warmup, W&B step)
     steps_here: int = 0  # batches this process ran (fault injection)
+    # a mid-epoch last.pt being resumed: where the epoch stopped, its train sums so far (this rank's share)
+    # and this rank's augmentation RNG states; train_epoch consumes it
+    partial: Optional[dict[str, Any]] = None
 
 
 def start_run_state(tp: TrainParams, phase: Phase, net: Net, data: TrainData, dist: distributed.Dist,
@@ -253,11 +267,18 @@ def start_run_state(tp: TrainParams, phase: Phase, net: Net, data: TrainData, di
     run.phase_updates = int(state.get("phase_updates", 0))
     run.total_updates = int(state.get("num_updates", 0))
     rngs = state["rng"]
+    same_world = isinstance(rngs, list) and len(rngs) == dist.world_size
     if isinstance(rngs, list):
-        if len(rngs) != dist.world_size:
+        if not same_world:
             warn(f"{last_path} was written by {len(rngs)} processes, now {dist.world_size}: RNG streams restart")
         else:
             ckpt_lib.set_rng_state(rngs[dist.rank], data.gen)
+    progress = state.get("epoch_progress")
+    if progress:
+        # the epoch's sums so far count once, on rank 0 (the epoch end sums over ranks)
+        sums = {k: progress[k] if dist.is_main else 0 for k in ("loss_sum", "correct", "seen")}
+        run.partial = {"step": int(progress["step"]), "seconds": float(progress["seconds"]), **sums,
+                       "augment": rngs[dist.rank].get("augment") if same_world else None}
     return run
 
 

@@ -1,5 +1,6 @@
-"""Training state that a resumed run needs: RNG states, dataset fingerprint, resume decision, and the
-:class:`Checkpointer` that writes ``best.pt``/``last.pt`` at epoch ends."""
+"""Training state that a resumed run needs: RNG states (the augmentation pipeline's included), dataset
+fingerprint, resume decision, and the :class:`Checkpointer` that writes ``best.pt``/``last.pt`` at epoch
+ends and, with ``train.checkpoint_every_updates``, ``last.pt`` inside an epoch."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 # train.* keys that do not change what is learned: a `last` checkpoint written under
 # other values of these is still resumed automatically.
-NON_SEMANTIC_KEYS = ("workers", "auto_resume", "compile", "device")
+NON_SEMANTIC_KEYS = ("workers", "auto_resume", "compile", "device", "checkpoint_every_updates")
 
 
 def rng_state(loader_generator=None) -> dict[str, Any]:
@@ -52,6 +53,38 @@ def set_rng_state(state: dict[str, Any], loader_generator=None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"])
+
+
+def _random_parts(pipeline) -> list:
+    """The albumentations pipeline and every transform in it (depth first), each holding its own RNGs."""
+    parts, todo = [], [pipeline]
+    while todo:
+        obj = todo.pop(0)
+        if hasattr(obj, "random_generator") and hasattr(obj, "py_random"):
+            parts.append(obj)
+        todo[:0] = list(getattr(obj, "transforms", []) or [])
+    return parts
+
+
+def augment_rng_state(pipeline) -> list[dict[str, Any]]:
+    """The RNG states of an albumentations pipeline (each transform draws from its own generators since
+    albumentations 2), so a run resumed mid-epoch augments the rest of the epoch as the uninterrupted run did."""
+    out = []
+    for part in _random_parts(pipeline):
+        version, internal, gauss = part.py_random.getstate()
+        out.append({"numpy": part.random_generator.bit_generator.state,
+                    "python": {"version": version, "state": list(internal), "gauss": gauss}})
+    return out
+
+
+def set_augment_rng_state(pipeline, states: list[dict[str, Any]]) -> None:
+    parts = _random_parts(pipeline)
+    if len(parts) != len(states):
+        raise ValueError(f"the checkpoint holds {len(states)} augmentation RNG states, the pipeline has {len(parts)} parts")
+    for part, st in zip(parts, states):
+        part.random_generator.bit_generator.state = st["numpy"]
+        p = st["python"]
+        part.py_random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 def dataset_fingerprint(root: str | Path) -> str:
@@ -100,7 +133,8 @@ def resume_decision(ckpt: Optional[dict[str, Any]], ident: str, epochs: int, for
 
 
 class Checkpointer:
-    """Writes the epoch-end checkpoints of a run (rank 0 only): ``last.pt`` every epoch, ``best.pt`` when the epoch improved.
+    """Writes the checkpoints of a run (rank 0 only): ``last.pt`` every epoch, ``best.pt`` when the epoch improved,
+    and ``last.pt`` every ``train.checkpoint_every_updates`` updates inside an epoch (:meth:`save_mid_epoch`).
 
     A checkpoint holds the model, EMA, optimizer, scheduler and scaler states, the run's counters,
     history and early-stopping state, each rank's RNG states, and what evaluate and serve need
@@ -115,7 +149,8 @@ class Checkpointer:
         self.last_path = storage.join(ctx.out["model_dir"], "last.pt")
 
     def state(self, run: "RunState", epoch: int, rngs: list, finished: bool) -> dict[str, Any]:
-        """The checkpoint after ``epoch`` epochs; *rngs* holds every rank's RNG states (index = rank)."""
+        """The checkpoint after ``epoch`` epochs; *rngs* holds every rank's RNG states (index = rank), each
+        with the train loader generator's state at the start of the epoch the checkpoint resumes into."""
         ctx, net, tp = self.ctx, self.ctx.net, run.tp
         ds = ctx.data.ds
         return {
@@ -156,3 +191,9 @@ class Checkpointer:
             storage.copy_file(self.best_path, self.last_path)
         else:
             save_checkpoint(self.last_path, st)
+
+    def save_mid_epoch(self, run: "RunState", epoch: int, rngs: list, progress: dict[str, Any]) -> None:
+        """``last.pt`` inside 0-based ``epoch``: ``epoch`` epochs done plus *progress* (``step``: batches each rank
+        took in this epoch, and the epoch's train sums so far over all ranks: ``loss_sum``, ``correct``, ``seen``,
+        ``seconds``). *rngs* are the current RNG states, each rank's augmentation pipeline's among them."""
+        save_checkpoint(self.last_path, {**self.state(run, epoch, rngs, False), "epoch_progress": progress})

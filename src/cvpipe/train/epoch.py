@@ -4,7 +4,9 @@
 (:func:`cvpipe.torchkit.step.forward_loss`), backward through the grad scaler, gradient
 accumulation (DDP gradient sync only on the last batch of each accumulation), and at each
 accumulation boundary one :func:`optimizer_update` (unscale, clip, step, schedule, EMA, log),
-and with a time budget a re-plan at the epoch's quarter marks (:func:`~cvpipe.train.budget_run.replan_in_epoch`).
+with a time budget a re-plan at the epoch's quarter marks (:func:`~cvpipe.train.budget_run.replan_in_epoch`),
+and with ``train.checkpoint_every_updates`` a mid-epoch ``last.pt`` that a resumed run continues at
+its step (:func:`_begin_epoch`: the epoch's order, augmentation RNGs and train sums restored).
 :func:`validate` adds the val metrics of the model (and of its EMA) through the shared
 evaluation pass (:func:`cvpipe.torchkit.evaluation.evaluate`), summed over ranks.
 """
@@ -15,66 +17,73 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Optional
 
 from cvpipe.core.errors import StageError
 from cvpipe.torchkit.evaluation import evaluate
 from cvpipe.torchkit.step import forward_loss
+from cvpipe.train import checkpoint as ckpt_lib
 from cvpipe.train import distributed, finetune
 from cvpipe.train.budget_run import replan_in_epoch
 from cvpipe.train.build import Context, RunState
+from cvpipe.train.checkpoint import Checkpointer
 
 # shares of an epoch after which a time budget re-plans from the epoch's own pace (all ranks at the same steps)
 REPLAN_MARKS = (0.25, 0.5, 0.75)
 
 
-def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str, Any], float]:
+def train_epoch(ctx: Context, run: RunState, epoch: int, bar, checkpointer: Optional[Checkpointer] = None
+                ) -> tuple[dict[str, Any], float]:
     """Train 0-based ``epoch``; returns its history row so far (epoch, lr, train loss/acc, img/s) and
-    the time it started (``perf_counter``). *bar* is the run's :class:`~cvpipe.core.console.EpochProgress`."""
+    the time it started (``perf_counter``, moved back by the seconds a resumed epoch had run before).
+    *bar* is the run's :class:`~cvpipe.core.console.EpochProgress`; with *checkpointer* and
+    ``train.checkpoint_every_updates``, ``last.pt`` is also written inside the epoch."""
     import torch
-    from torch.utils.data.distributed import DistributedSampler
 
-    tp, data, net, dist, rt = run.tp, ctx.data, ctx.net, ctx.dist, ctx.rt
-    data.pipeline.set_random_seed(tp.seed + 7919 * (epoch + 1) + dist.rank)
-    if isinstance(data.sampler, DistributedSampler):
-        data.sampler.set_epoch(epoch)
-    if hasattr(data.train_ds, "set_epoch"):  # a ShardStream: the epoch's shard order and shuffle
-        data.train_ds.set_epoch(epoch)
-    finetune.train_mode(net.model)
+    tp, data, dist, rt = run.tp, ctx.data, ctx.dist, ctx.rt
     steps_per_epoch = len(data.train_loader)
+    first, sums, before = _begin_epoch(ctx, run, epoch)
+    epoch_gen = data.gen.get_state()  # before the loader's pass draws its order from it: what a mid-epoch resume restores
     bar.start_epoch(epoch + 1, tp.epochs, steps_per_epoch * data.rank_batch * dist.world_size)
+    bar.advance(first * data.rank_batch * dist.world_size)
     t0 = time.perf_counter()
     marks = sorted({max(1, round(steps_per_epoch * q)) for q in REPLAN_MARKS} - {steps_per_epoch})
-    seen = 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    marks = [m for m in marks if m > first]
+    every = tp.checkpoint_every_updates if checkpointer is not None else 0
+    seen = sums["seen"]
+    loss_sum = torch.tensor(sums["loss_sum"], dtype=torch.float64, device=rt.device)
+    correct = torch.tensor(sums["correct"], dtype=torch.int64, device=rt.device)
     run.phase.optimizer.zero_grad(set_to_none=True)
-    for step, (images, labels) in enumerate(data.train_loader):
+    for step, (images, labels) in enumerate(data.train_loader, start=first):
         boundary = (step + 1) % tp.accum_steps == 0 or step + 1 == steps_per_epoch
         sync = contextlib.nullcontext() if (boundary or not dist.enabled) else _unwrap_compiled(run.phase.train_model).no_sync()
         with sync:
-            fwd = forward_loss(run.phase.train_model, images, labels, net.normalize, net.criterion, net.mixup, rt)
+            fwd = forward_loss(run.phase.train_model, images, labels, ctx.net.normalize, ctx.net.criterion, ctx.net.mixup, rt)
             if not torch.isfinite(fwd.loss):
                 raise StageError(f"loss became {float(fwd.loss)} at epoch {epoch + 1}: lower train.lr (now {tp.lr})")
             scaled = fwd.loss / tp.accum_steps
-            (net.scaler.scale(scaled) if net.scaler is not None else scaled).backward()
+            (ctx.net.scaler.scale(scaled) if ctx.net.scaler is not None else scaled).backward()
         if boundary:
             optimizer_update(ctx, run, fwd.loss)
             if ctx.budget is not None and marks and step + 1 >= marks[0]:  # the time budget's in-epoch re-plan
                 marks = [m for m in marks if m > step + 1]
-                replan_in_epoch(ctx.budget, run, epoch, (step + 1) / steps_per_epoch, time.perf_counter() - t0, dist,
-                                ctx.updates_per_epoch)
+                replan_in_epoch(ctx.budget, run, epoch, (step + 1) / steps_per_epoch, before + time.perf_counter() - t0,
+                                dist, ctx.updates_per_epoch)
         n = len(fwd.labels)
         seen += n
         loss_sum += fwd.loss.detach().double() * n
         correct += (fwd.logits.detach().argmax(1) == fwd.labels).sum()
         bar.advance(n * dist.world_size)
         run.steps_here += 1
+        if boundary and every and run.total_updates % every == 0 and step + 1 < steps_per_epoch:
+            progress = {"step": step + 1, "loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                        "seconds": before + time.perf_counter() - t0}
+            _save_mid_epoch(ctx, run, checkpointer, epoch, progress, epoch_gen)
         if ctx.kill_after and run.steps_here >= ctx.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = before + time.perf_counter() - t0
     if ctx.budget is not None:
         ctx.budget.train_s = train_seconds  # the rest of the epoch's wall is the budget's per-epoch overhead
     run.phase.scheduler.step(epoch + 1 - run.phase.start)
@@ -86,7 +95,45 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar) -> tuple[dict[str,
         "train_acc": round(t_correct / t_seen, 6),
         "img_per_s": round(t_seen / train_seconds, 2),
     }
-    return row, t0
+    return row, t0 - before
+
+
+def _begin_epoch(ctx: Context, run: RunState, epoch: int) -> tuple[int, dict[str, Any], float]:
+    """Seed the epoch's augmentation and order; in a run resumed mid-epoch, restore where the epoch stopped.
+
+    Returns (batches this rank already took in the epoch, the epoch's train sums so far, its seconds so far).
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    data, dist, tp = ctx.data, ctx.dist, run.tp
+    data.pipeline.set_random_seed(tp.seed + 7919 * (epoch + 1) + dist.rank)
+    if isinstance(data.sampler, DistributedSampler):
+        data.sampler.set_epoch(epoch)
+    if hasattr(data.train_ds, "set_epoch"):  # a ShardStream: the epoch's shard order and shuffle
+        data.train_ds.set_epoch(epoch)
+    finetune.train_mode(ctx.net.model)
+    partial, run.partial = run.partial, None
+    if partial is None:
+        return 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, 0.0
+    data.skip_batches(partial["step"])
+    if partial["augment"] is not None:
+        ckpt_lib.set_augment_rng_state(data.pipeline, partial["augment"])
+    return partial["step"], partial, partial["seconds"]
+
+
+def _save_mid_epoch(ctx: Context, run: RunState, checkpointer: Checkpointer, epoch: int, progress: dict[str, Any],
+                    epoch_gen) -> None:
+    """``last.pt`` at an update boundary inside the epoch (every rank takes part: the sums and RNG states
+    are collected from all of them)."""
+    sums = distributed.all_sum([progress["loss_sum"], float(progress["correct"]), float(progress["seen"])], ctx.dist)
+    progress = {**progress, "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
+    state = ckpt_lib.rng_state(None)
+    state["loader"] = epoch_gen
+    state["augment"] = ckpt_lib.augment_rng_state(ctx.data.pipeline)
+    rngs = distributed.gather_object(state, ctx.dist)
+    if ctx.dist.is_main:
+        checkpointer.save_mid_epoch(run, epoch, rngs, progress)
+    distributed.barrier(ctx.dist)
 
 
 def optimizer_update(ctx: Context, run: RunState, loss) -> None:

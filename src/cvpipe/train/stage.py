@@ -224,7 +224,7 @@ def _run_epochs(ctx: build.Context, run: build.RunState, checkpointer: ckpt_lib.
                 info(f"epoch {epoch + 1}: unfreezing the backbone (fresh optimizer and warmup)")
                 run.phase = build.build_phase(ctx.net.model, run.tp, epoch, ctx.updates_per_epoch, ctx.dist, ctx.rt)
                 run.phase_updates = 0
-            row, t0 = train_epoch(ctx, run, epoch, bar)
+            row, t0 = train_epoch(ctx, run, epoch, bar, checkpointer)
             validate(ctx, row)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             run.history.append(row)
