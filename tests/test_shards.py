@@ -61,6 +61,21 @@ def test_png_shards_give_back_the_same_pixels_by_any_index(tmp_path):
     assert [s["count"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
 
 
+def test_the_offset_stream_reads_what_webdatasets_own_reader_reads(tmp_path):
+    """ShardImages.stream slices each image by offsets.npy, in windows smaller than a shard here; WebDataset's
+    reader parses the tar headers: the same rows, bytes and labels, in the same order, every k-th too."""
+    import webdataset as wds
+
+    split, _images = _sharded_split(tmp_path, 23, shard_size=10)
+    urls = [str(tmp_path / s["name"]) for s in split.shards.manifest["shards"]]
+    theirs = [(int(x["__key__"]), x["png"], int(x["cls"])) for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    plan = [(shard, 1, 0) for shard in range(3)]
+    assert list(shards.iter_samples(split.shards, split.labels, plan)) == theirs
+    small = [(row, data) for shard in range(3) for row, data in split.shards.stream(shard, window=2000)]
+    assert small == [(row, data) for row, data, _ in theirs]
+    assert [row for row, _ in split.shards.stream(1, every=3, keep=2)] == [12, 15, 18]
+
+
 def test_jpg_shards_are_smaller_and_close(tmp_path):
     rng = np.random.default_rng(1)  # photo-like: smooth shading plus sensor noise
     yy, xx = np.mgrid[0:64, 0:64] / 64.0

@@ -70,7 +70,7 @@ class ShardStream(IterableDataset):
         plan = shards.slot_plan(self.counts, self.seed, epoch, self.slots)[slot]
         while True:  # a slot short of per_slot starts its (same) stream again
             n = 0
-            for item in shards.shuffled(shards.iter_samples(self.images.open, plan, self.images.url), self.buffer,
+            for item in shards.shuffled(shards.iter_samples(self.images, self.labels, plan), self.buffer,
                                         self.seed, epoch, slot):
                 n += 1
                 yield item
