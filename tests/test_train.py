@@ -261,6 +261,31 @@ def test_staged_freezes_then_unfreezes_with_fresh_warmup(tmp_path, tiny_prepared
     assert len(rows) == 3
 
 
+@pytest.mark.slow
+def test_staged_run_killed_after_the_probe_resumes_into_a_fresh_unfrozen_phase(tmp_path, tiny_prepared, pretrained_file):
+    """The probe's last checkpoint (epoch 1, phase 0) holds an optimizer over the head only; the resumed run
+    starts the unfrozen phase with a fresh optimizer and warmup, as the uninterrupted run does at epoch 2,
+    and ends with its history and weights (it used to load the probe's optimizer state into it)."""
+    path, _ref = pretrained_file
+    common = dict(finetune="staged", freeze_epochs=1, epochs=3, warmup_epochs=1, pretrained_path=str(path),
+                  deterministic=True, head_lr=0.01)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    for d in (ref, killed):
+        d.mkdir()
+        setup_project(d, tiny_prepared, **common)
+    cvpipe("train", "-q", cwd=ref)
+    # 67 train images, batch 16: 5 steps per epoch -> step 7 is mid epoch 2, the first unfrozen epoch
+    proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": "7"}, check=False)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    assert load_checkpoint(killed / "models" / RUN / "last.pt")["phase"] == 0
+    cvpipe("train", "-q", cwd=killed)
+    assert without_timing(history(killed)) == without_timing(history(ref))
+    a = load_checkpoint(ref / "models" / RUN / "last.pt")
+    b = load_checkpoint(killed / "models" / RUN / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def test_full_trains_everything_with_ema_mixup_sampler_accum_clip(tmp_path, tiny_prepared, pretrained_file, monkeypatch):
     path, ref = pretrained_file
     setup_project(tmp_path, tiny_prepared, pretrained_path=str(path), ema=True, ema_decay=0.9, mixup_alpha=0.4,

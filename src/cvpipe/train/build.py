@@ -257,14 +257,17 @@ def start_run_state(tp: TrainParams, phase: Phase, net: Net, data: TrainData, di
     run = RunState(tp, phase, EarlyStopping(tp.monitor, tp.early_stop_patience, tp.early_stop_min_delta))
     if not state:
         return run
-    phase.optimizer.load_state_dict(state["optimizer"])
-    phase.scheduler.load_state_dict(state["scheduler"])
+    if int(state.get("phase", 0)) == phase.index:
+        phase.optimizer.load_state_dict(state["optimizer"])
+        phase.scheduler.load_state_dict(state["scheduler"])
+        run.phase_updates = int(state.get("phase_updates", 0))
+    # else the checkpoint closed the staged probe: the unfrozen phase starts with a fresh optimizer and warmup,
+    # as in the uninterrupted run (the probe's optimizer holds the head's parameters only)
     if net.scaler is not None and state.get("scaler"):
         net.scaler.load_state_dict(state["scaler"])
     run.history = list(state.get("history", []))
     run.stopper.best = state.get("best")
     run.stopper.bad_epochs = int(state.get("bad_epochs", 0))
-    run.phase_updates = int(state.get("phase_updates", 0))
     run.total_updates = int(state.get("num_updates", 0))
     rngs = state["rng"]
     same_world = isinstance(rngs, list) and len(rngs) == dist.world_size
