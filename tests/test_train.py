@@ -77,6 +77,28 @@ def without_timing(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def killed_beside_reference(tmp_path: Path, prepared: Path, kill_after: int, **train) -> tuple[Path, Path]:
+    """Two projects with the same train params: ``ref`` trained to the end, ``killed`` SIGKILLed (fault
+    injection) after *kill_after* batches; returns (ref, killed)."""
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    for d in (ref, killed):
+        d.mkdir()
+        setup_project(d, prepared, **train)
+    cvpipe("train", "-q", cwd=ref)
+    proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": str(kill_after)}, check=False)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    return ref, killed
+
+
+def assert_ends_like(ref: Path, resumed: Path) -> None:
+    """The resumed run's history (timings aside) and last weights are the reference run's, bit for bit."""
+    assert without_timing(history(resumed)) == without_timing(history(ref))
+    a = load_checkpoint(ref / "models" / RUN / "last.pt")
+    b = load_checkpoint(resumed / "models" / RUN / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
 def timm_model(arch: str = ARCH, num_classes: int = 10):
     import timm
 
@@ -267,23 +289,12 @@ def test_staged_run_killed_after_the_probe_resumes_into_a_fresh_unfrozen_phase(t
     starts the unfrozen phase with a fresh optimizer and warmup, as the uninterrupted run does at epoch 2,
     and ends with its history and weights (it used to load the probe's optimizer state into it)."""
     path, _ref = pretrained_file
-    common = dict(finetune="staged", freeze_epochs=1, epochs=3, warmup_epochs=1, pretrained_path=str(path),
-                  deterministic=True, head_lr=0.01)
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    for d in (ref, killed):
-        d.mkdir()
-        setup_project(d, tiny_prepared, **common)
-    cvpipe("train", "-q", cwd=ref)
     # 67 train images, batch 16: 5 steps per epoch -> step 7 is mid epoch 2, the first unfrozen epoch
-    proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": "7"}, check=False)
-    assert proc.returncode == -9, proc.stdout + proc.stderr
+    ref, killed = killed_beside_reference(tmp_path, tiny_prepared, 7, finetune="staged", freeze_epochs=1, epochs=3,
+                                          warmup_epochs=1, pretrained_path=str(path), deterministic=True, head_lr=0.01)
     assert load_checkpoint(killed / "models" / RUN / "last.pt")["phase"] == 0
     cvpipe("train", "-q", cwd=killed)
-    assert without_timing(history(killed)) == without_timing(history(ref))
-    a = load_checkpoint(ref / "models" / RUN / "last.pt")
-    b = load_checkpoint(killed / "models" / RUN / "last.pt")
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    assert_ends_like(ref, killed)
 
 
 def test_full_trains_everything_with_ema_mixup_sampler_accum_clip(tmp_path, tiny_prepared, pretrained_file, monkeypatch):
@@ -447,27 +458,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_
     """SIGKILL at step 2 of epoch 2. With epoch-end checkpoints the resume repeats epoch 2; with one every
     3 updates (steps 3 and 6 here) it continues at step 3 of epoch 2, with the epoch's order, augmentation
     RNGs and train sums restored. Either way the history and weights are the uninterrupted run's, bit for bit."""
-    common = dict(epochs=3, deterministic=True, ema=True, mixup_alpha=0.2, warmup_epochs=1, checkpoint_every_updates=every)
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    for d in (ref, killed):
-        d.mkdir()
-        setup_project(d, tiny_prepared, **common)
-    cvpipe("train", "-q", cwd=ref)
     # 67 train images, batch 16, mixup drops the last partial batch: 4 steps per epoch -> step 6 is mid epoch 2
-    proc = cvpipe("train", "-q", cwd=killed, env={"CVPIPE_FAULT_KILL_AFTER_STEPS": "6"}, check=False)
-    assert proc.returncode == -9, proc.stdout + proc.stderr
+    ref, killed = killed_beside_reference(tmp_path, tiny_prepared, 6, epochs=3, deterministic=True, ema=True,
+                                          mixup_alpha=0.2, warmup_epochs=1, checkpoint_every_updates=every)
     last = load_checkpoint(killed / "models" / RUN / "last.pt")
     assert last["epoch"] == 1
     assert (last.get("epoch_progress") or {}).get("step") == (2 if every else None)
     run_id = last["wandb_run_id"]
     proc = cvpipe("train", cwd=killed)  # automatic resume: same params, unfinished last.pt
     assert ("resuming" in proc.stdout + proc.stderr) and (("2 steps of epoch 2" in proc.stdout + proc.stderr) == bool(every))
-    assert without_timing(history(killed)) == without_timing(history(ref))
-    a = load_checkpoint(ref / "models" / RUN / "last.pt")
-    b = load_checkpoint(killed / "models" / RUN / "last.pt")
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert b["wandb_run_id"] == run_id  # the same W&B run continued
+    assert_ends_like(ref, killed)
+    assert load_checkpoint(killed / "models" / RUN / "last.pt")["wandb_run_id"] == run_id  # the same W&B run continued
 
 
 def test_auto_resume_skips_other_params(tmp_path, tiny_prepared):
@@ -580,11 +581,7 @@ def test_two_node_torchrun_restarts_a_killed_worker_and_ends_like_the_uninterrup
     import json
 
     assert json.loads((killed / "reports" / RUN / "train.json").read_text())["world_size"] == 2
-    assert without_timing(history(killed)) == without_timing(history(ref))
-    a = load_checkpoint(ref / "models" / RUN / "last.pt")
-    b = load_checkpoint(killed / "models" / RUN / "last.pt")
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    assert_ends_like(ref, killed)
 
 
 def _collectives_worker(rank: int, port: int, backend: str, out_dir: str) -> None:
