@@ -350,6 +350,37 @@ def test_second_ingest_into_a_locked_output_exits_2_naming_the_holder(tmp_path):
     assert _ingest(tmp_path, src, out).returncode == 0  # released: the next run goes ahead
 
 
+@pytest.mark.parametrize("then", ["names itself", "lets go", "stays nameless"])
+def test_a_lock_held_under_no_name_is_waited_on_briefly(tmp_path, then):
+    """The moments when the lock file is empty (just taken, or just truncated to let go) resolve within
+    the wait: the second run names the holder, or goes ahead; only a holder nameless throughout is unnamed."""
+    import threading
+
+    from filelock import FileLock
+
+    src = _classes(tmp_path / "src")
+    out = tmp_path / "out"
+    assert _ingest(tmp_path, src, out).returncode == 0
+    holder = FileLock(str(out / LOCK_NAME), timeout=0, thread_local=False)  # the timer's thread lets go
+    holder.acquire()
+    name = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"})
+    act = {"names itself": lambda: (out / LOCK_NAME).write_text(name), "lets go": holder.release,
+           "stays nameless": lambda: None}[then]
+    timer = threading.Timer(0.5, act)
+    timer.start()
+    try:
+        res = _ingest(tmp_path, src, out)
+    finally:
+        timer.join()
+        holder.release()
+    if then == "lets go":
+        assert res.returncode == 0, res.stderr
+        return
+    assert res.returncode == 2 and "another ingest is writing" in res.stderr, res.stderr
+    expected = f"pid {os.getpid()}" if then == "names itself" else "has not written its name yet"
+    assert expected in res.stderr, res.stderr
+
+
 def test_ingest_leaves_another_outputs_journal_write_in_the_shared_state_folder(tmp_path):
     """Two outputs, one ``ingest.state_dir`` (the default is shared): a run removes only its own journal's
     leftovers, never the temp file another output's run is writing right now."""

@@ -75,6 +75,7 @@ NOT_REGULAR = "not_a_regular_file"
 # outcomes never journaled: transient (read or fetch failures) or found again without reading a byte
 _NOT_JOURNALED = frozenset({UNREADABLE, TOO_LARGE, NOT_REGULAR})
 LOCK_NAME = ".cvpipe-ingest.lock"
+NAMELESS_HOLDER_WAIT_S = 2.0  # how long a lock held under no name is retried before exiting 2 without one
 # what ingest writes under <raw>/images: <sha[:2]>/<sha256>.<ext>
 _STORED_NAME = re.compile(r"[0-9a-f]{64}\.[a-z0-9]+")
 _SHARD_NAME = re.compile(r"[0-9a-f]{2}")
@@ -789,12 +790,13 @@ def _holder() -> str:
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _describe_holder(path: Path) -> str:
+def _describe_holder(path: Path) -> str | None:
+    """The lock holder's pid, host and start time, or None while the lock file names nobody."""
     try:
         h = json.loads(path.read_text(encoding="utf-8"))
         return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its name yet"
+        return None
 
 
 @contextlib.contextmanager
@@ -803,6 +805,9 @@ def _output_lock(raw_dir: Path):
     with the holder's pid, host and start time written in it while held; a second run exits 2 naming them.
 
     The file stays (empty) after the run: removing a lock file races with a process about to take it.
+    A second run that finds the lock taken but the file empty has met the holder between taking the lock
+    and writing its name, or between truncating and letting go; it retries for up to
+    ``NAMELESS_HOLDER_WAIT_S``, and then either names the holder or takes the freed lock.
     """
     from filelock import FileLock, Timeout
 
@@ -814,14 +819,23 @@ def _output_lock(raw_dir: Path):
         os.pwrite(fd, holder, 0)
 
     lock = FileLock(str(path), timeout=0, on_acquired=write_holder)
+    deadline = time.monotonic() + NAMELESS_HOLDER_WAIT_S
     with _writing(path):
-        try:
-            lock.acquire(blocking=False)
-        except Timeout:  # an OSError itself: caught before _writing would call it a write failure
-            raise UsageError(
-                f"another ingest is writing into {raw_dir}: {_describe_holder(path)} (lock file {path}); "
-                "run one at a time per output"
-            ) from None
+        while True:
+            try:
+                lock.acquire(blocking=False)
+                break
+            except Timeout:  # an OSError itself: caught before _writing would call it a write failure
+                named = _describe_holder(path)
+                # An empty file means the holder has just taken the lock and not yet written its name, or has
+                # just truncated it to let go: either way a moment resolves it (its name, or a free lock).
+                if named is not None or time.monotonic() > deadline:
+                    raise UsageError(
+                        f"another ingest is writing into {raw_dir}: "
+                        f"{named or 'a process that has not written its name yet'} (lock file {path}); "
+                        "run one at a time per output"
+                    ) from None
+                time.sleep(0.05)
     try:
         yield
     finally:
