@@ -130,14 +130,9 @@ class ShardImages:
             raise IndexError(f"row out of range for a split of {len(self)} images")
         shard_of = np.searchsorted(self.firsts, rows, side="right") - 1
         order = np.lexsort((rows, shard_of))
-        start = 0
-        while start < len(order):  # runs of rows in one shard, read as one byte range each
-            shard = shard_of[order[start]]
-            end = start
-            while end + 1 < len(order) and shard_of[order[end + 1]] == shard:
-                end += 1
-            self._read_run(shard, rows, order[start:end + 1], out)
-            start = end + 1
+        for run in np.split(order, np.flatnonzero(np.diff(shard_of[order])) + 1):  # one shard's rows: one byte range
+            if len(run):
+                self._read_run(int(shard_of[run[0]]), rows, run, out)
         return out
 
     def stream(self, shard: int, every: int = 1, keep: int = 0, window: int = 16 << 20) -> Iterator[tuple[int, bytes]]:

@@ -243,11 +243,11 @@ def _shard_splits(root: Path, params: Params) -> None:
         images = np.load(d / "images.npy", mmap_mode="r")
         with open(d / "index.csv", newline="", encoding="utf-8") as fh:
             ids = [r["id"] for r in csv.DictReader(fh)]
-        manifest = shards.write_split(d, images, np.load(d / "labels.npy"), ids, pp.shard_size, pp.shard_encoding,
-                                      pp.shard_quality)
+        written = shards.write_split(d, images, np.load(d / "labels.npy"), ids, pp.shard_size, pp.shard_encoding,
+                                     pp.shard_quality)
         del images
         (d / "images.npy").unlink()
-        info(f"{name}: {len(ids)} images in {len(manifest['shards'])} {pp.shard_encoding} shards")
+        info(f"{name}: {len(ids)} images in {len(written['shards'])} {pp.shard_encoding} shards")
 
 
 def _read_rows(params: Params) -> list[dict[str, str]]:
