@@ -162,6 +162,42 @@ def _project(folder: Path, raw: Path, **sets) -> Path:
 
 
 @pytest.mark.slow
+def _augmented_epochs(split: Split, epochs: int, fresh: bool) -> list[list[bytes]]:
+    """Each epoch's batches from 2 loader workers, as bytes: one persistent loader, or a new one per epoch."""
+    import albumentations as A
+
+    from cvpipe.torchkit.loaders import make_loader, train_dataset
+
+    out, loader = [], None
+    for epoch in range(epochs):
+        if loader is None or fresh:
+            pipeline = A.Compose([A.RandomBrightnessContrast(p=1.0), A.HorizontalFlip(p=0.5)])
+            ds = train_dataset(split, pipeline, seed=5, batch=4, drop_last=False, buffer=8, workers=2)
+            loader = make_loader(ds, 4, True, 2, 5, False)
+        ds.set_epoch(epoch)
+        out.append([images.numpy().tobytes() for images, _labels in loader])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["arrays", "shards"])
+def test_loader_workers_augment_with_streams_of_their_own_seeded_per_epoch(tmp_path, fmt):
+    """Every image is the same, so a batch shows only its augmentation draws: no two batches of an epoch
+    match (each worker copy of the pipeline has its own stream), epochs differ, and a loader started at
+    an epoch (a run resumed at an epoch end) augments as the loader that ran the epochs before it."""
+    images = np.full((32, 16, 16, 3), 100, dtype=np.uint8)
+    labels = np.arange(32) % 3
+    if fmt == "arrays":
+        split = Split("train", images, labels)
+    else:
+        shards.write_split(tmp_path, images, labels, [f"id{i}" for i in range(32)], 8, "png", 90)
+        split = Split("train", shards.load_split(str(tmp_path), tmp_path, 16), labels)
+    persistent = _augmented_epochs(split, 2, fresh=False)
+    for batches in persistent:
+        assert len(batches) == 8 and len(set(batches)) == 8
+    assert not set(persistent[0]) & set(persistent[1])
+    assert _augmented_epochs(split, 2, fresh=True) == persistent
+
+
 def test_shards_on_gcs_train_and_evaluate_like_the_arrays_of_the_same_preprocess(tmp_path, digits_source, monkeypatch):
     """Preprocess once as arrays (local) and once as lossless shards into a bucket on the GCS emulator.
     Evaluating one checkpoint on both gives the same metrics bit for bit (same pixels, same order).

@@ -7,6 +7,7 @@ tensors on the device (:class:`BatchNormalizer`), in one definition every model-
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -15,13 +16,39 @@ from cvpipe.data.prepared import Split
 from cvpipe.torchkit.runtime import Runtime
 
 
-class ArrayDataset:
-    """Samples of a memory-mapped split, augmented per sample with albumentations (uint8 HWC)."""
+def seed_worker_augmentation(pipeline, seed: int, epoch: int, slot: int) -> None:
+    """Give a DataLoader worker's copy of the augmentation pipeline a stream of its own for *epoch*.
 
-    def __init__(self, split: Split, pipeline=None):
+    Albumentations 2 draws from generators that each transform holds, and a worker process holds the copy
+    made when it started: without this every worker draws the same sequence as every other, and a
+    persistent worker never sees the main process's per-epoch reseed. Seeded by (seed, epoch, slot), a
+    worker's stream does not depend on the epochs before it, so a run resumed at an epoch end augments
+    as the uninterrupted run did with workers too. (The main process, ``train.workers: 0``, is reseeded
+    by the train loop, whose checkpoints also carry the pipeline's state mid-epoch.)
+    """
+    pipeline.set_random_seed(int(np.random.SeedSequence([seed, epoch, slot]).generate_state(1)[0]))
+
+
+class ArrayDataset:
+    """Samples of a memory-mapped split, augmented per sample with albumentations (uint8 HWC).
+
+    ``set_epoch`` reaches persistent loader workers through shared memory; each worker reseeds its
+    pipeline for the epoch (:func:`seed_worker_augmentation`, slot = ``rank`` x workers + worker id)."""
+
+    def __init__(self, split: Split, pipeline=None, seed: int = 0, rank: int = 0):
         self.images = split.images
         self.labels = split.labels
         self.pipeline = pipeline
+        self.seed, self.rank = seed, rank
+        self._epoch = None  # a shared-memory tensor once set_epoch is called
+        self._seeded_epoch = None  # in a worker: the epoch its pipeline copy was seeded for
+
+    def set_epoch(self, epoch: int) -> None:
+        import torch
+
+        if self._epoch is None:
+            self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -29,8 +56,20 @@ class ArrayDataset:
     def __getitem__(self, i: int):
         img = np.asarray(self.images[i])
         if self.pipeline is not None:
+            self._seed_in_worker()
             img = self.pipeline(image=img)["image"]
         return img, int(self.labels[i])
+
+    def _seed_in_worker(self) -> None:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is None:
+            return
+        epoch = int(self._epoch[0]) if self._epoch is not None else 0
+        if epoch != self._seeded_epoch:
+            seed_worker_augmentation(self.pipeline, self.seed, epoch, self.rank * info.num_workers + info.id)
+            self._seeded_epoch = epoch
 
 
 class RowBatches:
@@ -65,8 +104,6 @@ class SkippingSampler:
         return len(self.inner)
 
     def __iter__(self):
-        import itertools
-
         skip, self.skip = self.skip, 0
         return itertools.islice(iter(self.inner), skip, None)
 
@@ -79,7 +116,7 @@ def train_dataset(split: Split, pipeline, seed: int, batch: int, drop_last: bool
         from cvpipe.torchkit.streaming import ShardStream
 
         return ShardStream(split, pipeline, seed, batch, drop_last, buffer, rank, world_size, workers)
-    return ArrayDataset(split, pipeline)
+    return ArrayDataset(split, pipeline, seed, rank)
 
 
 def collate_uint8(batch):

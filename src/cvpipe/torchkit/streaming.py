@@ -15,6 +15,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cvpipe.core.errors import StageError
 from cvpipe.data import shards
 from cvpipe.data.prepared import Split
+from cvpipe.torchkit.loaders import seed_worker_augmentation
 
 
 class ShardStream(IterableDataset):
@@ -87,6 +88,8 @@ class ShardStream(IterableDataset):
         epoch, start = self.epoch, self.start_step
         role = (worker + start) % self.per_rank
         taken = (start - role + self.per_rank - 1) // self.per_rank if start > role else 0
+        if info is not None and self.pipeline is not None:
+            seed_worker_augmentation(self.pipeline, self.seed, epoch, self.rank * self.per_rank + role)
         for _row, data, label in itertools.islice(self.slot_stream(role, epoch), taken * self.batch, self.per_slot):
             img = shards.decode(data)
             if self.pipeline is not None:
