@@ -161,7 +161,6 @@ def _project(folder: Path, raw: Path, **sets) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def _augmented_epochs(split: Split, epochs: int, fresh: bool) -> list[list[bytes]]:
     """Each epoch's batches from 2 loader workers, as bytes: one persistent loader, or a new one per epoch."""
     import albumentations as A
@@ -198,6 +197,7 @@ def test_loader_workers_augment_with_streams_of_their_own_seeded_per_epoch(tmp_p
     assert _augmented_epochs(split, 2, fresh=True) == persistent
 
 
+@pytest.mark.slow
 def test_shards_on_gcs_train_and_evaluate_like_the_arrays_of_the_same_preprocess(tmp_path, digits_source, monkeypatch):
     """Preprocess once as arrays (local) and once as lossless shards into a bucket on the GCS emulator.
     Evaluating one checkpoint on both gives the same metrics bit for bit (same pixels, same order).
