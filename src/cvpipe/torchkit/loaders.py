@@ -36,18 +36,17 @@ class ArrayDataset:
     pipeline for the epoch (:func:`seed_worker_augmentation`, slot = ``rank`` x workers + worker id)."""
 
     def __init__(self, split: Split, pipeline=None, seed: int = 0, rank: int = 0):
+        import torch
+
         self.images = split.images
         self.labels = split.labels
         self.pipeline = pipeline
         self.seed, self.rank = seed, rank
-        self._epoch = None  # a shared-memory tensor once set_epoch is called
+        # shared before any worker starts, so workers started earlier still see every set_epoch
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._seeded_epoch = None  # in a worker: the epoch its pipeline copy was seeded for
 
     def set_epoch(self, epoch: int) -> None:
-        import torch
-
-        if self._epoch is None:
-            self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._epoch[0] = epoch
 
     def __len__(self) -> int:
@@ -66,7 +65,7 @@ class ArrayDataset:
         info = get_worker_info()
         if info is None:
             return
-        epoch = int(self._epoch[0]) if self._epoch is not None else 0
+        epoch = int(self._epoch[0])
         if epoch != self._seeded_epoch:
             seed_worker_augmentation(self.pipeline, self.seed, epoch, self.rank * info.num_workers + info.id)
             self._seeded_epoch = epoch
