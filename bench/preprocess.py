@@ -14,13 +14,13 @@
    uint8 batches) against torchvision ``ImageFolder`` + PIL + ``transforms``
    (Resize, CenterCrop, RandomAffine of the same ranges, ToTensor) over the raw
    JPEGs; same image size, batch size and worker count, data only (no model).
-3. **Shards loader**: the same images as JPEG (quality 95) WebDataset shards
-   (``preprocess.format: shards``) through the stream train reads them with,
-   against the arrays loader of 2.
+3. **Shards loader**: the same images as WebDataset shards (``preprocess.format:
+   shards``) through the stream train reads them with, against the arrays loader
+   of 2: JPEG quality 95 (the default ``shard_encoding``) and ``npy`` (raw pixels).
 
 Prints one line per measurement, then ONE JSON object as the last line with the
-figures, ``preprocess_ratio``, ``loader_ratio``, ``shards_loader_ratio`` (target
->= 0.8) and the machine.
+figures, ``preprocess_ratio``, ``loader_ratio``, ``shards_loader_ratio`` (JPEG
+shards, target >= 0.8), ``shards_npy_loader_ratio`` and the machine.
 """
 
 from __future__ import annotations
@@ -126,15 +126,15 @@ def cvpipe_loader(images_npy: Path, labels: np.ndarray, aug_params, batch: int, 
 
 
 def shards_loader(images_npy: Path, labels: np.ndarray, aug_params, batch: int, workers: int, min_s: float,
-                  folder: Path):
-    """The same images as JPEG (quality 95) WebDataset shards (``preprocess.format: shards``), through the
+                  folder: Path, encoding: str):
+    """The same images as WebDataset shards of *encoding* (``jpg`` at quality 95, or ``npy``), through the
     loader train builds for a sharded split (:class:`cvpipe.torchkit.streaming.ShardStream`)."""
     from cvpipe.data import shards
     from cvpipe.data.prepared import Split
     from cvpipe.torchkit.loaders import make_loader, train_dataset
 
     arr = np.load(images_npy, mmap_mode="r")
-    shards.write_split(folder, arr, labels, [str(i) for i in range(len(labels))], 100, "jpg", 95)
+    shards.write_split(folder, arr, labels, [str(i) for i in range(len(labels))], 100, encoding, 95)
     split = Split("train", shards.load_split(str(folder), folder, arr.shape[1]), labels, [])
     ds = train_dataset(split, augment.build(aug_params, seed=0), 0, batch, False, 2000, workers=workers)
     return throughput(make_loader(ds, batch, True, workers, 0, False), min_s)
@@ -237,9 +237,13 @@ def main() -> int:
         print(f"loader  cvpipe memmap + augment.train: {fast:8.1f} img/s ({fast_epochs} epochs of {len(rows)}) "
               f"-> {fast / base:.2f}x", flush=True)
         sharded, sharded_epochs = shards_loader(out, labels, aug_params, args.batch_size, args.workers, args.min_seconds,
-                                                Path(tmp) / "shards")
-        print(f"loader  cvpipe JPEG shards (WebDataset) + augment.train: {sharded:8.1f} img/s ({sharded_epochs} epochs) "
+                                                Path(tmp) / "shards", "jpg")
+        print(f"loader  cvpipe JPEG q95 shards (WebDataset) + augment.train: {sharded:8.1f} img/s ({sharded_epochs} epochs) "
               f"-> {sharded / fast:.2f}x the arrays loader", flush=True)
+        raw_sharded, raw_epochs = shards_loader(out, labels, aug_params, args.batch_size, args.workers, args.min_seconds,
+                                                Path(tmp) / "shards-npy", "npy")
+        print(f"loader  cvpipe npy shards (WebDataset) + augment.train: {raw_sharded:8.1f} img/s ({raw_epochs} epochs) "
+              f"-> {raw_sharded / fast:.2f}x the arrays loader", flush=True)
 
     result = {
         "images": len(rows),
@@ -253,12 +257,14 @@ def main() -> int:
             "imagefolder_img_s": round(base, 1),
             "cvpipe_img_s": round(fast, 1),
             "cvpipe_shards_img_s": round(sharded, 1),
+            "cvpipe_shards_npy_img_s": round(raw_sharded, 1),
             "augmentation": [next(iter(t)) for t in aug_params.train],
         },
         "random_access": access,
         "preprocess_ratio": round(ours / naive, 2),
         "loader_ratio": round(fast / base, 2),
         "shards_loader_ratio": round(sharded / fast, 2),
+        "shards_npy_loader_ratio": round(raw_sharded / fast, 2),
         "targets": {"preprocess_ratio": 3.0, "loader_ratio": 10.0, "shards_loader_ratio": 0.8},
         "machine": info,
     }

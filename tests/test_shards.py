@@ -40,8 +40,9 @@ def _sharded_split(folder: Path, n: int, shard_size: int, encoding: str = "png")
     return Split("train", shards.load_split(str(folder), folder, images.shape[1]), labels), images
 
 
-def test_png_shards_give_back_the_same_pixels_by_any_index(tmp_path):
-    split, images = _sharded_split(tmp_path, 23, shard_size=5)
+@pytest.mark.parametrize("encoding", ["png", "npy"])
+def test_lossless_shards_give_back_the_same_pixels_by_any_index(tmp_path, encoding):
+    split, images = _sharded_split(tmp_path, 23, shard_size=5, encoding=encoding)
     got = split.images
     assert len(got) == 23 and got.shape == images.shape
     assert np.array_equal(got[7], images[7]) and np.array_equal(got[-1], images[-1])
@@ -56,7 +57,7 @@ def test_png_shards_give_back_the_same_pixels_by_any_index(tmp_path):
     # plain tar files, WebDataset's naming: <key>.<ext> per field, any tar reader lists them
     with tarfile.open(tmp_path / "shards" / "000001.tar") as tar:
         names = tar.getnames()
-    assert sorted(names[:3]) == ["000000005.cls", "000000005.id", "000000005.png"] and len(names) == 15
+    assert sorted(names[:3]) == ["000000005.cls", "000000005.id.txt", f"000000005.{encoding}"] and len(names) == 15
     manifest = json.loads((tmp_path / "shards.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
 
@@ -74,6 +75,29 @@ def test_the_offset_stream_reads_what_webdatasets_own_reader_reads(tmp_path):
     small = [(row, data) for shard in range(3) for row, data in split.shards.stream(shard, window=2000)]
     assert small == [(row, data) for row, data, _ in theirs]
     assert [row for row, _ in split.shards.stream(1, every=3, keep=2)] == [12, 15, 18]
+
+
+def test_npy_shards_are_the_arrays_own_bytes_read_by_webdataset_and_checked_on_decode(tmp_path):
+    """npy members are NumPy's format, so WebDataset's own decoder gives the same arrays; decode reads them as
+    read-only views, like the arrays' memory map, and a member that is not an RGB uint8 image, or is cut
+    short, is a clear error rather than garbage pixels."""
+    import webdataset as wds
+
+    from cvpipe.core.errors import StageError
+
+    split, images = _sharded_split(tmp_path, 7, shard_size=4, encoding="npy")
+    urls = [str(tmp_path / s["name"]) for s in split.shards.manifest["shards"]]
+    theirs = {int(x["__key__"]): x for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()}
+    assert sorted(theirs) == list(range(7))
+    assert all(np.array_equal(x["npy"], images[i]) and x["cls"] == i % 3 and x["id.txt"] == f"id{i}" for i, x in theirs.items())
+    row, data = next(split.shards.stream(0))
+    view = shards.decode(data)
+    assert np.array_equal(view, images[row]) and not view.flags.writeable
+    assert json.loads((tmp_path / "shards.json").read_text())["quality"] is None
+    for bad, why in ((shards.encode(np.zeros((4, 4), np.uint8), "npy", 0), "not an RGB uint8 image"),
+                     (data[:-5], "truncated"), (shards.NPY_MAGIC + b"\x01\x00\x10\x00{'descr': junk}", "does not parse")):
+        with pytest.raises(StageError, match=why):
+            shards.decode(bad)
 
 
 def test_jpg_shards_are_smaller_and_close(tmp_path):

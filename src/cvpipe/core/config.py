@@ -144,7 +144,8 @@ class PreprocessParams(_Section):
         "WebDataset tar shards of encoded images, streamed from a folder or gs:// while training"
     )
     shard_size: int = Field(5000, ge=1, le=10_000_000, description="format: shards: images per shard")
-    shard_encoding: Literal["jpg", "png"] = Field("jpg", description="format: shards: jpg (small) or png (lossless)")
+    shard_encoding: Literal["jpg", "png", "npy"] = Field(
+        "jpg", description="format: shards: jpg (small), png (lossless) or npy (raw pixels: no decode)")
     shard_quality: int = Field(95, ge=1, le=100, description="format: shards, jpg: JPEG quality")
 
 

@@ -2,7 +2,7 @@
 
 Layout of one split (beside the arrays format's ``labels.npy`` and ``index.csv``, which stay)::
 
-    <split>/shards/000000.tar   WebDataset samples: <row>.png (or .jpg), <row>.cls, <row>.id
+    <split>/shards/000000.tar   WebDataset samples: <row>.jpg (or .png, .npy), <row>.cls, <row>.id.txt
     <split>/shards.json          encoding, and each shard's name, first row and count
     <split>/offsets.npy          int64 (N, 2): byte offset and size of each image inside its shard
 
@@ -24,6 +24,7 @@ or the split in order): one ranged read per run of rows in a shard, no tar scan.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -34,14 +35,20 @@ import numpy as np
 from cvpipe.core import storage
 from cvpipe.core.errors import StageError
 
-ENCODINGS = ("png", "jpg")
+ENCODINGS = ("png", "jpg", "npy")
 MANIFEST = "shards.json"
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
-    """RGB uint8 -> PNG (lossless: decodes to the same pixels) or JPEG bytes, by OpenCV."""
+    """RGB uint8 -> PNG (lossless: decodes to the same pixels) or JPEG bytes, by OpenCV; or ``npy``: the
+    pixels themselves in NumPy's ``.npy`` format (WebDataset's extension for arrays), no decode at all."""
     import cv2
 
+    if encoding == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+        return buf.getvalue()
     bgr = np.ascontiguousarray(image[..., ::-1])
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ok, buf = cv2.imencode("." + encoding, bgr, params)
@@ -51,13 +58,45 @@ def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
 
 
 def decode(data: bytes) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 (H, W, 3)."""
+    """Encoded bytes (JPEG, PNG or ``.npy``, told apart by their magic bytes) -> RGB uint8 (H, W, 3).
+    An ``.npy`` image is a read-only view of *data*, as a row of the arrays format's memory map is."""
     import cv2
 
+    if data[:6] == NPY_MAGIC:
+        return _npy_pixels(data)
     rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
     if rgb is None:
         raise StageError("a shard holds an image that does not decode: rerun `cvpipe preprocess`")
     return rgb
+
+
+_NPY_HEADERS: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+
+
+def _npy_pixels(data: bytes) -> np.ndarray:
+    """The uint8 (H, W, 3) array of ``.npy`` bytes, without ``np.load``'s per-call header parse (a
+    ``literal_eval``, as long as the copy of a 128 px image): the images of a split share one header,
+    so each distinct header is parsed once, by NumPy's own reader, and remembered."""
+    fmt = np.lib.format
+    width = 2 if data[6:7] == b"\x01" else 4  # header length field: 2 bytes in version 1.0, 4 after
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    header = bytes(data[:start])
+    known = _NPY_HEADERS.get(header)
+    if known is None:
+        fh = io.BytesIO(header)
+        try:
+            version = fmt.read_magic(fh)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+        except ValueError:
+            raise StageError("a shard holds an .npy image whose header does not parse: rerun `cvpipe preprocess`") from None
+        if dtype != np.uint8 or fortran or len(shape) != 3 or shape[2] != 3:
+            raise StageError(f"a shard holds a {dtype} array of shape {shape}, not an RGB uint8 image: "
+                             "rerun `cvpipe preprocess`")
+        known = _NPY_HEADERS.setdefault(header, (start, tuple(shape)))
+    start, shape = known
+    if len(data) - start != int(np.prod(shape)):
+        raise StageError("a shard holds a truncated image: rerun `cvpipe preprocess`")
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape)
 
 
 def write_split(split_dir: Path, images: np.ndarray, labels: Sequence[int], ids: Sequence[str],
@@ -79,7 +118,7 @@ def write_split(split_dir: Path, images: np.ndarray, labels: Sequence[int], ids:
         with open(split_dir / name, "wb") as fh, TarWriter(fh, encoder=False, mtime=0) as sink:
             for row in range(first, last):
                 sink.write({"__key__": f"{row:09d}", encoding: encode(np.asarray(images[row]), encoding, quality),
-                            "cls": str(int(labels[row])).encode(), "id": str(ids[row]).encode()})
+                            "cls": str(int(labels[row])).encode(), "id.txt": str(ids[row]).encode()})
         with tarfile.open(split_dir / name) as tar:  # headers only: where each image's bytes sit
             for member in tar.getmembers():
                 if member.name.endswith("." + encoding):
