@@ -12,6 +12,8 @@ mislabels (filed under another class's folder). Then it runs the real ``cvpipe i
 * seconds per image, from the stage's own timer (``reports/ingest.json`` ``seconds``,
   ``reports/dataset.json`` ``seconds.total``: the work, without interpreter start and imports)
   and from the wall clock of the process (everything);
+* every stage starts after an untimed ``sync``, so the set generated just before it (7 GB at
+  200k) is not written back to disk on its time;
 * peak memory of the stage's process tree (its worker processes included), sampled every
   0.1 s from /proc: ``VmRSS`` and the anonymous part (``RssAnon``: what the stage holds beyond
   the memory-mapped files it reads and writes, the figure the target is about).
@@ -174,7 +176,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000, 200000])
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--workdir", type=Path, help="keep the sets and projects here (default: a temp folder, removed)")
+    ap.add_argument("--workdir", type=Path, help="keep the sets here (default: a temp folder, removed); "
+                    "a set already there is used again, its projects are made afresh")
     args = ap.parse_args()
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="cvpipe-scale-")
     work = args.workdir or Path(tmp)
@@ -183,10 +186,12 @@ def main() -> None:
         for n in args.sizes:
             src, project = work / f"set-{n}", work / f"project-{n}"
             made = make_set(src, n, args.workers) if not src.is_dir() or not any(src.iterdir()) else 0.0
+            shutil.rmtree(project, ignore_errors=True)  # no earlier run's journal or outputs: every run does all the work
             write_params(project, {"ingest.source": str(src), "ingest.workers": args.workers, "ingest.overrides": None,
                                    "preprocess.image_size": args.image_size, "preprocess.workers": args.workers})
             results[n] = {"generate_s": round(made, 1)}
             for stage in ("ingest", "preprocess"):
+                os.sync()  # what was written before (the set, the stage before) is not written back on this stage's time
                 r = run_stage(stage, project)
                 r["work_s_per_image"] = r["work_s"] / n
                 r["wall_s_per_image"] = r["wall_s"] / n
