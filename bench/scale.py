@@ -1,6 +1,7 @@
 """Does cost grow no faster than the data? ingest and preprocess at 2k, 20k and 200k images.
 
     python bench/scale.py [--sizes 2000 20000 200000] [--image-size 64] [--workdir DIR]
+                          [--cache cold|warm] [--baseline-runs 3]
 
 For each size the bench makes a labelled photo-like set itself (nothing is downloaded):
 procedural JPEGs of 5 classes (each class a texture family: oriented gratings, rings, checks,
@@ -12,14 +13,22 @@ mislabels (filed under another class's folder). Then it runs the real ``cvpipe i
 * seconds per image, from the stage's own timer (``reports/ingest.json`` ``seconds``,
   ``reports/dataset.json`` ``seconds.total``: the work, without interpreter start and imports)
   and from the wall clock of the process (everything);
-* every stage starts after an untimed ``sync``, so the set generated just before it (7 GB at
-  200k) is not written back to disk on its time;
+* every stage starts in the same state whatever the size: after an untimed ``sync`` (the set
+  generated just before it, 7 GB at 200k, is not written back on its time) and, with ``--cache cold``
+  (the default), with the page cache dropped (``/proc/sys/vm/drop_caches``, root only; the JSON says
+  when it could not be). Without that, the 200k stages ran with the 7 GB just generated filling the
+  page cache: the kernel reclaimed ~2 GB of it during ingest (``pgscan`` 2.4 M pages) and the same run
+  varied 0.79-0.98 ms per image with the machine's memory state, while the 2k set fits in free memory.
+  Cold, both sizes read their images from disk, as a user's first ingest does;
+* the pages the kernel scanned to reclaim memory during each stage (``/proc/vmstat`` ``pgscan_*``),
+  which shows when a stage's time includes reclaim;
 * peak memory of the stage's process tree (its worker processes included), sampled every
   0.1 s from /proc: ``VmRSS`` and the anonymous part (``RssAnon``: what the stage holds beyond
   the memory-mapped files it reads and writes, the figure the target is about).
 
-The baseline is the same stages on the smallest set: ``*_cost_ratio_200k`` = seconds per image at
-the largest size over those at the smallest (targets: <= 1.3), ``*_peak_gb`` = peak anonymous memory
+The baseline is the same stages on the smallest set, run ``--baseline-runs`` times (a 2k ingest takes
+~1 s, and one run of it varied 0.56-0.88 ms per image): the median of its runs. ``*_cost_ratio_200k`` =
+seconds per image at the largest size over those at the smallest (targets: <= 1.3), ``*_peak_gb`` = peak anonymous memory
 at the largest size (target: < 2 GB). ``preprocess.image_size`` is 64 px here (the default 224 px
 makes 30 GB of arrays at 200k; the per-image cost of the arrays is linear either way). Disk: about
 3 GB of JPEGs and 3 GB of ingested copies at 200k, removed at the end unless ``--workdir`` is given.
@@ -155,7 +164,33 @@ class TreeMemory:
         self._thread.join()
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle(cache: str) -> str:
+    """Before a stage: write back what is dirty and, for ``cold``, drop the page cache. Returns the state
+    the stage starts in: ``cold``, or ``warm`` (asked for, or drop_caches not writable: not root)."""
+    os.sync()
+    if cache == "cold":
+        try:
+            DROP_CACHES.write_text("3\n")
+            return "cold"
+        except OSError:
+            return "warm (drop_caches not writable)"
+    return "warm"
+
+
+def _reclaim_scans() -> int:
+    """Pages the kernel has scanned to reclaim memory since boot (kswapd and direct reclaim)."""
+    try:
+        fields = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    except OSError:
+        return 0
+    return sum(int(v) for k, v in fields.items() if k.startswith("pgscan_"))
+
+
 def run_stage(stage: str, project: Path) -> dict:
+    scans = _reclaim_scans()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "cvpipe", stage, "--quiet"], cwd=project, env=env_with_src(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,7 +203,35 @@ def run_stage(stage: str, project: Path) -> dict:
     report = json.loads((project / "reports" / ("ingest.json" if stage == "ingest" else "dataset.json")).read_text())
     work = report["seconds"] if stage == "ingest" else report["seconds"]["total"]
     return {"wall_s": round(wall, 2), "work_s": round(float(work), 2),
-            "peak_rss_gb": round(mem.peak_rss, 3), "peak_anon_gb": round(mem.peak_anon, 3)}
+            "peak_rss_gb": round(mem.peak_rss, 3), "peak_anon_gb": round(mem.peak_anon, 3),
+            "reclaim_scanned_pages": _reclaim_scans() - scans}
+
+
+def run_size(src: Path, project: Path, n: int, args: argparse.Namespace, runs: int) -> dict:
+    """Ingest then preprocess on the set *src*, *runs* times (a fresh project each time): per stage, the run
+    of median work seconds, with every run's per-image seconds beside it."""
+    per_stage: dict[str, list[dict]] = {"ingest": [], "preprocess": []}
+    for _ in range(runs):
+        shutil.rmtree(project, ignore_errors=True)  # no earlier run's journal or outputs: every run does all the work
+        write_params(project, {"ingest.source": str(src), "ingest.workers": args.workers, "ingest.overrides": None,
+                               "preprocess.image_size": args.image_size, "preprocess.workers": args.workers})
+        for stage in per_stage:
+            cache = settle(args.cache)
+            r = run_stage(stage, project)
+            r["cache"] = cache
+            r["work_s_per_image"] = r["work_s"] / n
+            r["wall_s_per_image"] = r["wall_s"] / n
+            per_stage[stage].append(r)
+            print(f"{stage:10s} n={n:>7}: {r['work_s']:8.1f} s work ({1e3 * r['work_s_per_image']:.3f} ms/img), "
+                  f"{r['wall_s']:8.1f} s wall, peak RSS {r['peak_rss_gb']:.2f} GB, anon {r['peak_anon_gb']:.2f} GB, "
+                  f"{r['reclaim_scanned_pages']} pages scanned for reclaim, {cache}", flush=True)
+    out: dict = {}
+    for stage, rs in per_stage.items():
+        median = sorted(rs, key=lambda r: r["work_s"])[len(rs) // 2]
+        out[stage] = {**median, "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
+                      "peak_anon_gb": max(r["peak_anon_gb"] for r in rs),
+                      "runs_work_s_per_image": [round(r["work_s_per_image"], 7) for r in rs]}
+    return out
 
 
 def main() -> None:
@@ -178,27 +241,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", type=Path, help="keep the sets here (default: a temp folder, removed); "
                     "a set already there is used again, its projects are made afresh")
+    ap.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                    help="cold: drop the page cache before each stage (root); warm: leave it as it is")
+    ap.add_argument("--baseline-runs", type=int, default=3, help="runs of the smallest size (the median is the baseline)")
     args = ap.parse_args()
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="cvpipe-scale-")
     work = args.workdir or Path(tmp)
     results: dict[int, dict] = {}
     try:
-        for n in args.sizes:
+        for n in sorted(args.sizes):
             src, project = work / f"set-{n}", work / f"project-{n}"
             made = make_set(src, n, args.workers) if not src.is_dir() or not any(src.iterdir()) else 0.0
-            shutil.rmtree(project, ignore_errors=True)  # no earlier run's journal or outputs: every run does all the work
-            write_params(project, {"ingest.source": str(src), "ingest.workers": args.workers, "ingest.overrides": None,
-                                   "preprocess.image_size": args.image_size, "preprocess.workers": args.workers})
-            results[n] = {"generate_s": round(made, 1)}
-            for stage in ("ingest", "preprocess"):
-                os.sync()  # what was written before (the set, the stage before) is not written back on this stage's time
-                r = run_stage(stage, project)
-                r["work_s_per_image"] = r["work_s"] / n
-                r["wall_s_per_image"] = r["wall_s"] / n
-                results[n][stage] = r
-                print(f"{stage:10s} n={n:>7}: {r['work_s']:8.1f} s work ({1e3 * r['work_s_per_image']:.3f} ms/img), "
-                      f"{r['wall_s']:8.1f} s wall, peak RSS {r['peak_rss_gb']:.2f} GB, anon {r['peak_anon_gb']:.2f} GB",
-                      flush=True)
+            runs = args.baseline_runs if n == min(args.sizes) else 1
+            results[n] = {"generate_s": round(made, 1), **run_size(src, project, n, args, runs)}
             dataset = json.loads((project / "reports" / "dataset.json").read_text())
             results[n]["near_duplicate_groups"] = dataset.get("near_duplicates", {}).get("groups")
             if not args.workdir:
@@ -221,6 +276,7 @@ def main() -> None:
         "ingest_peak_gb": results[big]["ingest"]["peak_anon_gb"], "preprocess_peak_gb": results[big]["preprocess"]["peak_anon_gb"],
         "ingest_peak_rss_gb": results[big]["ingest"]["peak_rss_gb"],
         "preprocess_peak_rss_gb": results[big]["preprocess"]["peak_rss_gb"],
+        "cache": args.cache, "baseline_runs": args.baseline_runs,
         "targets": {"cost_ratio_max": 1.3, "peak_gb_max": 2.0}, "repo": str(REPO), "machine": machine(),
     }))
 
