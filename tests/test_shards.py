@@ -185,40 +185,72 @@ def _project(folder: Path, raw: Path, **sets) -> Path:
     return folder
 
 
-def _augmented_epochs(split: Split, epochs: int, fresh: bool) -> list[list[bytes]]:
-    """Each epoch's batches from 2 loader workers, as bytes: one persistent loader, or a new one per epoch."""
+def _augmentation():
     import albumentations as A
 
-    from cvpipe.torchkit.loaders import make_loader, train_dataset
+    return A.Compose([A.RandomBrightnessContrast(p=1.0), A.HorizontalFlip(p=0.5)])
 
-    out, loader = [], None
+
+def _augmented_epochs(split: Split, epochs: int, fresh: bool, workers: int = 2, resume: int = 0) -> list[list[bytes]]:
+    """Each epoch's batches, as bytes: one persistent loader, or a new one per epoch (a run resumed at an
+    epoch end); with *resume*, the loader starts each epoch after that many batches (a mid-epoch resume)."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from cvpipe.torchkit.loaders import SkippingSampler, collate_uint8, make_loader, train_dataset
+
+    out, loader, gen = [], None, torch.Generator()
     for epoch in range(epochs):
+        gen.manual_seed(5 + epoch)  # the arrays' order of the epoch, as a restored loader generator gives it
         if loader is None or fresh:
-            pipeline = A.Compose([A.RandomBrightnessContrast(p=1.0), A.HorizontalFlip(p=0.5)])
-            ds = train_dataset(split, pipeline, seed=5, batch=4, drop_last=False, buffer=8, workers=2)
-            loader = make_loader(ds, 4, True, 2, 5, False)
+            ds = train_dataset(split, _augmentation(), seed=5, batch=4, drop_last=False, buffer=8, workers=workers)
+            if split.shards is None:  # as train builds it: a sampler that can skip
+                sampler = SkippingSampler(RandomSampler(ds, generator=gen))
+                loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=collate_uint8,
+                                    persistent_workers=workers > 0)
+            else:
+                loader = make_loader(ds, 4, True, workers, 5, False)
         ds.set_epoch(epoch)
+        if resume:
+            if split.shards is None:
+                loader.sampler.skip = resume * 4  # indices, not batches
+            else:
+                ds.resume(resume)
         out.append([images.numpy().tobytes() for images, _labels in loader])
     return out
 
 
-@pytest.mark.parametrize("fmt", ["arrays", "shards"])
-def test_loader_workers_augment_with_streams_of_their_own_seeded_per_epoch(tmp_path, fmt):
-    """Every image is the same, so a batch shows only its augmentation draws: no two batches of an epoch
-    match (each worker copy of the pipeline has its own stream), epochs differ, and a loader started at
-    an epoch (a run resumed at an epoch end) augments as the loader that ran the epochs before it."""
-    images = np.full((32, 16, 16, 3), 100, dtype=np.uint8)
+def _per_image(epochs: list[list[bytes]]) -> list[list[bytes]]:
+    """Each epoch's augmented images, sorted: what was drawn for each image, whatever the order."""
+    return [sorted(b[i * 16 * 16 * 3:(i + 1) * 16 * 16 * 3] for b in batches for i in range(len(b) // (16 * 16 * 3)))
+            for batches in epochs]
+
+
+def test_each_image_is_augmented_by_seed_epoch_and_row_whoever_reads_it(tmp_path):
+    """Augmentation is seeded per image by (seed, epoch, row): the arrays and the shards of one split, read by
+    the main process or by 2 loader workers, in their different orders, give every image the same draws;
+    epochs differ; a persistent loader augments as a new loader per epoch; and a loader resumed after 3
+    batches of an epoch, with workers, gives the rest of the uninterrupted epoch's batches bit for bit
+    (before per-image seeds, each worker drew from a stream of its own and a mid-epoch resume restarted it)."""
+    ramp = np.arange(16, dtype=np.uint8)[None, :, None] * 4  # not mirror-symmetric: a flip shows
+    images = (np.arange(32, dtype=np.uint8)[:, None, None, None] * 3 + ramp + np.zeros((32, 16, 16, 3), np.uint8))
     labels = np.arange(32) % 3
-    if fmt == "arrays":
-        split = Split("train", images, labels)
-    else:
-        shards.write_split(tmp_path, images, labels, [f"id{i}" for i in range(32)], 8, "png", 90)
-        split = Split("train", shards.load_split(str(tmp_path), tmp_path, 16), labels)
-    persistent = _augmented_epochs(split, 2, fresh=False)
-    for batches in persistent:
-        assert len(batches) == 8 and len(set(batches)) == 8
-    assert not set(persistent[0]) & set(persistent[1])
-    assert _augmented_epochs(split, 2, fresh=True) == persistent
+    shards.write_split(tmp_path, images, labels, [f"id{i}" for i in range(32)], 8, "png", 90)
+    splits = {"arrays": Split("train", images, labels),
+              "shards": Split("train", shards.load_split(str(tmp_path), tmp_path, 16), labels)}
+    drawn = {}
+    for fmt, split in splits.items():
+        persistent = _augmented_epochs(split, 2, fresh=False)
+        assert _augmented_epochs(split, 2, fresh=True) == persistent, fmt
+        assert [b[3:] for b in persistent] == _augmented_epochs(split, 2, fresh=True, resume=3), fmt
+        for workers in (2, 0):
+            drawn[fmt, workers] = _per_image(_augmented_epochs(split, 2, fresh=True, workers=workers))
+    first = drawn["arrays", 0]
+    assert all(d == first for d in drawn.values()), [k for k, d in drawn.items() if d != first]
+    assert len(set(first[0])) == 32 and not set(first[0]) & set(first[1])  # draws differ by image and by epoch
+    # identical images: the batches show the draws alone, and no two of an epoch's 8 match
+    same = Split("train", np.full((32, 16, 16, 3), 100, dtype=np.uint8), labels)
+    assert all(len(set(batches)) == 8 for batches in _augmented_epochs(same, 2, fresh=False))
 
 
 @pytest.mark.slow
@@ -274,16 +306,19 @@ def test_shards_on_gcs_train_and_evaluate_like_the_arrays_of_the_same_preprocess
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_on_shards_then_resume_matches_uninterrupted_run(tmp_path, digits_source):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_mid_epoch_on_shards_then_resume_matches_uninterrupted_run(tmp_path, digits_source, workers):
     """A deterministic run on shards, checkpointed every 4 updates, is SIGKILLed at step 2 of epoch 2; the
     automatic resume (from the mid-epoch last.pt) skips the stream's first 2 batches undecoded, restores the
-    augmentation RNGs and the epoch's sums, and ends with the uninterrupted run's history and weights, bit for bit."""
+    epoch's sums (each image's augmentation is seeded by seed, epoch and row), and ends with the uninterrupted
+    run's history and weights, bit for bit: in the main process and with 2 loader workers."""
     import torch
 
     from cvpipe.torchkit.models import load_checkpoint
 
     sets = {"preprocess.format": "shards", "preprocess.shard_size": 50, "train.ema": True, "train.mixup_alpha": 0.2,
-            "train.warmup_epochs": 1, "train.batch_size": 32, "train.epochs": 3, "train.checkpoint_every_updates": 4}
+            "train.warmup_epochs": 1, "train.batch_size": 32, "train.epochs": 3, "train.checkpoint_every_updates": 4,
+            "train.workers": workers}
     ref = _project(tmp_path / "ref", digits_source, **sets)
     cvpipe("preprocess", "-q", cwd=ref, env=absolute_pythonpath())
     killed = _project(tmp_path / "killed", digits_source, **sets, **{"paths.prepared": str(ref / "data" / "prepared")})

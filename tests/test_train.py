@@ -456,8 +456,8 @@ def test_resume_flag_errors_in_one_line(tmp_path, tiny_prepared):
 @pytest.mark.parametrize("every", [0, 3], ids=["epoch-end-checkpoint", "mid-epoch-checkpoint"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, tiny_prepared, every):
     """SIGKILL at step 2 of epoch 2. With epoch-end checkpoints the resume repeats epoch 2; with one every
-    3 updates (steps 3 and 6 here) it continues at step 3 of epoch 2, with the epoch's order, augmentation
-    RNGs and train sums restored. Either way the history and weights are the uninterrupted run's, bit for bit."""
+    3 updates (steps 3 and 6 here) it continues at step 3 of epoch 2, with the epoch's order, the global
+    RNGs and the train sums restored (augmentation is seeded per image). Either way the history and weights are the uninterrupted run's, bit for bit."""
     # 67 train images, batch 16, mixup drops the last partial batch: 4 steps per epoch -> step 6 is mid epoch 2
     ref, killed = killed_beside_reference(tmp_path, tiny_prepared, 6, epochs=3, deterministic=True, ema=True,
                                           mixup_alpha=0.2, warmup_epochs=1, checkpoint_every_updates=every)
@@ -489,11 +489,13 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
     """2 gloo processes x batch 16 == 1 process x batch 32 up to BatchNorm batch statistics and sample order.
 
     Tolerance: val accuracy within 0.1 and val loss within 0.25 after 8 epochs on 10 classes x 40
-    digits (60 val images, one image = 0.017 accuracy; both runs near convergence), and both runs
-    must learn (train loss falls). On 15 val images after 3 epochs the gap was noise.
+    digits (60 val images, one image = 0.017 accuracy), and both runs must learn (train loss falls).
+    The comparison is made at convergence (lr 0.05: both reach val accuracy 1.0, val loss 0.07-0.08):
+    at lr 0.005 both were still mid-descent after 8 epochs (0.68 and 0.80), where sample order and
+    BatchNorm batch statistics alone put them 0.117 apart once the augmentation draws changed.
     """
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = dict(epochs=8, batch_size=32, lr=0.005, label_smoothing=0.0)
+    common = dict(epochs=8, batch_size=32, lr=0.05, label_smoothing=0.0)
     for d in (single, ddp):
         d.mkdir()
         setup_project(d, small_prepared, **common)
@@ -509,7 +511,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, small_prepared)
     dj = json.loads((ddp / "reports" / RUN / "train.json").read_text())
     assert dj["world_size"] == 2
     assert abs(float(hs[-1]["val_acc"]) - float(hd[-1]["val_acc"])) <= 0.1
-    assert float(hs[-1]["val_acc"]) >= 0.7  # both learned the task, so the comparison means something
+    assert min(float(hs[-1]["val_acc"]), float(hd[-1]["val_acc"])) >= 0.9  # both converged: the comparison means something
     assert abs(float(hs[-1]["val_loss"]) - float(hd[-1]["val_loss"])) <= 0.25
     for h in (hs, hd):
         assert float(h[-1]["train_loss"]) < float(h[0]["train_loss"])

@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cvpipe.core.errors import StageError
 from cvpipe.data import shards
 from cvpipe.data.prepared import Split
-from cvpipe.torchkit.loaders import seed_worker_augmentation
+from cvpipe.torchkit.loaders import SampleAugment
 
 
 class ShardStream(IterableDataset):
@@ -25,7 +25,9 @@ class ShardStream(IterableDataset):
     slot reads, in which order, is :func:`cvpipe.data.shards.slot_plan` plus WebDataset's buffer shuffle
     seeded by (seed, epoch, slot), so the order is a pure function of the params and the epoch: the same
     after a restart. Each slot yields :func:`~cvpipe.data.shards.slot_length` samples, a whole number of
-    batches and the same on every rank, so DDP ranks always take the same number of steps. ``resume(step)``
+    batches and the same on every rank, so DDP ranks always take the same number of steps. Each image's
+    augmentation is seeded by (seed, epoch, row) (:class:`~cvpipe.torchkit.loaders.SampleAugment`), so it
+    does not depend on the slot that reads it. ``resume(step)``
     skips the batches this rank already took in the epoch (mid-epoch resume), without decoding them.
     """
 
@@ -34,7 +36,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         if split.shards is None:
             raise ValueError(f"split {split.name} is not sharded")
-        self.images, self.labels, self.pipeline = split.shards, split.labels, pipeline
+        self.images, self.labels = split.shards, split.labels
+        self.augment = SampleAugment(pipeline, seed) if pipeline is not None else None
         self.seed, self.batch, self.buffer = seed, batch, buffer
         self.rank, self.per_rank = rank, max(1, workers)
         self.slots = world_size * self.per_rank
@@ -88,10 +91,8 @@ class ShardStream(IterableDataset):
         epoch, start = self.epoch, self.start_step
         role = (worker + start) % self.per_rank
         taken = (start - role + self.per_rank - 1) // self.per_rank if start > role else 0
-        if info is not None and self.pipeline is not None:
-            seed_worker_augmentation(self.pipeline, self.seed, epoch, self.rank * self.per_rank + role)
-        for _row, data, label in itertools.islice(self.slot_stream(role, epoch), taken * self.batch, self.per_slot):
+        for row, data, label in itertools.islice(self.slot_stream(role, epoch), taken * self.batch, self.per_slot):
             img = shards.decode(data)
-            if self.pipeline is not None:
-                img = self.pipeline(image=img)["image"]
+            if self.augment is not None:
+                img = self.augment(img, epoch, row)
             yield img, label

@@ -81,7 +81,7 @@ def check_splits(tp: TrainParams, train_split: Split, rank_batch: int) -> None:
 class TrainData:
     ds: PreparedDataset
     train_split: Split
-    pipeline: Any  # the augmentation pipeline (reseeded every epoch)
+    pipeline: Any  # the augmentation pipeline (reseeded per sample by the training dataset)
     train_ds: Any  # ArrayDataset (arrays), or ShardStream (shards)
     sampler: Any
     gen: Any  # the train loader's torch.Generator: its state goes into the checkpoint
@@ -280,8 +280,7 @@ def start_run_state(tp: TrainParams, phase: Phase, net: Net, data: TrainData, di
     if progress:
         # the epoch's sums so far count once, on rank 0 (the epoch end sums over ranks)
         sums = {k: progress[k] if dist.is_main else 0 for k in ("loss_sum", "correct", "seen")}
-        run.partial = {"step": int(progress["step"]), "seconds": float(progress["seconds"]), **sums,
-                       "augment": rngs[dist.rank].get("augment") if same_world else None}
+        run.partial = {"step": int(progress["step"]), "seconds": float(progress["seconds"]), **sums}
     return run
 
 

@@ -1,6 +1,6 @@
-"""Training state that a resumed run needs: RNG states (the augmentation pipeline's included), dataset
-fingerprint, resume decision, and the :class:`Checkpointer` that writes ``best.pt``/``last.pt`` at epoch
-ends and, with ``train.checkpoint_every_updates``, ``last.pt`` inside an epoch."""
+"""Training state that a resumed run needs: RNG states, dataset fingerprint, resume decision, and the
+:class:`Checkpointer` that writes ``best.pt``/``last.pt`` at epoch ends and, with
+``train.checkpoint_every_updates``, ``last.pt`` inside an epoch."""
 
 from __future__ import annotations
 
@@ -53,38 +53,6 @@ def set_rng_state(state: dict[str, Any], loader_generator=None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"])
-
-
-def _random_parts(pipeline) -> list:
-    """The albumentations pipeline and every transform in it (depth first), each holding its own RNGs."""
-    parts, todo = [], [pipeline]
-    while todo:
-        obj = todo.pop(0)
-        if hasattr(obj, "random_generator") and hasattr(obj, "py_random"):
-            parts.append(obj)
-        todo[:0] = list(getattr(obj, "transforms", []) or [])
-    return parts
-
-
-def augment_rng_state(pipeline) -> list[dict[str, Any]]:
-    """The RNG states of an albumentations pipeline (each transform draws from its own generators since
-    albumentations 2), so a run resumed mid-epoch augments the rest of the epoch as the uninterrupted run did."""
-    out = []
-    for part in _random_parts(pipeline):
-        version, internal, gauss = part.py_random.getstate()
-        out.append({"numpy": part.random_generator.bit_generator.state,
-                    "python": {"version": version, "state": list(internal), "gauss": gauss}})
-    return out
-
-
-def set_augment_rng_state(pipeline, states: list[dict[str, Any]]) -> None:
-    parts = _random_parts(pipeline)
-    if len(parts) != len(states):
-        raise ValueError(f"the checkpoint holds {len(states)} augmentation RNG states, the pipeline has {len(parts)} parts")
-    for part, st in zip(parts, states):
-        part.random_generator.bit_generator.state = st["numpy"]
-        p = st["python"]
-        part.py_random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
 def dataset_fingerprint(root: str | Path) -> str:

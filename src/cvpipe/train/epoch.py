@@ -99,25 +99,23 @@ def train_epoch(ctx: Context, run: RunState, epoch: int, bar, checkpointer: Opti
 
 
 def _begin_epoch(ctx: Context, run: RunState, epoch: int) -> tuple[int, dict[str, Any], float]:
-    """Seed the epoch's augmentation and order; in a run resumed mid-epoch, restore where the epoch stopped.
+    """Set the epoch (its order, and the seeds of its per-sample augmentation); in a run resumed mid-epoch,
+    restore where the epoch stopped.
 
     Returns (batches this rank already took in the epoch, the epoch's train sums so far, its seconds so far).
     """
     from torch.utils.data.distributed import DistributedSampler
 
-    data, dist, tp = ctx.data, ctx.dist, run.tp
-    data.pipeline.set_random_seed(tp.seed + 7919 * (epoch + 1) + dist.rank)
+    data = ctx.data
     if isinstance(data.sampler, DistributedSampler):
         data.sampler.set_epoch(epoch)
-    if hasattr(data.train_ds, "set_epoch"):  # a ShardStream: the epoch's shard order and shuffle
+    if hasattr(data.train_ds, "set_epoch"):  # the epoch of its per-image augmentation seeds (shards: and its order)
         data.train_ds.set_epoch(epoch)
     finetune.train_mode(ctx.net.model)
     partial, run.partial = run.partial, None
     if partial is None:
         return 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, 0.0
     data.skip_batches(partial["step"])
-    if partial["augment"] is not None:
-        ckpt_lib.set_augment_rng_state(data.pipeline, partial["augment"])
     return partial["step"], partial, partial["seconds"]
 
 
@@ -129,7 +127,6 @@ def _save_mid_epoch(ctx: Context, run: RunState, checkpointer: Checkpointer, epo
     progress = {**progress, "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
     state = ckpt_lib.rng_state(None)
     state["loader"] = epoch_gen
-    state["augment"] = ckpt_lib.augment_rng_state(ctx.data.pipeline)
     rngs = distributed.gather_object(state, ctx.dist)
     if ctx.dist.is_main:
         checkpointer.save_mid_epoch(run, epoch, rngs, progress)
