@@ -43,12 +43,12 @@ NPY_MAGIC = b"\x93NUMPY"
 def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
     """RGB uint8 -> PNG (lossless: decodes to the same pixels) or JPEG bytes, by OpenCV; or ``npy``: the
     pixels themselves in NumPy's ``.npy`` format (WebDataset's extension for arrays), no decode at all."""
-    import cv2
-
     if encoding == "npy":
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
         return buf.getvalue()
+    import cv2
+
     bgr = np.ascontiguousarray(image[..., ::-1])
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ok, buf = cv2.imencode("." + encoding, bgr, params)
@@ -60,10 +60,10 @@ def encode(image: np.ndarray, encoding: str, quality: int) -> bytes:
 def decode(data: bytes) -> np.ndarray:
     """Encoded bytes (JPEG, PNG or ``.npy``, told apart by their magic bytes) -> RGB uint8 (H, W, 3).
     An ``.npy`` image is a read-only view of *data*, as a row of the arrays format's memory map is."""
-    import cv2
-
     if data[:6] == NPY_MAGIC:
         return _npy_pixels(data)
+    import cv2
+
     rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
     if rgb is None:
         raise StageError("a shard holds an image that does not decode: rerun `cvpipe preprocess`")
