@@ -27,11 +27,12 @@ mislabels (filed under another class's folder). Then it runs the real ``cvpipe i
   the memory-mapped files it reads and writes, the figure the target is about).
 
 The baseline is the same stages on the smallest set, run ``--baseline-runs`` times (a 2k ingest takes
-~1 s, and one run of it varied 0.56-0.88 ms per image): the median of its runs. ``*_cost_ratio_200k`` =
-seconds per image at the largest size over those at the smallest (targets: <= 1.3), ``*_peak_gb`` = peak anonymous memory
-at the largest size (target: < 2 GB). ``preprocess.image_size`` is 64 px here (the default 224 px
-makes 30 GB of arrays at 200k; the per-image cost of the arrays is linear either way). Disk: about
-3 GB of JPEGs and 3 GB of ingested copies at 200k, removed at the end unless ``--workdir`` is given.
+~1 s, and one run of it varied 0.56-0.88 ms per image): the median of its runs. ``*_cost_ratio_200k``
+= seconds per image at the largest size over those at the smallest (targets: <= 1.3), ``*_peak_gb`` =
+peak anonymous memory at the largest size (target: < 2 GB). ``preprocess.image_size`` is 64 px here
+(the default 224 px makes 30 GB of arrays at 200k; the per-image cost of the arrays is linear either
+way). Disk: about 7 GB of JPEGs and 7 GB of ingested copies at 200k (generating the set took 9-13 min
+on 2 cores), removed at the end unless ``--workdir`` is given.
 Prints one line per stage and size, then ONE JSON object as its last line.
 """
 
@@ -245,6 +246,8 @@ def main() -> None:
                     help="cold: drop the page cache before each stage (root); warm: leave it as it is")
     ap.add_argument("--baseline-runs", type=int, default=3, help="runs of the smallest size (the median is the baseline)")
     args = ap.parse_args()
+    if args.baseline_runs < 1:
+        ap.error("--baseline-runs must be at least 1")
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="cvpipe-scale-")
     work = args.workdir or Path(tmp)
     results: dict[int, dict] = {}
