@@ -81,8 +81,7 @@ def check_splits(tp: TrainParams, train_split: Split, rank_batch: int) -> None:
 class TrainData:
     ds: PreparedDataset
     train_split: Split
-    pipeline: Any  # the augmentation pipeline (reseeded per sample by the training dataset)
-    train_ds: Any  # ArrayDataset (arrays), or ShardStream (shards)
+    train_ds: Any  # ArrayDataset (arrays), or ShardStream (shards); each augments per image
     sampler: Any
     gen: Any  # the train loader's torch.Generator: its state goes into the checkpoint
     train_loader: Any
@@ -132,7 +131,7 @@ def build_data(tp: TrainParams, ds: PreparedDataset, train_split: Split, val_spl
     elif val_split is not None and len(val_split):
         shard = Subset(ArrayDataset(val_split), list(range(dist.rank, len(val_split), dist.world_size)))
         val_loader = make_loader(shard, max(rank_batch, 128), False, workers, tp.seed, pin)
-    return TrainData(ds, train_split, pipeline, train_ds, sampler, gen, train_loader, val_loader, rank_batch, workers)
+    return TrainData(ds, train_split, train_ds, sampler, gen, train_loader, val_loader, rank_batch, workers)
 
 
 def _train_sampler(tp: TrainParams, ds: PreparedDataset, train_split: Split, train_ds, dist: distributed.Dist, gen, drop_last: bool):

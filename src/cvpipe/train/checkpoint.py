@@ -163,5 +163,5 @@ class Checkpointer:
     def save_mid_epoch(self, run: "RunState", epoch: int, rngs: list, progress: dict[str, Any]) -> None:
         """``last.pt`` inside 0-based ``epoch``: ``epoch`` epochs done plus *progress* (``step``: batches each rank
         took in this epoch, and the epoch's train sums so far over all ranks: ``loss_sum``, ``correct``, ``seen``,
-        ``seconds``). *rngs* are the current RNG states, each rank's augmentation pipeline's among them."""
+        ``seconds``). *rngs* are each rank's current RNG states (augmentation needs none: it is seeded per image)."""
         save_checkpoint(self.last_path, {**self.state(run, epoch, rngs, False), "epoch_progress": progress})
