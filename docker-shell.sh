@@ -16,7 +16,8 @@
 #   wandb,.cvpipe} (read-write; created first so they are not root-owned). <project> is $CVPIPE_PROJECT_DIR,
 #   default this repository. Outputs are written as the caller's uid:gid.
 #   GOOGLE_APPLICATION_CREDENTIALS (when set): the key file, mounted read-only.
-#   WANDB_API_KEY (when set): passed through by name, so its value is never on a command line.
+#   WANDB_API_KEY and every CVPIPE_SOURCE_* variable (the credentials `cvpipe init` wrote into
+#   ingest.source as ${CVPIPE_SOURCE_...}; when set): passed by name, so no value is on a command line.
 #   WANDB_MODE WANDB_PROJECT WANDB_ENTITY CVPIPE_DEBUG STORAGE_EMULATOR_HOST OMP_NUM_THREADS
 #   CUDA_VISIBLE_DEVICES GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (PASS_ENV): passed through when set.
 #   GPUs: `--gpus all` for the torch stages when Docker has the NVIDIA runtime and
@@ -101,6 +102,7 @@ run_stage() {
   [ -n "${WANDB_API_KEY:-}" ] && args+=(-e WANDB_API_KEY)   # by name: the value stays out of argv
   local v
   for v in "${PASS_ENV[@]}"; do [ -n "${!v:-}" ] && args+=(-e "$v"); done
+  while IFS= read -r v; do args+=(-e "$v"); done < <(compgen -e | grep '^CVPIPE_SOURCE_' || true)
   # shellcheck disable=SC2207
   args+=($(gpu_flags "$stage"))
   # shellcheck disable=SC2206

@@ -89,10 +89,24 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _TokenHandler(_QuietHandler):
+    token = ""
+
+    def send_head(self):  # GET and HEAD: 403 unless the query carries token=<the token>
+        if f"token={self.token}" not in self.path.partition("?")[2].split("&"):
+            self.send_error(403, "token required")
+            return None
+        return super().send_head()
+
+
 @contextlib.contextmanager
-def http_server(folder: Path) -> Iterator[str]:
-    """Serve *folder* with ``http.server`` on 127.0.0.1; yield the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(folder))
+def http_server(folder: Path, token: str | None = None) -> Iterator[str]:
+    """Serve *folder* with ``http.server`` on 127.0.0.1; yield the base URL. With *token*, a request
+    whose query has no ``token=<token>`` gets 403 (a server that checks a credential)."""
+    if token is None:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+    else:
+        handler = functools.partial(type("Handler", (_TokenHandler,), {"token": token}), directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

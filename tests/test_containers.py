@@ -287,6 +287,11 @@ def test_pipeline_in_containers_equals_local_run_and_leaks_no_secret(docker, ima
                'test -r "$GOOGLE_APPLICATION_CREDENTIALS" && ! test -w "$GOOGLE_APPLICATION_CREDENTIALS" && echo ro'],
               env=env).stdout.decode()
     assert out.strip().endswith("ro")
+    # the credentials `cvpipe init` names as ${CVPIPE_SOURCE_*} in ingest.source reach the container, by name
+    token = "srctoken" + secrets.token_hex(16)
+    out = _sh([str(REPO / "docker-shell.sh"), "ingest", "--shell", "-c", 'echo "got:$CVPIPE_SOURCE_TOKEN"'],
+              env={**env, "CVPIPE_SOURCE_TOKEN": token}).stdout.decode()
+    assert out.strip().endswith(f"got:{token}")
 
     for image in images.values():
         hist = _sh([docker, "history", "--no-trunc", image]).stdout.decode()

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import cvpipe
 from PIL import Image
 from servers import http_server
@@ -484,6 +485,61 @@ def test_credentials_in_source_urls_are_never_stored_or_printed(tmp_path):
     leaks = _files_with([tmp_path / "out", tmp_path / "out2", tmp_path / "state", tmp_path / "metrics", cache], SECRETS)
     leaks += [f"output: {s}" for s in SECRETS if s in res.stdout + res.stderr + failed.stdout + failed.stderr]
     assert leaks == []
+
+
+def test_init_writes_source_credentials_as_environment_variables_that_ingest_expands(tmp_path):
+    """params.yaml is committed: `cvpipe init` of a credentialed URL writes ${CVPIPE_SOURCE_*} references,
+    never the values; ingest refuses (exit 2, naming the variable) until they are set, then fetches with
+    them -- the server checks the token, so the expanded value is what reached it."""
+    served = tmp_path / "served"
+    with zipfile.ZipFile(_mkdir(served) / "ds.zip", "w") as zf:
+        for c, name in enumerate(("ants", "bees")):
+            for i in range(6):
+                zf.write(_png(tmp_path / "zip-src" / name / f"{i}.png", (c * 90, i * 40, 7)), f"ds/{name}/{i}.png")
+    env = {"CVPIPE_CACHE": str(tmp_path / "cache")}  # init's; ingest's is another, so it must fetch again
+    with http_server(served, token=SECRETS[1]) as base:
+        host = base.split("://", 1)[1]
+        url = f"http://alice:{SECRETS[0]}@{host}/ds.zip?v=1&token={SECRETS[1]}&X-Goog-Signature={SECRETS[2]}"
+        assert cvpipe("ingest", "--quiet", "--source", url.replace(SECRETS[1], "wrong"), "--out", str(tmp_path / "x"),
+                      cwd=tmp_path, env=env, check=False).returncode == 1  # the server does check the token
+        init = cvpipe("init", url, "--params", str(tmp_path / "params.yaml"), "--no-estimate", cwd=tmp_path, env=env)
+        text = (tmp_path / "params.yaml").read_text()
+        source = yaml.safe_load(text)["ingest"]["source"]
+        assert source == (f"http://alice:${{CVPIPE_SOURCE_PASSWORD}}@{host}/ds.zip?v=1&token=${{CVPIPE_SOURCE_TOKEN}}"
+                          "&X-Goog-Signature=${CVPIPE_SOURCE_X_GOOG_SIGNATURE}")
+        said = " ".join((init.stdout + init.stderr).split())
+        assert "CVPIPE_SOURCE_PASSWORD, CVPIPE_SOURCE_TOKEN, CVPIPE_SOURCE_X_GOOG_SIGNATURE" in said
+        env = {"CVPIPE_CACHE": str(tmp_path / "cache-ingest")}
+        unset = _ingest(tmp_path, [], tmp_path / "out", env=env)
+        assert unset.returncode == 2 and "CVPIPE_SOURCE_PASSWORD, which is not set" in " ".join(unset.stderr.split())
+        assert not (tmp_path / "out").exists()
+        secrets = {"CVPIPE_SOURCE_PASSWORD": SECRETS[0], "CVPIPE_SOURCE_TOKEN": SECRETS[1],
+                   "CVPIPE_SOURCE_X_GOOG_SIGNATURE": SECRETS[2]}
+        res = _ingest(tmp_path, [], tmp_path / "out", env={**env, **secrets})
+    assert res.returncode == 0, res.stderr
+    assert len(_read(tmp_path / "out" / "manifest.csv")) == 12
+    roots = [tmp_path / "params.yaml", tmp_path / "out", tmp_path / "state", tmp_path / "cache", tmp_path / "cache-ingest"]
+    leaks = _files_with(roots, SECRETS)
+    leaks += [f"output: {s}" for s in SECRETS if s in init.stdout + init.stderr + unset.stderr + res.stdout + res.stderr]
+    assert leaks == []
+
+
+def test_env_references_round_trip_every_secret_part_of_a_url():
+    from cvpipe.core.urls import expand_env_refs, redact_url, with_env_refs
+
+    taken: dict[str, str] = {}
+    for url in ("https://u:p%40ss@h/a.zip?Token=x%2Fy&page=2&X-Amz-Credential=a/b#sig=qq9q",
+                "https://tok3n@h/b.tar.gz", "https://u2:other@h/c.zip?token=x%2Fy&key=${MY_KEY}"):
+        ref, found = with_env_refs(url, taken=taken)
+        assert expand_env_refs(ref, {**taken, "MY_KEY": ""}) == url.replace("${MY_KEY}", "")
+        assert redact_url(ref) == redact_url(url) and not any(v in ref for v in found.values())
+    assert taken == {"CVPIPE_SOURCE_PASSWORD": "p%40ss", "CVPIPE_SOURCE_TOKEN": "x%2Fy", "CVPIPE_SOURCE_X_AMZ_CREDENTIAL": "a/b",
+                     "CVPIPE_SOURCE_SIG": "qq9q", "CVPIPE_SOURCE_USERINFO": "tok3n", "CVPIPE_SOURCE_PASSWORD_2": "other"}
+    for plain in ("gs://b/p", "/local/${X}", "https://h/p?page=1&v=$HOME"):
+        assert with_env_refs(plain) == (plain, {})
+    with pytest.raises(KeyError, match="NOPE"):
+        expand_env_refs("https://h/x?token=${NOPE}", {})
+    assert expand_env_refs("a$b/${A}${A}/$A", {"A": "1"}) == "a$b/11/$A"
 
 
 def _mkdir(p: Path) -> Path:

@@ -6,12 +6,20 @@ journals, cache metadata, params summaries, the app's ``/model`` and every messa
 :func:`redact_url`'s form. Standard library only, so every layer and image (ingest's, the app's)
 can use it. Written here because no library in the lock does it: ``urllib.parse`` would normalize
 the URL (and a redacted URL must stay character-for-character equal when it has no secret).
+
+A committed params.yaml holds no secret either: ``ingest.source`` may name ``${NAME}`` environment
+variables (:func:`expand_env_refs`, expanded in memory by the stage that fetches), and ``cvpipe init``
+writes every secret part of a SOURCE it was given as such a reference (:func:`with_env_refs`), the
+way DVC keeps remote credentials out of ``.dvc/config``. ``os.path.expandvars`` is not used: it
+leaves an unset variable in place (a fetch of ``.../${TOKEN}`` would fail far from the cause) and
+also expands ``$NAME``, which a URL may hold literally.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 from urllib.parse import unquote_plus
 
 _SECRET_PARAMS = frozenset({
@@ -67,6 +75,71 @@ def redact_url(url: str) -> str:
     if "=" in fragment:
         fragment = "#" + _redact_params(fragment[1:])
     return scheme + userinfo + rest + query + fragment
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env_refs(text: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """*text* with every ``${NAME}`` replaced by the value of the environment variable NAME, verbatim.
+
+    Raises ``KeyError(NAME)`` for the first variable that is not set (an empty value is a value)."""
+    env = os.environ if environ is None else environ
+
+    def value(m: re.Match[str]) -> str:
+        if m.group(1) not in env:
+            raise KeyError(m.group(1))
+        return env[m.group(1)]
+
+    return _ENV_REF.sub(value, text)
+
+
+def _ref_name(prefix: str, part: str) -> str:
+    return f"{prefix}_" + (re.sub(r"[^A-Z0-9]+", "_", unquote_plus(part).upper()).strip("_") or "SECRET")
+
+
+def with_env_refs(
+    url: str, prefix: str = "CVPIPE_SOURCE", taken: Optional[dict[str, str]] = None
+) -> tuple[str, dict[str, str]]:
+    """*url* with each secret part -- the password of ``user:pass@`` (the whole userinfo when it has no
+    ``:``) and the value of each parameter :func:`redact_url` hides -- replaced by a ``${NAME}`` reference,
+    and ``{NAME: the part as written}``, so that ``expand_env_refs(ref, that) == url``.
+
+    NAME is *prefix* + the parameter's name (``token`` -> ``CVPIPE_SOURCE_TOKEN``; ``PASSWORD`` or
+    ``USERINFO`` for the userinfo). *taken* (the names already given, with their values, for the other
+    URLs of one params file) is extended; a name taken with another value gets ``_2``, ``_3``... A part
+    that already is a reference stays as it is. A URL without secrets comes back unchanged.
+    """
+    taken = {} if taken is None else taken
+    found: dict[str, str] = {}
+
+    def ref(part: str, value: str) -> str:
+        if _ENV_REF.fullmatch(value):
+            return value
+        name, n = _ref_name(prefix, part), 1
+        while taken.get(f"{name}_{n}" if n > 1 else name, value) != value:
+            n += 1
+        name = f"{name}_{n}" if n > 1 else name
+        taken[name] = found[name] = value
+        return "${" + name + "}"
+
+    def params(text: str) -> str:
+        out = []
+        for pair in text.split("&"):
+            name, eq, value = pair.partition("=")
+            out.append(f"{name}={ref(name, value)}" if eq and value and _is_secret_param(name) else pair)
+        return "&".join(out)
+
+    if "://" not in url:
+        return url, {}
+    scheme, userinfo, rest, query, fragment = _split_url(url)
+    if userinfo:
+        user, colon, password = userinfo[:-1].partition(":")
+        userinfo = (f"{user}:{ref('password', password)}@" if colon and password
+                    else userinfo if colon else f"{ref('userinfo', user)}@")
+    query = "?" + params(query[1:]) if query else query
+    fragment = "#" + params(fragment[1:]) if "=" in fragment else fragment
+    return scheme + userinfo + rest + query + fragment, found
 
 
 def url_secrets(url: str) -> list[str]:

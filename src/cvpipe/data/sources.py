@@ -28,7 +28,8 @@ listed twice under different labels is :data:`CONFLICTING_LABELS`, every copy.
 Credentials in URLs (user:password@, ``token=``/``X-Amz-Signature=``... query
 parameters) never leave memory: every :attr:`SourceItem.uri`, stored file and
 message carries :func:`redact_url`'s form; only :attr:`SourceItem.remote`, used to
-fetch, holds the full URL.
+fetch, holds the full URL. params.yaml names them as ``${NAME}`` environment
+variables (:func:`resolve_sources` expands them; ``cvpipe init`` writes them so).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from cvpipe.core import storage
 from cvpipe.core.errors import ParamsError, StageError
-from cvpipe.core.urls import redact_text, redact_url
+from cvpipe.core.urls import expand_env_refs, redact_text, redact_url
 
 SPLIT_NAMES = {
     "train": "train",
@@ -676,6 +677,21 @@ def overlaps(a: Optional[tuple[str, str]], b: Optional[tuple[str, str]]) -> bool
         return child == parent or child.startswith(parent.rstrip(sep) + sep)
 
     return inside(a[1], b[1]) or inside(b[1], a[1])
+
+
+def resolve_sources(sources: list[str]) -> list[str]:
+    """*sources* (``ingest.source``) with their ``${NAME}`` environment variables expanded, in memory only;
+    an unset one is a :class:`ParamsError` that names it (exit 2, nothing read or written)."""
+    out = []
+    for src in sources:
+        try:
+            out.append(expand_env_refs(src))
+        except KeyError as exc:
+            raise ParamsError(
+                f"ingest.source: {redact_url(src)} names the environment variable {exc.args[0]}, which is not set "
+                f"(export it before the stage runs; ./docker-shell.sh passes every CVPIPE_SOURCE_* variable on)"
+            ) from None
+    return out
 
 
 def check_source(source: str) -> None:

@@ -61,6 +61,7 @@ from cvpipe.data.sources import (
     filesystem_for,
     list_sources,
     overlaps,
+    resolve_sources,
     source_location,
 )
 from cvpipe.ingest import overrides
@@ -665,34 +666,35 @@ def _clean_leftovers(raw_dir: Path, state_path: Path) -> None:
 def run(params: Params) -> IngestReport:
     """Ingest ``ingest.source`` into ``paths.raw``; see the module docstring. No message it raises
     carries a credential of a source URL."""
+    sources = resolve_sources(params.ingest.sources)  # ${NAME} variables expanded: in memory only
     try:
-        return _run(params)
+        return _run(params, sources)
     except CvpipeError as exc:
-        text = redact_text(str(exc), params.ingest.sources)
+        text = redact_text(str(exc), sources)
         if text == str(exc):
             raise
         raise type(exc)(text) from None
     except Exception as exc:
-        text = redact_text(f"{type(exc).__name__}: {exc}", params.ingest.sources)
+        text = redact_text(f"{type(exc).__name__}: {exc}", sources)
         if text == f"{type(exc).__name__}: {exc}":
             raise
         raise StageError(text) from None
 
 
-def _run(params: Params) -> IngestReport:
+def _run(params: Params, sources: list[str]) -> IngestReport:
     p: IngestParams = params.ingest
-    for src in p.sources:
+    for src in sources:
         check_source(src)
     raw_dir = Path(params.paths.raw)
     if storage.is_remote(params.paths.raw):
         raise StageError("paths.raw must be a local folder (DVC tracks it); sources may be remote")
-    _refuse_overlap(p.sources, raw_dir)  # before anything is read or written
+    _refuse_overlap(sources, raw_dir)  # before anything is read or written
     started = time.perf_counter()
     src_opts = SourceOptions(gcs_token=p.gcs_token, max_archive_bytes=p.max_archive_bytes)
     report = IngestReport()
 
     stats: dict[str, int] = {}
-    items = list_sources(p.sources, src_opts, stats)
+    items = list_sources(sources, src_opts, stats)
     if not items:
         raise StageError(f"no files found in ingest.source {redact_url(str(p.source))!r}")
     _refuse_items_inside(items, raw_dir)

@@ -10,6 +10,8 @@
    :func:`render_params` writes the complete params.yaml (every section) with the
    reasons as comments, checked to load back to exactly the values chosen and to pass
    validation; :func:`run` writes it atomically, never over an existing file unless forced.
+   A credential in a SOURCE URL is written as a ``${CVPIPE_SOURCE_*}`` environment variable
+   (:func:`source_refs`), never its value: params.yaml is committed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shlex
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -30,10 +33,17 @@ from pydantic import BaseModel, ValidationError
 from cvpipe import __version__
 from cvpipe.core import storage
 from cvpipe.core.config import IngestParams, Params, control_character, parse_yaml
-from cvpipe.core.console import console, is_quiet, progress
+from cvpipe.core.console import console, is_quiet, progress, warn
 from cvpipe.core.errors import StageError, UsageError, shorten
-from cvpipe.core.urls import redact_url
-from cvpipe.data.sources import SourceItem, SourceOptions, check_source, filesystem_for, list_sources
+from cvpipe.core.urls import REDACTED, redact_url, url_secrets, with_env_refs
+from cvpipe.data.sources import (
+    SourceItem,
+    SourceOptions,
+    check_source,
+    filesystem_for,
+    list_sources,
+    resolve_sources,
+)
 from cvpipe.init import recipe
 from cvpipe.init.recipe import Choice, DataProfile, MachineProfile, RecipeOptions, SizeStats
 
@@ -313,6 +323,31 @@ def relative_to_params(params_path: Path, path: str) -> str:
     return os.path.relpath(Path(path).resolve(), params_path.resolve().parent)
 
 
+def source_refs(params_path: Path, sources: list[str]) -> tuple[list[str], list[str]]:
+    """*sources* as params.yaml names them (:func:`relative_to_params`, every secret part of a URL a
+    ``${CVPIPE_SOURCE_*}`` reference: :func:`cvpipe.core.urls.with_env_refs`) and the names of those
+    variables. A local path's ``${NAME}`` is expanded (a path is no secret, and must be rebased)."""
+    written, taken = [], {}
+    for src in sources:
+        if "://" in src:
+            written.append(with_env_refs(src, taken=taken)[0])
+        else:
+            written.append(relative_to_params(params_path, resolve_sources([src])[0]))
+    return written, list(taken)
+
+
+def _without_secrets(command: str, sources: list[str], written: list[str], resolved: list[str]) -> str:
+    """*command* (the header's ``cvpipe init ...``) with each SOURCE URL as params.yaml names it, and any
+    credential left in it (an option's value, say) as ``***``."""
+    for src, ref in zip(sources, written):
+        if "://" in src:
+            command = command.replace(shlex.quote(src), shlex.quote(ref)).replace(src, ref)
+    for src in resolved:
+        for secret in url_secrets(src):
+            command = command.replace(secret, REDACTED)
+    return command
+
+
 def _ingest_params(sources: list[str]) -> IngestParams:
     """``ingest.source`` set to the SOURCE arguments, validated as params.yaml will be (exit 2 when it is not)."""
     try:
@@ -334,8 +369,9 @@ def run(
     if target.exists() and not force:
         raise UsageError(f"{target} exists; pass --force to overwrite it")
     check_options(options)
-    profile = scan_source(sources, _ingest_params(sources), scan_limit)
-    written = [relative_to_params(target, s) for s in sources]
+    resolved = resolve_sources(sources)  # a SOURCE may itself name ${NAME} variables
+    profile = scan_source(resolved, _ingest_params(resolved), scan_limit)
+    written, secrets = source_refs(target, sources)
     if options.pretrained_path is not None:
         options = replace(options, pretrained_path=relative_to_params(target, options.pretrained_path))
     machine = machine_profile()
@@ -343,7 +379,11 @@ def run(
         "ingest.source": Choice(written if len(written) > 1 else written[0], "scanned by cvpipe init (see the header)"),
         **recipe.build_recipe(profile, machine, options),
     }
+    command = _without_secrets(command, sources, written, resolved)
     storage.write_text(target, render_params(profile, machine, choices, command))
+    if secrets:  # not quiet-only: without them the next `dvc repro` stops at ingest
+        warn(f"{target} names the credentials of SOURCE as environment variables, never their values: export "
+             f"{', '.join(secrets)} (each the part of the URL you gave that it replaces) before `dvc repro`")
     if not is_quiet():
         _print_summary(target, profile, machine, choices)
         if estimate:
