@@ -74,6 +74,7 @@ ROTATED = {"exif_orientation_6.jpg": (512, 768), "exif_orientation_8.jpg": (512,
 
 def _params(tmp: Path, source, **ingest):
     write_params(tmp, {"ingest.source": source, "paths.raw": str(tmp / "raw"), "paths.metrics": str(tmp / "metrics"),
+                       "paths.reports": str(tmp / "reports"),
                        "ingest.state_dir": str(tmp / "state"), **{f"ingest.{k}": v for k, v in ingest.items()}})
     return load_params(tmp / "params.yaml")
 
