@@ -69,7 +69,7 @@ def pipeline_files() -> list[str]:
                 deps.add(re.sub(r"\$\{([^}]+)\}", lambda m: value(m.group(1)), dep).rstrip("/"))
             except (KeyError, TypeError):
                 continue  # a matrix item (${item.arch}): an output of another stage, never a tracked file
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
     named = {f for f in tracked if not f.startswith("src/") and any(f == d or f.startswith(d + "/") for d in deps)}
     return sorted(set(PIPELINE_FILES) | named)
 
