@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 from urllib.parse import unquote_plus
 
 _SECRET_PARAMS = frozenset({
@@ -39,11 +39,13 @@ def _is_secret_param(name: str) -> bool:
     return n in _SECRET_PARAMS or n.startswith(_SECRET_PREFIXES) or n.endswith(_SECRET_SUFFIXES)
 
 
-def _redact_params(query: str) -> str:
+def _map_secret_params(text: str, replace: Callable[[str, str], str]) -> str:
+    """*text* (a query or fragment, without its ``?``/``#``) with each secret parameter's value
+    replaced by ``replace(name, value)``; every other character as written."""
     out = []
-    for pair in query.split("&"):
+    for pair in text.split("&"):
         name, eq, value = pair.partition("=")
-        out.append(f"{name}={REDACTED}" if eq and value and _is_secret_param(name) else pair)
+        out.append(f"{name}={replace(name, value)}" if eq and value and _is_secret_param(name) else pair)
     return "&".join(out)
 
 
@@ -57,6 +59,22 @@ def _split_url(url: str) -> tuple[str, str, str, str, str]:
     return f"{scheme}://", userinfo + at, host + slash + path, qmark + query, hash_ + fragment
 
 
+def _rewrite_secrets(url: str, userinfo: Callable[[str], str], param: Callable[[str, str], str]) -> str:
+    """*url* with its userinfo (``user:pass``, without the ``@``) replaced by ``userinfo(it)`` and each
+    secret query or fragment parameter's value by ``param(name, value)``; the rest as written. The one
+    walk over a URL's secret parts that :func:`redact_url` and :func:`with_env_refs` share."""
+    if "://" not in url:
+        return url
+    scheme, info, rest, query, fragment = _split_url(url)
+    if info:
+        info = userinfo(info[:-1]) + "@"
+    if query:
+        query = "?" + _map_secret_params(query[1:], param)
+    if "=" in fragment:
+        fragment = "#" + _map_secret_params(fragment[1:], param)
+    return scheme + info + rest + query + fragment
+
+
 def redact_url(url: str) -> str:
     """*url* without its credentials: the userinfo (``user:pass@``) becomes ``***@`` and the value of every
     secret query (or fragment) parameter -- ``token``, ``key``, ``sig``, ``signature``, ``password``,
@@ -65,16 +83,7 @@ def redact_url(url: str) -> str:
     The form every stored or printed URL takes (manifests, journals, cache metadata, messages); a URL
     without credentials, and any local path, is returned unchanged, character for character.
     """
-    if "://" not in url:
-        return url
-    scheme, userinfo, rest, query, fragment = _split_url(url)
-    if userinfo:
-        userinfo = f"{REDACTED}@"
-    if query:
-        query = "?" + _redact_params(query[1:])
-    if "=" in fragment:
-        fragment = "#" + _redact_params(fragment[1:])
-    return scheme + userinfo + rest + query + fragment
+    return _rewrite_secrets(url, lambda _info: REDACTED, lambda _name, _value: REDACTED)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -123,23 +132,11 @@ def with_env_refs(
         taken[name] = found[name] = value
         return "${" + name + "}"
 
-    def params(text: str) -> str:
-        out = []
-        for pair in text.split("&"):
-            name, eq, value = pair.partition("=")
-            out.append(f"{name}={ref(name, value)}" if eq and value and _is_secret_param(name) else pair)
-        return "&".join(out)
+    def userinfo(info: str) -> str:
+        user, colon, password = info.partition(":")
+        return f"{user}:{ref('password', password)}" if colon and password else info if colon else ref("userinfo", user)
 
-    if "://" not in url:
-        return url, {}
-    scheme, userinfo, rest, query, fragment = _split_url(url)
-    if userinfo:
-        user, colon, password = userinfo[:-1].partition(":")
-        userinfo = (f"{user}:{ref('password', password)}@" if colon and password
-                    else userinfo if colon else f"{ref('userinfo', user)}@")
-    query = "?" + params(query[1:]) if query else query
-    fragment = "#" + params(fragment[1:]) if "=" in fragment else fragment
-    return scheme + userinfo + rest + query + fragment, found
+    return _rewrite_secrets(url, userinfo, ref), found
 
 
 def url_secrets(url: str) -> list[str]:
