@@ -323,16 +323,17 @@ def relative_to_params(params_path: Path, path: str) -> str:
     return os.path.relpath(Path(path).resolve(), params_path.resolve().parent)
 
 
-def source_refs(params_path: Path, sources: list[str]) -> tuple[list[str], list[str]]:
+def source_refs(params_path: Path, sources: list[str], resolved: list[str]) -> tuple[list[str], list[str]]:
     """*sources* as params.yaml names them (:func:`relative_to_params`, every secret part of a URL a
     ``${CVPIPE_SOURCE_*}`` reference: :func:`cvpipe.core.urls.with_env_refs`) and the names of those
-    variables. A local path's ``${NAME}`` is expanded (a path is no secret, and must be rebased)."""
+    variables. A local path is written *resolved* (its ``${NAME}`` expanded: a path is no secret, and
+    must be rebased)."""
     written, taken = [], {}
-    for src in sources:
+    for src, expanded in zip(sources, resolved):
         if "://" in src:
             written.append(with_env_refs(src, taken=taken)[0])
         else:
-            written.append(relative_to_params(params_path, resolve_sources([src])[0]))
+            written.append(relative_to_params(params_path, expanded))
     return written, list(taken)
 
 
@@ -371,7 +372,7 @@ def run(
     check_options(options)
     resolved = resolve_sources(sources)  # a SOURCE may itself name ${NAME} variables
     profile = scan_source(resolved, _ingest_params(resolved), scan_limit)
-    written, secrets = source_refs(target, sources)
+    written, secrets = source_refs(target, sources, resolved)
     if options.pretrained_path is not None:
         options = replace(options, pretrained_path=relative_to_params(target, options.pretrained_path))
     machine = machine_profile()
