@@ -4,7 +4,8 @@ the embeddings learner (audit.backbone: a train checkpoint or pretrained timm we
 The slow test flips 5 % of the 1,797 digits' labels (seeded, each to a random other class), runs
 ingest, preprocess and audit through the real CLI, and measures precision and recall of the flagged
 images against the flipped ones that landed in train+val. Measured (audit defaults): seed 0 P 0.905
-R 0.838, seed 1 P 0.905 R 0.870, seed 2 P 0.985 R 0.855; the test asserts >= 0.8 on each of them.
+R 0.838, seed 1 P 0.905 R 0.870, seed 2 P 0.985 R 0.855; the test asserts >= 0.8 on each of them, and
+once more for seed 0 with the HNSW neighbour search forced (`audit.knn_index: hnsw`).
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def digits_full(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", FLIP_SEEDS)
-def test_audit_finds_flipped_digits(digits_full, tmp_path, monkeypatch, seed):
+@pytest.mark.parametrize("seed,index", [(s, "auto") for s in FLIP_SEEDS] + [(0, "hnsw")])
+def test_audit_finds_flipped_digits(digits_full, tmp_path, monkeypatch, seed, index):
     src = tmp_path / "digits"
     shutil.copytree(digits_full, src)
     flipped = flip_labels(src, 0.05, seed)
@@ -177,8 +178,10 @@ def test_audit_finds_flipped_digits(digits_full, tmp_path, monkeypatch, seed):
     cvpipe("ingest", "--quiet", cwd=work)
     cvpipe("preprocess", "--quiet", cwd=work)
     t = time.perf_counter()
-    cvpipe("audit", "--quiet", cwd=work)
+    cvpipe("audit", "--quiet", "-S", f"audit.knn_index={index}", cwd=work)
     seconds = time.perf_counter() - t
+    learner = json.loads((work / "reports" / "audit.json").read_text())["learner"]
+    assert learner["knn_index"] == ("exact" if index == "auto" else index)  # 1,797 images: auto is exact
     truth = flipped & audited_uris(work / "data" / "prepared")
     found = {r["source_uri"] for r in read_issues(work / "reports" / "label_issues.csv")}
     precision, recall = len(found & truth) / len(found), len(found & truth) / len(truth)
@@ -357,3 +360,87 @@ def test_gallery_is_written_even_with_no_suspect(tmp_path):
     plot_suspects(np.zeros((0, 8, 8, 3), np.uint8), [], [], str(path))
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 0
+
+
+# ----------------------------------------------------------------------------- the k-NN's neighbour search
+
+def _clustered(n: int, classes: int = 10, dims: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features like the PCA'd pixels: *classes* clusters with a decaying spread per dimension, and some
+    exact duplicates (distance 0, which the distance weights must survive)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dims)).astype(np.float32) * 3
+    y = rng.integers(0, classes, n)
+    x = centres[y] + rng.normal(size=(n, dims)).astype(np.float32) * np.linspace(2, 0.1, dims, dtype=np.float32)
+    x[n - 50:] = x[:50]  # duplicates across folds
+    y[n - 50:] = y[:50]
+    return x, y
+
+
+def test_knn_index_auto_is_exact_up_to_the_threshold():
+    from cvpipe.audit.neighbors import HNSW_ABOVE, knn_index
+
+    assert knn_index("auto", HNSW_ABOVE) == "exact" and knn_index("auto", HNSW_ABOVE + 1) == "hnsw"
+    assert knn_index("hnsw", 10) == "hnsw" and knn_index("exact", 10**7) == "exact"
+
+
+def test_hnsw_classifier_keeps_the_kneighbors_classifier_contract():
+    """Small enough for the graph search to be exact: the same neighbours, distances and probabilities as
+    scikit-learn's exact KNeighborsClassifier, for new rows and (X None) for the fitted rows themselves."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from cvpipe.audit.neighbors import HNSWKNeighborsClassifier
+
+    x, y = _clustered(650)
+    fit, q = x[:500], x[500:600]  # no exact duplicates: ties would order freely
+    ours = HNSWKNeighborsClassifier(n_neighbors=7, ef_search=500).fit(fit, y[:500])
+    ref = KNeighborsClassifier(n_neighbors=7, weights="distance").fit(fit, y[:500])
+    for a, b in [(ours.kneighbors(q), ref.kneighbors(q)), (ours.kneighbors(), ref.kneighbors())]:
+        assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-4)
+    assert np.allclose(ours.predict_proba(q), ref.predict_proba(q), atol=1e-6)
+    assert np.array_equal(ours.kneighbors(q, 3, return_distance=False), ref.kneighbors(q, 3, return_distance=False))
+    with pytest.raises(ValueError, match="n_neighbors"):
+        ours.kneighbors(q, 501)
+
+
+def test_hnsw_fills_a_row_the_graph_search_left_short_with_the_exact_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    from cvpipe.audit.neighbors import HNSWKNeighborsClassifier
+
+    x, y = _clustered(2000)
+    knn = HNSWKNeighborsClassifier(n_neighbors=6).fit(x[:1500], y[:1500])
+    index = knn.index_
+
+    class ShortIndex:  # faiss answers -1 ids when a graph search reaches fewer than k vectors
+        hnsw = index.hnsw
+
+        def search(self, q, k):
+            d, i = index.search(q, k)
+            d[::7, -2:], i[::7, -2:] = np.inf, -1
+            return d, i
+
+    knn.index_ = ShortIndex()
+    rows = knn.kneighbors(x[1500:], return_distance=False)
+    exact = NearestNeighbors(n_neighbors=6).fit(x[:1500]).kneighbors(x[1500:], return_distance=False)
+    assert (rows >= 0).all()
+    assert all(set(rows[r]) == set(exact[r]) for r in range(0, 500, 7))
+
+
+def test_hnsw_out_of_sample_probabilities_match_the_exact_search_and_repeat():
+    """20k images, 5 folds: the approximate search's cross-fitted probabilities give the same label for
+    (nearly) every image as the exact search's, and a rerun gives the same probabilities bit for bit."""
+    x, y = _clustered(20_000)
+    flip = np.random.default_rng(1).random(len(y)) < 0.05
+    y_noisy = np.where(flip, (y + 1) % 10, y)
+    ap = Params.model_validate({}).audit
+    groups = np.arange(len(y))
+    exact = out_of_sample_probs(x, y_noisy, groups, ap, 10, 5, "pixels", "exact")
+    hnsw = out_of_sample_probs(x, y_noisy, groups, ap, 10, 5, "pixels", "hnsw")
+    again = out_of_sample_probs(x, y_noisy, groups, ap, 10, 5, "pixels", "hnsw")
+    assert np.array_equal(hnsw, again)
+    assert (hnsw.argmax(1) == exact.argmax(1)).mean() >= 0.995
+    assert np.abs(hnsw - exact).max(1).mean() < 0.02
+    flagged_exact, *_ = find_issues(y_noisy, exact, "prune_by_noise_rate")
+    flagged_hnsw, *_ = find_issues(y_noisy, hnsw, "prune_by_noise_rate")
+    overlap = len(set(flagged_exact) & set(flagged_hnsw)) / max(len(flagged_exact), 1)
+    assert overlap >= 0.97, overlap

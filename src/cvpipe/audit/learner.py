@@ -84,13 +84,17 @@ def fold_count(labels: np.ndarray, classes: list[str], groups: np.ndarray, folds
     return usable
 
 
-def model_steps(kind: str, ap: AuditParams, n_features: int, fold_rows: int) -> list:
+def model_steps(kind: str, ap: AuditParams, n_features: int, fold_rows: int, index: str = "exact") -> list:
     """The scikit-learn steps fitted per fold. ``pixels``: PCA (when set) then distance-weighted k-NN;
     ``knn``: k-NN on the embeddings (cosine = Euclidean on L2-normalised vectors, no PCA: they are already
-    a compact, informative representation); ``logistic``: a multinomial logistic regression on them."""
+    a compact, informative representation); ``logistic``: a multinomial logistic regression on them.
+    *index* (:func:`cvpipe.audit.neighbors.knn_index`): the k-NN's neighbour search, scikit-learn's exact
+    one or faiss's HNSW graph (:class:`~cvpipe.audit.neighbors.HNSWKNeighborsClassifier`)."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
+
+    from cvpipe.audit.neighbors import HNSWKNeighborsClassifier
 
     if kind == "logistic":
         return [LogisticRegression(C=ap.regularization, max_iter=2000)]
@@ -98,19 +102,21 @@ def model_steps(kind: str, ap: AuditParams, n_features: int, fold_rows: int) -> 
     if kind == "pixels" and ap.pca_components is not None:
         # PCA cannot keep more dimensions than a training fold has images or features
         steps.append(PCA(n_components=min(ap.pca_components, n_features, fold_rows), random_state=ap.seed))
-    steps.append(KNeighborsClassifier(n_neighbors=min(ap.neighbors, fold_rows), weights="distance"))
-    return steps
+    k = min(ap.neighbors, fold_rows)
+    knn = HNSWKNeighborsClassifier(n_neighbors=k) if index == "hnsw" else KNeighborsClassifier(n_neighbors=k, weights="distance")
+    return steps + [knn]
 
 
 def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, ap: AuditParams,
-                        num_classes: int, folds: int, kind: str = "pixels") -> np.ndarray:
+                        num_classes: int, folds: int, kind: str = "pixels", index: str = "exact") -> np.ndarray:
     """(N, num_classes) probabilities; row i comes from the model of the fold that held image i out.
-    *kind*: ``pixels``, or ``audit.embedding_head`` (``logistic``/``knn``) for embeddings."""
+    *kind*: ``pixels``, or ``audit.embedding_head`` (``logistic``/``knn``) for embeddings; *index*: the
+    k-NN's search (``exact``/``hnsw``, :func:`model_steps`)."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
 
     fold_rows = len(labels) - int(np.ceil(len(labels) / folds))  # the fewest images a model is fitted on
-    steps = model_steps(kind, ap, features.shape[1], fold_rows)
+    steps = model_steps(kind, ap, features.shape[1], fold_rows, index)
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=ap.seed)
     probs = cross_val_predict(make_pipeline(*steps), features, labels, groups=groups, cv=cv, method="predict_proba")
     if probs.shape[1] != num_classes:  # every class is in every training fold (fold_count); guard the invariant

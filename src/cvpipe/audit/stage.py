@@ -26,6 +26,7 @@ import numpy as np
 
 from cvpipe.audit import embeddings
 from cvpipe.audit.learner import fold_count, out_of_sample_probs, pixel_features
+from cvpipe.audit.neighbors import knn_index
 from cvpipe.core import storage, tracking
 from cvpipe.core.config import Params
 from cvpipe.core.console import info, warn
@@ -158,7 +159,10 @@ def run(params: Params) -> dict[str, Any]:
 
     info(f"audit: {len(labels)} train+val images, {ds.num_classes} classes, {folds}-fold cross-fitting")
     feats, kind, learner = features_of(params, images, ds.num_classes)
-    probs = out_of_sample_probs(feats, labels, groups, ap, ds.num_classes, folds, kind)
+    search = "exact"
+    if kind != "logistic":  # a k-NN: its neighbour search, recorded with the learner
+        search = learner["knn_index"] = knn_index(ap.knn_index, len(labels))
+    probs = out_of_sample_probs(feats, labels, groups, ap, ds.num_classes, folds, kind, search)
     ranked, quality, noise_rate, joint = find_issues(labels, probs, ap.filter_by)
     _warn_if_uninformative(labels, probs, learner["features"])
     rows = issue_rows(ranked, labels, probs, quality, index, ds.classes, paths_by_id, mixed)

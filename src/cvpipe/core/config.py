@@ -351,6 +351,9 @@ class AuditParams(_Section):
         32, ge=1, le=4096, description="PCA dimensions of the pixels before the nearest-neighbour search; null = no PCA"
     )
     neighbors: int = Field(15, ge=1, le=1000, description="k of the distance-weighted k-nearest-neighbour classifier")
+    knn_index: Literal["auto", "exact", "hnsw"] = Field(
+        "auto", description="the k-NN's neighbour search: exact, hnsw (faiss, approximate, sub-quadratic), auto = hnsw above 150k images"
+    )
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = Field(
         "prune_by_noise_rate", description="cleanlab.filter.find_label_issues' filter_by"
     )
