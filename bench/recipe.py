@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -46,32 +45,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# what `dvc repro` runs besides src/ and its deps (pipeline_files adds those, read from dvc.yaml)
-PIPELINE_FILES = ["dvc.yaml", ".dvcignore", "scripts/stage", "docker-shell.sh", "Pipfile.lock"]
-
-
-def pipeline_files() -> list[str]:
-    """:data:`PIPELINE_FILES` and every git-tracked file under a dep that dvc.yaml names (each stage's
-    Dockerfile, its image's pins, the reviewers' overrides...), ``${key}`` read from params.yaml: derived
-    from dvc.yaml, so a dep added there cannot be missing from the scratch repositories (src/ is copied whole)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-
-    def value(dotted: str) -> str:
-        node = params
-        for part in dotted.split("."):
-            node = node[part]
-        return str(node)
-
-    deps = set()
-    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
-        for dep in stage.get("deps", []):
-            try:
-                deps.add(re.sub(r"\$\{([^}]+)\}", lambda m: value(m.group(1)), dep).rstrip("/"))
-            except (KeyError, TypeError):
-                continue  # a matrix item (${item.arch}): an output of another stage, never a tracked file
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    named = {f for f in tracked if not f.startswith("src/") and any(f == d or f.startswith(d + "/") for d in deps)}
-    return sorted(set(PIPELINE_FILES) | named)
+sys.path.insert(0, str(REPO / "tests"))
+from repo_files import copy_pipeline  # noqa: E402  (what dvc repro needs, derived from dvc.yaml)
 
 
 def timm_defaults(image_size: int) -> dict:
@@ -110,10 +85,7 @@ def run(cmd: list[str], cwd: Path) -> float:
 
 def scratch_repo(path: Path) -> Path:
     path.mkdir(parents=True)
-    shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for rel in pipeline_files():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, path / rel)
+    copy_pipeline(path)
     run(["git", "init", "-q"], path)
     run([sys.executable, "-m", "dvc", "init", "-q"], path)
     return path

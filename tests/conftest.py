@@ -137,21 +137,6 @@ def make_digits_slice(tmp_path_factory, per_class: int) -> Path:
     return out
 
 
-def copy_pipeline(repo: Path) -> Path:
-    """Copy what `dvc repro` needs into *repo*: the code, dvc.yaml, and what its stages run
-    (scripts/stage, docker-shell.sh) and depend on (each stage's Dockerfile and its image's pins,
-    docker/requirements/<image>.txt)."""
-    repo.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    extras = ["dvc.yaml", ".dvcignore", "scripts/stage", "docker-shell.sh", "Pipfile.lock", "labels/overrides.csv"]
-    extras += [p.relative_to(REPO).as_posix() for p in REPO.glob("*/Dockerfile")]
-    extras += [p.relative_to(REPO).as_posix() for p in REPO.glob("docker/requirements/*.txt")]
-    for rel in extras:
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
-    return repo
-
-
 def cvpipe(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = True, timeout: float = 900):
     """Run the real ``cvpipe`` CLI in a subprocess; returns CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

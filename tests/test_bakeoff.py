@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_pipeline, write_params
+from conftest import write_params
+from repo_files import copy_pipeline
 from test_metrics_columns import assert_readable_metrics
 from wandb_offline import find_runs, read_run
 

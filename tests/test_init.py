@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_pipeline, cvpipe
+from conftest import cvpipe
+from repo_files import copy_pipeline
 
 from cvpipe.core.config import Params, load_params, run_name
 from cvpipe.data import augment

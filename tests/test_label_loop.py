@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_pipeline, write_params
+from conftest import write_params
+from repo_files import copy_pipeline
 from fastapi.testclient import TestClient
 
 pytestmark = [pytest.mark.slow]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_pipeline, cvpipe, make_digits_slice, write_params
+from conftest import cvpipe, make_digits_slice, write_params
+from repo_files import copy_pipeline
 from PIL import Image
 from test_metrics_columns import assert_readable_metrics
 from wandb_offline import find_runs, read_run

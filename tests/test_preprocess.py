@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, copy_pipeline, write_params
+from conftest import REPO, write_params
+from repo_files import copy_pipeline
 from conftest import cvpipe as _cvpipe
 from PIL import Image
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_pipeline, cvpipe, write_params
+from conftest import cvpipe, write_params
+from repo_files import copy_pipeline
 
 from cvpipe.core.config import Params, load_params, run_name
 from cvpipe.core.errors import StageError
