@@ -1,6 +1,6 @@
 """What `dvc repro` needs from this repository, for the scratch repositories the tests and bench/recipe.py
-build: one derivation from dvc.yaml (imported by tests/conftest.py and bench/recipe.py), so a dep added to
-a stage cannot be missing from either copy."""
+build: one derivation from dvc.yaml (the test modules and bench/recipe.py import :func:`copy_pipeline` from
+here), so a dep added to a stage cannot be missing from either copy."""
 
 from __future__ import annotations
 
