@@ -188,6 +188,29 @@ def test_changed_file_is_the_only_one_redone(tmp_path):
     assert len(stored) == 7  # the replaced and the removed images were pruned
 
 
+def test_journal_keeps_only_the_stored_files_part_and_a_rerun_rebuilds_the_same_manifest(tmp_path):
+    """The journal's record is the stored file's part of the manifest row (the label, URI and split hint are
+    the listing's); a rerun completes the journal's records into the same manifest, byte for byte, untouched."""
+    src = tmp_path / "src"
+    for label in ("a", "b"):
+        (src / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 24), (i * 60, 90 if label == "a" else 180, 5)).save(src / "train" / label / f"{i}.png")
+    params = _params(tmp_path, str(src), workers=1)
+    assert ingest_run(params).decoded == 6
+    journal = next((tmp_path / "state").glob("state-*.jsonl"))
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert len(entries) == 6 and all(
+        set(e["record"]) == {"id", "path", "width", "height", "format", "source_mode", "sha256", "bytes"} for e in entries)
+    manifest = tmp_path / "raw" / "manifest.csv"
+    before, stat_before, journal_before = manifest.read_bytes(), os.stat(manifest), journal.read_bytes()
+    again = ingest_run(params)
+    assert (again.reused, again.decoded) == (6, 0)
+    assert manifest.read_bytes() == before and os.stat(manifest).st_mtime_ns == stat_before.st_mtime_ns
+    assert {r["split_hint"] for r in _read(tmp_path / "raw", "manifest.csv")} == {"train"}
+    assert journal.read_bytes() == journal_before
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_restart_gives_the_same_manifest(real_data, local_hymenoptera, tmp_path):
     ref_dir, _ = local_hymenoptera

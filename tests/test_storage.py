@@ -76,6 +76,29 @@ def test_write_csv_only_if_changed_leaves_the_same_bytes_untouched(tmp_path):
     assert path.read_text() == "id\ny\n" and os.stat(path).st_ino != before.st_ino  # replaced by rename
 
 
+def test_write_csv_only_if_changed_compares_contents_not_just_sizes(tmp_path):
+    path = tmp_path / "m.csv"
+    storage.write_csv(path, ["id"], [["x"]], only_if_changed=True)
+    storage.write_csv(path, ["id"], [["y"]], only_if_changed=True)  # the same size, other bytes
+    assert path.read_text() == "id\ny\n" and _no_temp_files(tmp_path)
+
+
+def test_write_csv_streams_rows_to_disk_instead_of_building_the_file_in_memory(tmp_path):
+    """A million-row manifest must not sit in memory as text: by the last row, the earlier ones are on disk."""
+    path = tmp_path / "manifest.csv"
+    on_disk = []
+
+    def rows():
+        for i in range(20_000):
+            yield [f"{i:08d}", "x" * 40]
+        temp = [p for p in tmp_path.iterdir() if storage.TMP_MARKER in p.name]
+        on_disk.append(sum(p.stat().st_size for p in temp))
+
+    storage.write_csv(path, ["id", "pad"], rows())
+    assert on_disk[0] > 500_000  # of ~1 MB: all but the write buffer
+    assert path.stat().st_size == len("id,pad\n") + 20_000 * 50 and _no_temp_files(tmp_path)
+
+
 def test_write_csv_a_failing_row_leaves_the_old_file_intact(tmp_path):
     path = tmp_path / "history.csv"
     storage.write_csv(path, ["epoch"], [[1]])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import filecmp
 import io
 import json
 import os
@@ -138,15 +139,58 @@ def write_csv(
     The one CSV writer of every stage: ``csv`` module defaults (minimal quoting, ``None`` as an
     empty field, numbers through ``str``) with ``\n`` line ends. A row is a mapping (its values
     under *columns*; a missing key is an empty field, other keys are ignored) or a sequence written
-    as it is. The text is built in memory first, so a row that raises leaves the file untouched;
-    ``only_if_changed`` and ``durable`` are :func:`write_text`'s.
+    as it is. ``only_if_changed`` and ``durable`` are :func:`write_text`'s.
+
+    A local file is streamed into its temp sibling, row by row, so a million-row manifest never
+    sits in memory as text (built in a buffer it was three copies of the file at the write's peak:
+    the buffer, its value and the old file read back to compare). A row that raises removes the temp
+    file and leaves the target untouched; ``only_if_changed`` compares the finished temp file with the
+    target in chunks (:func:`filecmp.cmp`) and drops it when they are equal. A remote object is
+    built in memory first: fsspec publishes an upload when its file closes, even on an exception.
     """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    if is_remote(uri):
+        buf = io.StringIO()
+        _write_rows(buf, columns, rows)
+        write_text(uri, buf.getvalue(), durable=durable, only_if_changed=only_if_changed)
+        return
+    target = Path(uri)
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(target)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            _write_rows(fh, columns, rows)
+        if only_if_changed and _same_bytes(tmp, target):
+            os.unlink(tmp)
+            return
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_rows(fh: IO[str], columns: Sequence[str], rows: Iterable[Union[Mapping[str, Any], Sequence[Any]]]) -> None:
+    writer = csv.writer(fh, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
-    write_text(uri, buf.getvalue(), durable=durable, only_if_changed=only_if_changed)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two local files hold the same bytes (sizes first, then chunk by chunk); False if *b* is unreadable."""
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+    finally:
+        filecmp.clear_cache()
 
 
 def png_bytes(fig: Any, **savefig_kwargs: Any) -> bytes:

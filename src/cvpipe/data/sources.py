@@ -76,7 +76,7 @@ SYMLINK_LOOP = "symlink_loop"
 CONFLICTING_LABELS = "conflicting_labels"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per listed file: no per-object __dict__
 class SourceItem:
     uri: str  # stable identity of the file in its source (recorded in the manifest)
     local_path: Optional[str]  # where to read the bytes from, when local
