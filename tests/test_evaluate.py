@@ -11,7 +11,7 @@ import pytest
 from conftest import absolute_pythonpath, cvpipe, digit_folders, write_params
 from PIL import Image
 
-from cvpipe.evaluate.metrics import calibration, classification_metrics
+from cvpipe.evaluate.metrics import calibration, classification_metrics, top_k_indices
 
 CLASSES = ["a", "b", "c"]
 # 6 test images; rows are softmax outputs. argmax: a, b, b, c, c, a
@@ -297,3 +297,14 @@ def _check_onnx_is_calibrated(root: Path, bundle: Path, preds: list, temperature
     assert probs == pytest.approx(softmax_probs([eager], temperature), abs=1e-5)
     assert probs.max(1) == pytest.approx([float(r["confidence"]) for r in preds], abs=0.02)
     assert json.loads((bundle / "preprocess.json").read_text())["temperature"] == pytest.approx(temperature)
+
+
+def test_top_k_indices_sort_in_row_chunks_most_probable_first_ties_by_class_index():
+    rng = np.random.default_rng(4)
+    probs = rng.random((50, 30)).round(1)  # many equal probabilities in a row
+    top = top_k_indices(probs, 5, rows=7)  # 8 chunks, the last one short
+    assert top.shape == (50, 5)
+    for row, idx in zip(probs, top):
+        expected = sorted(range(30), key=lambda c: (-row[c], c))[:5]
+        assert idx.tolist() == expected
+    assert top_k_indices(probs[:, :3], 5).shape == (50, 3)  # k above the class count: every class

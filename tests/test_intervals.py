@@ -97,3 +97,24 @@ def test_bootstrap_chunks_do_not_change_the_result(monkeypatch):
     assert all(len(v) == 50 for v in chunked.values())
     # chunking changes the draw order, not the distribution: same size, values of the same metric
     assert np.mean(chunked["macro_f1"]) == pytest.approx(np.mean(full["macro_f1"]), abs=0.03)
+
+
+def test_weighted_macro_f1_with_many_classes_equals_sklearn_and_the_dense_counts():
+    """Sparse indicator counts: 200 classes, some never predicted, some absent from a resample."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(11)
+    n_classes = 200
+    targets = np.repeat(np.arange(n_classes), 3)
+    preds = np.where(rng.random(len(targets)) < 0.6, targets, rng.integers(0, n_classes // 2, len(targets)))
+    (w,) = list(intervals.stratified_weights(targets, 4, seed=2))
+    f1 = intervals.weighted_macro_f1(w, targets, preds, n_classes)
+    eye = np.eye(n_classes)  # the dense counts it replaced
+    tp = w @ (eye[preds] * eye[targets])
+    denom = w @ eye[preds] + w @ eye[targets]
+    dense = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0).mean(axis=1)
+    np.testing.assert_allclose(f1, dense, rtol=1e-12)  # the same counts; the class mean may sum in another order
+    for b in range(4):
+        idx = np.repeat(np.arange(len(targets)), w[b].astype(int))
+        assert f1[b] == pytest.approx(f1_score(targets[idx], preds[idx], labels=range(n_classes), average="macro",
+                                               zero_division=0))

@@ -48,7 +48,7 @@ from cvpipe.data.prepared import PreparedDataset
 from cvpipe.evaluate import artifact
 from cvpipe.evaluate import calibration as calib
 from cvpipe.evaluate.intervals import metric_intervals
-from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost
+from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost, top_k_indices
 from cvpipe.evaluate.plots import curve_rows, plot_confusion, plot_mistakes, plot_reliability, plot_risk_coverage
 from cvpipe.torchkit import evaluation
 from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
@@ -355,7 +355,7 @@ def _write_plots(name, ep, ds, test, out, images, targets, sc: _Scored, mistakes
     m, probs, preds = sc.m, sc.probs, sc.preds
     storage.write_csv(out["confusion_csv"], ["actual", "predicted"], ((ds.classes[t], ds.classes[p]) for t, p in zip(targets, preds)))
     k = min(ep.top_k, len(ds.classes))
-    topk = np.argsort(-probs, axis=1)[:, :k]
+    topk = top_k_indices(probs, k)
     storage.write_csv(
         out["predictions"], ["row", "id", "source_uri", "actual", "predicted", "confidence", "correct", f"top{k}"],
         ([i, test.index[i]["id"], test.index[i]["source_uri"], ds.classes[t], ds.classes[p], f"{probs[i, p]:.6f}", int(t == p),
