@@ -418,3 +418,16 @@ def test_dvc_skips_preprocess_when_unchanged_and_on_train_only_changes(tmp_path)
     assert "preprocess" in status
     assert "Running stage 'preprocess'" in _dvc(repo, "repro", "preprocess").stdout
     assert PreparedDataset(repo / "data" / "prepared").image_size == 24
+
+
+def test_mean_std_from_channel_histograms_equals_the_float_computation():
+    from cvpipe.preprocess.stage import mean_std
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (37, 9, 11, 3), dtype=np.uint8)
+    images[..., 2] //= 3  # channels with different statistics
+    x = images.astype(np.float64) / 255.0
+    mean, std = mean_std(images, pixels_per_chunk=250)  # chunks of 2 images, the last one short
+    assert mean == [round(float(v), 5) for v in x.mean(axis=(0, 1, 2))]
+    assert std == [round(float(v), 5) for v in x.std(axis=(0, 1, 2))]
+    assert mean_std(images[:0]) == ([0.0] * 3, [0.0] * 3)
