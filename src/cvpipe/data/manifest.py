@@ -62,7 +62,7 @@ def read_manifest(raw_dir: str) -> list[dict[str, str]]:
     """The rows of ``<raw_dir>/manifest.csv`` as dicts of strings.
 
     The columns every row repeats (label, format, mode, split hint) are interned: the csv module makes a
-    fresh string per field, and these were ~200 bytes of each row's ~1.4 KB (preprocess holds every row)."""
+    fresh string per field, and these were ~200 bytes of each row's ~1.2 KB (preprocess holds every row)."""
     path = storage.join(raw_dir, "manifest.csv")
     if not storage.exists(path):
         raise StageError(f"no manifest at {path}: run `cvpipe ingest` first")
