@@ -211,6 +211,24 @@ def test_journal_keeps_only_the_stored_files_part_and_a_rerun_rebuilds_the_same_
     assert journal.read_bytes() == journal_before
 
 
+def test_a_journal_line_torn_inside_a_utf8_character_is_skipped_and_the_rest_reused(tmp_path):
+    """A kill can cut a line inside a multi-byte character (file names are UTF-8), and the next run appends
+    after it: the torn line is skipped, every other entry is reused, nothing stops the run."""
+    src = tmp_path / "src"
+    for label in ("a", "b"):
+        (src / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 24), (i * 60, 90 if label == "a" else 180, 5)).save(src / label / f"ünïcødé_{i}.png")
+    params = _params(tmp_path, str(src), workers=1)
+    assert ingest_run(params).decoded == 6
+    journal = next((tmp_path / "state").glob("state-*.jsonl"))
+    lines = journal.read_bytes().splitlines(keepends=True)
+    torn = lines[1][: lines[1].index("ü".encode()) + 1] + b"\n"  # ends after the first byte of a 2-byte character
+    journal.write_bytes(b"".join(lines[:4] + [torn] + lines[4:]))
+    again = ingest_run(params)
+    assert (again.reused, again.decoded, again.accepted) == (6, 0, 6)
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_restart_gives_the_same_manifest(real_data, local_hymenoptera, tmp_path):
     ref_dir, _ = local_hymenoptera

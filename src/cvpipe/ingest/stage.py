@@ -385,10 +385,12 @@ class IngestState:
             self._load()
 
     def _load(self) -> None:
+        # line by line: a million-line journal is never one string. A line cut inside a UTF-8 character by a
+        # kill decodes with a replacement character, fails as JSON and is skipped like any torn line.
         try:
-            with open(self.path, encoding="utf-8") as fh:  # line by line: a million-line journal is never one string
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
                 self._read(fh)
-        except (OSError, UnicodeDecodeError):
+        except OSError:
             return
 
     def _read(self, fh: IO[str]) -> None:
