@@ -27,7 +27,6 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
         classification_report,
         confusion_matrix,
         precision_recall_fscore_support,
-        roc_auc_score,
         top_k_accuracy_score,
     )
 
@@ -44,20 +43,29 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(targets, preds, labels=labels, average=avg, zero_division=0)
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(p), float(r), float(f)
-    # ROC-AUC needs every class present in the test targets
-    present = np.unique(targets)
-    if len(present) < n_classes:
-        out["roc_auc"] = None
-        out["roc_auc_note"] = f"undefined: {n_classes - len(present)} class(es) absent from the test split"
-    elif n_classes == 2:
-        out["roc_auc"] = float(roc_auc_score(targets, probs[:, 1]))
-    else:
-        p = probs / probs.sum(axis=1, keepdims=True)  # sklearn checks rows sum to 1 at float64 precision
-        out["roc_auc"] = float(roc_auc_score(targets, p, multi_class="ovr", average="macro", labels=labels))
+    out["roc_auc"], note = roc_auc(targets, probs)
+    if note:
+        out["roc_auc_note"] = note
     report = classification_report(targets, preds, labels=labels, target_names=classes, output_dict=True, zero_division=0)
     out["per_class"] = {c: {k: round(float(v), 6) for k, v in report[c].items()} for c in classes}
     out["confusion_matrix"] = confusion_matrix(targets, preds, labels=labels).tolist()
     return out
+
+
+def roc_auc(targets: np.ndarray, probs: np.ndarray) -> tuple[Optional[float], Optional[str]]:
+    """One-vs-rest macro ROC-AUC (binary: of class 1) of (n, C) *probs*, scikit-learn's; ``(None, why)`` when a
+    class is absent from *targets* (its one-vs-rest curve is undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    targets = np.asarray(targets)
+    n_classes = probs.shape[1]
+    present = np.unique(targets)
+    if len(present) < n_classes:
+        return None, f"undefined: {n_classes - len(present)} class(es) absent from the test split"
+    if n_classes == 2:
+        return float(roc_auc_score(targets, probs[:, 1])), None
+    p = probs / probs.sum(axis=1, keepdims=True)  # sklearn checks rows sum to 1 at float64 precision
+    return float(roc_auc_score(targets, p, multi_class="ovr", average="macro", labels=list(range(n_classes)))), None
 
 
 def top_k_indices(probs: np.ndarray, k: int, rows: int = 4096) -> np.ndarray:

@@ -48,7 +48,7 @@ from cvpipe.data.prepared import PreparedDataset
 from cvpipe.evaluate import artifact
 from cvpipe.evaluate import calibration as calib
 from cvpipe.evaluate.intervals import metric_intervals
-from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost, top_k_indices
+from cvpipe.evaluate.metrics import calibration, classification_metrics, model_cost, roc_auc, top_k_indices
 from cvpipe.evaluate.plots import curve_rows, plot_confusion, plot_mistakes, plot_reliability, plot_risk_coverage
 from cvpipe.torchkit import evaluation
 from cvpipe.torchkit.models import load_checkpoint, model_from_checkpoint
@@ -183,7 +183,6 @@ class _Scored:
 
     temperature: float
     probs: np.ndarray  # calibrated: softmax(logits / T), TTA-averaged
-    probs_before: np.ndarray  # T = 1
     preds: np.ndarray
     m: dict[str, Any]  # classification_metrics of probs
     rel: dict[str, Any]  # calibration() bins and ECE of probs
@@ -199,24 +198,31 @@ def _score(params: Params, src: "_Evaluated", rt, images: np.ndarray, targets: n
     model, normalize = _eager_model(src, rt)
     test_logits = _predict_phase(model, images, normalize, rt, ep, phases, "test")
     temperature, fitted_on, n_val, note, val = _temperature(params, src, model, normalize, rt, phases)
-    probs_before = calib.softmax_probs(test_logits)
-    probs = calib.softmax_probs(test_logits, temperature)
-    preds = probs.argmax(axis=1)
     with phases.phase(f"metrics and intervals ({ep.bootstrap_resamples} bootstrap resamples)") as ph:
+        before, rel_before = _uncalibrated(test_logits, targets, ep.ece_bins)
+        probs = calib.softmax_probs(test_logits, temperature)
+        preds = probs.argmax(axis=1)
         m = classification_metrics(targets, probs, ds.classes, ep.top_k)
-        auc_before = classification_metrics(targets, probs_before, ds.classes, ep.top_k)["roc_auc"]
-        rel, rel_before = calibration(targets, probs, ep.ece_bins), calibration(targets, probs_before, ep.ece_bins)
+        rel = calibration(targets, probs, ep.ece_bins)
         iv = metric_intervals(targets, probs, m, rel["ece"], ep.ece_bins, ep.ci_level, ep.bootstrap_resamples, ep.bootstrap_seed)
         ph.result = f"accuracy {m['accuracy']:.4f} [{iv['accuracy']['low']:.4f}, {iv['accuracy']['high']:.4f}]"
-    test = {"ece_before": rel_before["ece"], "ece_after": rel["ece"], "nll_before": calib.nll(probs_before, targets),
-            "nll_after": calib.nll(probs, targets), "roc_auc_before": auc_before, "roc_auc_after": m["roc_auc"]}
+    test = {"ece_before": rel_before["ece"], "ece_after": rel["ece"], "nll_before": before["nll"],
+            "nll_after": calib.nll(probs, targets), "roc_auc_before": before["roc_auc"], "roc_auc_after": m["roc_auc"]}
     conf, correct = probs.max(axis=1), preds == targets
     curve = calib.risk_coverage_curve(conf, correct)
     rc = {**calib.at_threshold(conf, correct, params.serve.abstain_below), "aurc": round(calib.aurc(curve), 6),
           "threshold_param": "serve.abstain_below"}
     detail = {"temperature": round(temperature, 6), "intervals": iv,
               "calibration": calib.calibration_report(temperature, fitted_on, n_val, note, test, val), "risk_coverage": rc}
-    return _Scored(temperature, probs, probs_before, preds, m, rel, rel_before, curve, detail)
+    return _Scored(temperature, probs, preds, m, rel, rel_before, curve, detail)
+
+
+def _uncalibrated(test_logits: list[np.ndarray], targets: np.ndarray, ece_bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ROC-AUC and NLL (``before``) and the reliability bins of the test probabilities at T = 1, computed
+    before the calibrated ones exist, so the two n x C float64 arrays are never held at once."""
+    probs = calib.softmax_probs(test_logits)
+    return ({"roc_auc": roc_auc(targets, probs)[0], "nll": calib.nll(probs, targets)},
+            calibration(targets, probs, ece_bins))
 
 
 def _eager_model(src: "_Evaluated", rt):
