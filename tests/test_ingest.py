@@ -92,6 +92,14 @@ def _rel(uri: str, marker: str) -> str:
     return uri.split(marker, 1)[1]
 
 
+def _two_classes(folder: Path, per_class: int, name: str = "{i}.png") -> None:
+    """Class folders a and b under *folder*, each with *per_class* small PNGs of distinct colours."""
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 24), (i * 40, 100 if label == "a" else 200, 7)).save(folder / label / name.format(i=i))
+
+
 def _no_temp_files(*folders: Path) -> list[str]:
     return [str(p) for f in folders if f.exists() for p in f.rglob("*") if p.name.startswith(storage.TMP_MARKER)]
 
@@ -172,10 +180,7 @@ def test_rerun_transfers_nothing_and_is_fast(real_data, local_hymenoptera, tmp_p
 
 def test_changed_file_is_the_only_one_redone(tmp_path):
     src = tmp_path / "src"
-    for label in ("a", "b"):
-        (src / label).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (32, 24), (i * 40, 100 if label == "a" else 200, 7)).save(src / label / f"{i}.png")
+    _two_classes(src, 4)
     params = _params(tmp_path, str(src), workers=1)
     assert ingest_run(params).decoded == 8
     Image.new("RGB", (32, 24), (1, 2, 3)).save(src / "a" / "0.png")
@@ -192,10 +197,7 @@ def test_journal_keeps_only_the_stored_files_part_and_a_rerun_rebuilds_the_same_
     """The journal's record is the stored file's part of the manifest row (the label, URI and split hint are
     the listing's); a rerun completes the journal's records into the same manifest, byte for byte, untouched."""
     src = tmp_path / "src"
-    for label in ("a", "b"):
-        (src / "train" / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (32, 24), (i * 60, 90 if label == "a" else 180, 5)).save(src / "train" / label / f"{i}.png")
+    _two_classes(src / "train", 3)
     params = _params(tmp_path, str(src), workers=1)
     assert ingest_run(params).decoded == 6
     journal = next((tmp_path / "state").glob("state-*.jsonl"))
@@ -215,10 +217,7 @@ def test_a_journal_line_torn_inside_a_utf8_character_is_skipped_and_the_rest_reu
     """A kill can cut a line inside a multi-byte character (file names are UTF-8), and the next run appends
     after it: the torn line is skipped, every other entry is reused, nothing stops the run."""
     src = tmp_path / "src"
-    for label in ("a", "b"):
-        (src / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (32, 24), (i * 60, 90 if label == "a" else 180, 5)).save(src / label / f"ünïcødé_{i}.png")
+    _two_classes(src, 3, name="ünïcødé_{i}.png")
     params = _params(tmp_path, str(src), workers=1)
     assert ingest_run(params).decoded == 6
     journal = next((tmp_path / "state").glob("state-*.jsonl"))
