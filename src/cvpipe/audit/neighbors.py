@@ -93,14 +93,11 @@ class HNSWKNeighborsClassifier(KNeighborsClassifier):
 
     def _search(self, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss's graph search; a row it leaves short (-1 ids: a tiny or badly connected graph) is
-        answered by an exact search over the stored vectors."""
-        import faiss
-
+        answered by the exact brute-force search this class inherits (``algorithm="brute"``)."""
         self.index_.hnsw.efSearch = max(self.ef_search, k)
         sq, ids = self.index_.search(X, k)
         short = (ids < 0).any(axis=1)
         if short.any():
-            flat = faiss.IndexFlatL2(X.shape[1])
-            flat.add(self._fit_X)
-            sq[short], ids[short] = flat.search(X[short], k)
+            dist, ids[short] = super().kneighbors(X[short], k)
+            sq[short] = dist**2
         return sq, ids.astype(np.intp)
