@@ -55,7 +55,9 @@ EXCLUDED_BY_REVIEW = "excluded_by_review"  # the quarantine reason of an image a
 LABEL_REVIEW_NAME = "label_review.json"
 
 
-_REPEATED = ("label", "format", "source_mode", "split_hint")  # a handful of values shared by every row
+# the manifest columns whose few values every row repeats: interned when rows are read back (here, and
+# from ingest's journal), where the csv and json modules make a fresh string per field
+REPEATED_COLUMNS = ("label", "format", "source_mode", "split_hint")
 
 
 def read_manifest(raw_dir: str) -> list[dict[str, str]]:
@@ -70,7 +72,7 @@ def read_manifest(raw_dir: str) -> list[dict[str, str]]:
     with fs.open(p, "r", encoding="utf-8", newline="") as fh:
         rows = []
         for row in csv.DictReader(fh):
-            for key in _REPEATED:
+            for key in REPEATED_COLUMNS:
                 value = row.get(key)
                 if value is not None:
                     row[key] = sys.intern(value)

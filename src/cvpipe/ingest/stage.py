@@ -495,7 +495,7 @@ def _shared_strings(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return {sys.intern(k): sys.intern(v) if k in _REPEATED_VALUES and isinstance(v, str) else v for k, v in pairs}
 
 
-_REPEATED_VALUES = frozenset({"label", "format", "source_mode"})
+_REPEATED_VALUES = frozenset(manifest.REPEATED_COLUMNS)
 
 
 def _outcome_from_entry(item: SourceItem, e: dict[str, Any]) -> Outcome:
