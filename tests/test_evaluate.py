@@ -94,9 +94,10 @@ def tiny_project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_predict_logits_flip_pass_equals_the_shared_tta_pass():
-    """evaluate keeps each pass's logits (to divide them by T); at T = 1 their averaged softmax is the flip-TTA
-    probability of the shared evaluation pass, and the advance callback sees every image of every pass."""
+def test_predict_logits_flip_pass_is_the_flipped_images_pass():
+    """evaluate keeps each pass's logits (to divide them by T) in disk-backed arrays: the plain pass is the
+    shared evaluation pass's, the flipped one the model's logits of the mirrored images, their averaged softmax
+    the flip-TTA probability; the advance callback sees every image of every pass."""
     import torch
 
     from cvpipe.evaluate.calibration import softmax_probs
@@ -115,9 +116,15 @@ def test_predict_logits_flip_pass_equals_the_shared_tta_pass():
     seen = []
     logits = predict_logits(model, images, norm, rt, 3, tta_flip=True, advance=seen.append)
     assert len(logits) == 2 and sum(seen) == 14
-    ref = evaluation.evaluate(model, evaluation.array_batches(images, 3), norm, rt, outputs=True, tta_flip=True)
+    assert all(isinstance(lg, np.memmap) and lg.shape == (7, 3) and lg.dtype == np.float32 for lg in logits)
+    ref = evaluation.evaluate(model, evaluation.array_batches(images, 3), norm, rt, logits_out=np.empty((7, 3), np.float32))
     assert np.array_equal(logits[0], ref.logits)
-    assert softmax_probs(logits) == pytest.approx(ref.probs, abs=1e-6)
+    with torch.inference_mode():
+        plain = model(norm(torch.from_numpy(images))).float()
+        flipped = model(norm(torch.from_numpy(np.ascontiguousarray(images[:, :, ::-1])))).float()
+    assert logits[1] == pytest.approx(flipped.numpy(), abs=1e-5)
+    expected = ((plain.softmax(1) + flipped.softmax(1)) / 2).double().numpy()
+    assert softmax_probs(logits) == pytest.approx(expected, abs=1e-6)
 
 
 def test_phase_progress_prints_one_line_per_phase_in_a_log():
@@ -308,3 +315,45 @@ def test_top_k_indices_sort_in_row_chunks_most_probable_first_ties_by_class_inde
         expected = sorted(range(30), key=lambda c: (-row[c], c))[:5]
         assert idx.tolist() == expected
     assert top_k_indices(probs[:, :3], 5).shape == (50, 3)  # k above the class count: every class
+
+
+def test_the_metric_path_holds_no_n_by_c_array_and_equals_sklearns_whole_array_metrics():
+    """Test logits of 40,000 images x 200 classes (two TTA passes, in evaluate's disk-backed arrays), scored as
+    evaluate scores them: the process holds chunks, not the n x C float64 copies the whole-array calls made
+    (five of them, 320 MB here), and every figure equals scikit-learn's on the whole array."""
+    import tracemalloc
+
+    from sklearn.metrics import log_loss, roc_auc_score, top_k_accuracy_score
+
+    from cvpipe.evaluate import calibration as calib
+    from cvpipe.evaluate.metrics import roc_auc, top_k_accuracy
+    from cvpipe.evaluate.stage import scratch
+
+    n, c = 40_000, 200
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, c, n)
+    logits = []
+    for _ in range(2):
+        lg = scratch((n, c), np.float32)
+        for s in range(0, n, 5000):  # written in parts, as the evaluation pass does
+            part = rng.standard_normal((min(5000, n - s), c), dtype=np.float32)
+            part[np.arange(len(part)), targets[s : s + 5000]] += 2.0
+            lg[s : s + 5000] = part
+        logits.append(lg)
+    probs = scratch((n, c), np.float64)
+    calib.fit_temperature([lg[:10] for lg in logits], targets[:10])  # the imports, before memory is traced
+    tracemalloc.start()
+    try:
+        t = calib.fit_temperature(logits, targets)
+        calib.softmax_probs(logits, t, out=probs)
+        got = {"auc": roc_auc(targets, probs)[0], "nll": calib.nll(probs, targets), "top5": top_k_accuracy(targets, probs, 5),
+               "m": classification_metrics(targets, probs, [str(i) for i in range(c)], 5)}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * c * 8 / 2, peak  # under half of one n x C float64 array
+    whole = np.mean([np.exp(lg / t) / np.exp(lg / t).sum(1, keepdims=True) for lg in (np.asarray(x, np.float64) for x in logits)], axis=0)
+    assert np.allclose(probs, whole, rtol=1e-12, atol=0)
+    assert got["auc"] == roc_auc_score(targets, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=list(range(c)))
+    assert got["nll"] == pytest.approx(log_loss(targets, probs, labels=list(range(c))), rel=1e-12)
+    assert got["top5"] == got["m"]["top_k_accuracy"] == top_k_accuracy_score(targets, probs, k=5, labels=list(range(c)))

@@ -136,15 +136,16 @@ def _old_eval_sums(model, loader, normalize, rt, criterion):
     return [float(loss_sum), float(correct), float(total)]
 
 
-@pytest.mark.parametrize("tta_flip", [False, True])
-def test_evaluation_pass_gives_evaluates_predictions_bit_for_bit(model, rt, tta_flip):
+def test_evaluation_pass_writes_evaluates_logits_bit_for_bit_into_the_callers_array(model, rt):
     images = _batch(23, seed=7)[0].numpy()
     normalize = _normalizer(rt)
-    result = evaluate(model, array_batches(images, 8), normalize, rt, outputs=True, tta_flip=tta_flip)
-    probs, logits = _old_predict(model, images, normalize, rt, 8, tta_flip)
-    assert result.probs.dtype == np.float64 and result.logits.dtype == np.float32
-    assert np.array_equal(result.probs, probs) and np.array_equal(result.logits, logits)
+    out = np.full((23, model.num_classes), np.nan, dtype=np.float32)
+    result = evaluate(model, array_batches(images, 8), normalize, rt, logits_out=out)
+    _probs, logits = _old_predict(model, images, normalize, rt, 8, False)
+    assert result.logits is out and np.array_equal(out, logits)
     assert result.count == 0 and result.loss_sum == 0.0  # unlabelled batches: no sums
+    with pytest.raises(ValueError, match="held 23 images, logits_out has 24 rows"):
+        evaluate(model, array_batches(images, 8), normalize, rt, logits_out=np.zeros((24, model.num_classes), dtype=np.float32))
 
 
 def test_evaluation_pass_gives_trains_validation_sums_bit_for_bit(model, rt):
@@ -152,4 +153,4 @@ def test_evaluation_pass_gives_trains_validation_sums_bit_for_bit(model, rt):
     normalize, criterion = _normalizer(rt), torch.nn.CrossEntropyLoss()
     result = evaluate(model, batches, normalize, rt, criterion)
     assert result.sums() == _old_eval_sums(model, batches, normalize, rt, criterion)
-    assert result.count == 37 and result.probs is None and not model.training
+    assert result.count == 37 and result.logits is None and not model.training

@@ -20,15 +20,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+CHUNK_VALUES = 2**18  # per chunk where a computation would otherwise copy or sort the whole n x C array: 2 MB of float64
+
+
+def chunk_rows(n_classes: int) -> int:
+    """Images per chunk of an n x *n_classes* computation: :data:`CHUNK_VALUES` values, at least one image."""
+    return max(1, CHUNK_VALUES // max(1, n_classes))
+
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict[str, Any]:
-    from sklearn.metrics import (
-        accuracy_score,
-        classification_report,
-        confusion_matrix,
-        precision_recall_fscore_support,
-        top_k_accuracy_score,
-    )
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
 
     targets = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
@@ -37,9 +38,7 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
     preds = probs.argmax(axis=1)
     out: dict[str, Any] = {"n": int(len(targets)), "accuracy": float(accuracy_score(targets, preds))}
     out["top_k"] = top_k if top_k < n_classes else None
-    out["top_k_accuracy"] = (
-        float(top_k_accuracy_score(targets, probs, k=top_k, labels=labels)) if top_k < n_classes else None
-    )
+    out["top_k_accuracy"] = top_k_accuracy(targets, probs, top_k) if top_k < n_classes else None
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(targets, preds, labels=labels, average=avg, zero_division=0)
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(p), float(r), float(f)
@@ -54,7 +53,11 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
 
 def roc_auc(targets: np.ndarray, probs: np.ndarray) -> tuple[Optional[float], Optional[str]]:
     """One-vs-rest macro ROC-AUC (binary: of class 1) of (n, C) *probs*, scikit-learn's; ``(None, why)`` when a
-    class is absent from *targets* (its one-vs-rest curve is undefined)."""
+    class is absent from *targets* (its one-vs-rest curve is undefined).
+
+    Multiclass, each class's binary ``roc_auc_score`` of its renormalised column, then their mean: what
+    ``roc_auc_score(multi_class="ovr", average="macro")`` computes, without the n x C copies it makes of the
+    whole array (the renormalised scores and an n x C one-hot of the labels)."""
     from sklearn.metrics import roc_auc_score
 
     targets = np.asarray(targets)
@@ -64,16 +67,28 @@ def roc_auc(targets: np.ndarray, probs: np.ndarray) -> tuple[Optional[float], Op
         return None, f"undefined: {n_classes - len(present)} class(es) absent from the test split"
     if n_classes == 2:
         return float(roc_auc_score(targets, probs[:, 1])), None
-    p = probs / probs.sum(axis=1, keepdims=True)  # sklearn checks rows sum to 1 at float64 precision
-    return float(roc_auc_score(targets, p, multi_class="ovr", average="macro", labels=list(range(n_classes)))), None
+    total = probs.sum(axis=1)  # sklearn's ovr needs rows summing to 1
+    return float(np.average([roc_auc_score(targets == c, probs[:, c] / total) for c in range(n_classes)])), None
 
 
-def top_k_indices(probs: np.ndarray, k: int, rows: int = 4096) -> np.ndarray:
+def top_k_accuracy(targets: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """scikit-learn's ``top_k_accuracy_score`` (its tie order), over :func:`chunk_rows` images at a time: it
+    argsorts the whole n x C array it is given."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    targets = np.asarray(targets)
+    labels, rows = list(range(probs.shape[1])), chunk_rows(probs.shape[1])
+    hits = sum(top_k_accuracy_score(targets[s : s + rows], probs[s : s + rows], k=k, labels=labels, normalize=False)
+               for s in range(0, len(targets), rows))
+    return float(hits / len(targets))
+
+
+def top_k_indices(probs: np.ndarray, k: int, rows: Optional[int] = None) -> np.ndarray:
     """Each row's *k* most probable classes, most probable first (equal probabilities: the lower class index
-    first, a stable sort). Sorted *rows* at a time: the full ``argsort`` held an n x C int64 array (1.6 GB for
-    200k images of 1,000 classes) to keep n x k of it."""
+    first, a stable sort). Sorted *rows* (default :func:`chunk_rows`) at a time: the full ``argsort`` held an
+    n x C int64 array (1.6 GB for 200k images of 1,000 classes) to keep n x k of it."""
     probs = np.asarray(probs)
-    k = min(k, probs.shape[1])
+    k, rows = min(k, probs.shape[1]), rows or chunk_rows(probs.shape[1])
     out = np.empty((len(probs), k), dtype=np.int64)
     for s in range(0, len(probs), rows):
         out[s : s + rows] = np.argsort(-probs[s : s + rows], axis=1, kind="stable")[:, :k]

@@ -29,11 +29,17 @@ predictions table with images to W&B (same group as the training runs of this da
 ``checkpoint-<arch>-seed<seed>`` artifact and logs the scored weights as ``model-<arch>-seed<seed>``
 (:mod:`cvpipe.evaluate.artifact`). Each phase shows
 progress (:class:`cvpipe.core.console.PhaseProgress`): bars on a terminal, one line per phase in a log.
+
+Memory: the n x C logits (one array per TTA pass) and probabilities of the test and val splits live in
+:func:`scratch` arrays (unlinked temporary files in ``TMPDIR``), and every n x C computation takes
+:func:`~cvpipe.evaluate.metrics.chunk_rows` images at a time, so the process holds a few vectors of n values
+beside the model, not n x C arrays.
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -106,10 +112,10 @@ def choose_weights(ckpt: dict[str, Any], which: str, monitor: str, path: str) ->
 
 def predict_logits(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool,
                    advance=None) -> list[np.ndarray]:
-    """Logits (float32, N x C) over uint8 HWC images, through the evaluation pass train's validation runs too:
-    ``[plain]``, or with *tta_flip* ``[plain, horizontally flipped]`` (the flip of the uint8 NHWC batch is the
-    flip of the normalized tensor). :func:`cvpipe.evaluate.calibration.softmax_probs` turns them into the
-    (TTA-averaged, tempered) probabilities; *advance(n)* is called per batch of each pass (progress)."""
+    """Logits (float32, N x C, in :func:`scratch` arrays) of a timm *model* over uint8 HWC images, through the
+    evaluation pass train's validation runs too: ``[plain]``, or with *tta_flip* ``[plain, horizontally flipped]`` (the flip of
+    the uint8 NHWC batch is the flip of the normalized tensor). :func:`cvpipe.evaluate.calibration.softmax_probs`
+    turns them into the (TTA-averaged, tempered) probabilities; *advance(n)* is called per batch of each pass."""
     import torch
 
     def batches(flip: bool):
@@ -118,8 +124,19 @@ def predict_logits(model, images: np.ndarray, normalize, rt, batch_size: int, tt
             if advance is not None:
                 advance(len(x))
 
-    passes = (False, True) if tta_flip else (False,)
-    return [evaluation.evaluate(model, batches(flip), normalize, rt, outputs=True).logits for flip in passes]
+    shape = (len(images), model.num_classes)  # every timm model states its class count
+    return [evaluation.evaluate(model, batches(flip), normalize, rt, logits_out=scratch(shape, np.float32)).logits
+            for flip in ((False, True) if tta_flip else (False,))]
+
+
+def scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array backed by an unlinked temporary file (``TMPDIR``), freed when the array is: evaluate's
+    n x C logits and probabilities live in the page cache, which the kernel can write out, not in the
+    process's memory (200k test images of 1,000 classes are 1.6 GB of float64 per array)."""
+    if not int(np.prod(shape)):
+        return np.zeros(shape, dtype=dtype)
+    with tempfile.TemporaryFile(prefix="cvpipe-evaluate-") as f:
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # the mapping keeps the file until it is freed
 
 
 @dataclass
@@ -182,7 +199,7 @@ class _Scored:
     """Test predictions (calibrated and not) and everything computed from them."""
 
     temperature: float
-    probs: np.ndarray  # calibrated: softmax(logits / T), TTA-averaged
+    probs: np.ndarray  # calibrated: softmax(logits / T), TTA-averaged (a scratch array)
     preds: np.ndarray
     m: dict[str, Any]  # classification_metrics of probs
     rel: dict[str, Any]  # calibration() bins and ECE of probs
@@ -199,8 +216,9 @@ def _score(params: Params, src: "_Evaluated", rt, images: np.ndarray, targets: n
     test_logits = _predict_phase(model, images, normalize, rt, ep, phases, "test")
     temperature, fitted_on, n_val, note, val = _temperature(params, src, model, normalize, rt, phases)
     with phases.phase(f"metrics and intervals ({ep.bootstrap_resamples} bootstrap resamples)") as ph:
-        before, rel_before = _uncalibrated(test_logits, targets, ep.ece_bins)
-        probs = calib.softmax_probs(test_logits, temperature)
+        probs = scratch(test_logits[0].shape, np.float64)  # T = 1 first, then overwritten with the calibrated
+        before, rel_before = _uncalibrated(calib.softmax_probs(test_logits, out=probs), targets, ep.ece_bins)
+        calib.softmax_probs(test_logits, temperature, out=probs)
         preds = probs.argmax(axis=1)
         m = classification_metrics(targets, probs, ds.classes, ep.top_k)
         rel = calibration(targets, probs, ep.ece_bins)
@@ -217,10 +235,9 @@ def _score(params: Params, src: "_Evaluated", rt, images: np.ndarray, targets: n
     return _Scored(temperature, probs, preds, m, rel, rel_before, curve, detail)
 
 
-def _uncalibrated(test_logits: list[np.ndarray], targets: np.ndarray, ece_bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _uncalibrated(probs: np.ndarray, targets: np.ndarray, ece_bins: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ROC-AUC and NLL (``before``) and the reliability bins of the test probabilities at T = 1, computed
-    before the calibrated ones exist, so the two n x C float64 arrays are never held at once."""
-    probs = calib.softmax_probs(test_logits)
+    before the calibrated ones overwrite them."""
     return ({"roc_auc": roc_auc(targets, probs)[0], "nll": calib.nll(probs, targets)},
             calibration(targets, probs, ece_bins))
 
@@ -257,14 +274,15 @@ def _temperature(params: Params, src: "_Evaluated", model, normalize, rt, phases
         return 1.0, None, 0, "no val split to fit the temperature on: probabilities are uncalibrated (T = 1)", None
     logits = _predict_phase(model, val.images, normalize, rt, ep, phases, "val")
     labels = np.asarray(val.labels, dtype=np.int64)
-    if (calib.softmax_probs(logits).argmax(axis=1) == labels).all():
+    probs = calib.softmax_probs(logits, out=scratch(logits[0].shape, np.float64))
+    if (probs.argmax(axis=1) == labels).all():
         # every val image right: the NLL keeps falling as T -> 0 (no minimum), and a T at the search bound would
         # make every later answer, mistakes included, near-certain
         return 1.0, None, len(labels), (f"all {len(labels)} val images are predicted right: the temperature cannot be "
                                         "fitted (val NLL has no minimum), probabilities are uncalibrated (T = 1)"), None
     with phases.phase(f"calibrating (temperature scaling on {len(labels)} val images)") as ph:
         t = round(calib.fit_temperature(logits, labels), 6)  # the value every file states (report, model.pt, ONNX)
-        nll = {"nll_before": calib.nll(calib.softmax_probs(logits), labels), "nll_after": calib.nll(calib.softmax_probs(logits, t), labels)}
+        nll = {"nll_before": calib.nll(probs, labels), "nll_after": calib.nll(calib.softmax_probs(logits, t, out=probs), labels)}
         ph.result = f"T = {t:.3f}, val NLL {nll['nll_before']:.4f} -> {nll['nll_after']:.4f}"
     return t, "val", len(labels), None, nll
 
