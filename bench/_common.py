@@ -33,16 +33,14 @@ def cvpipe(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def write_params(folder: Path, overrides: dict) -> None:
-    """The repository's params.yaml with dotted *overrides*, written to ``folder/params.yaml``."""
+def write_params(folder: Path, overrides: dict, base: Path = REPO / "params.yaml") -> None:
+    """*base* (the repository's params.yaml) with dotted *overrides* set as ``-S`` sets them
+    (:func:`cvpipe.core.config.apply_overrides`), written to ``folder/params.yaml``."""
+    sys.path.insert(0, str(REPO / "src"))
+    from cvpipe.core.config import apply_overrides
+
     folder.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    data = apply_overrides(yaml.safe_load(base.read_text()), overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 

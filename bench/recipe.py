@@ -47,6 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from repo_files import copy_pipeline  # noqa: E402  (what dvc repro needs, derived from dvc.yaml)
+from _common import write_params  # noqa: E402  (bench/ is on sys.path)
 
 
 def timm_defaults(image_size: int) -> dict:
@@ -91,25 +92,13 @@ def scratch_repo(path: Path) -> Path:
     return path
 
 
-def set_params(path: Path, overrides: dict) -> None:
-    data = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first_seed: int | None = None) -> dict:
     recipe = scratch_repo(work / f"{name}-recipe")
     run([sys.executable, "-m", "cvpipe", "init", source, "--time-budget", str(budget), "--max-archs", "1"], recipe)
     params = yaml.safe_load((recipe / "params.yaml").read_text())
     arch = params["train"]["arch"]
     base = scratch_repo(work / f"{name}-imagenet-defaults")
-    shutil.copy(recipe / "params.yaml", base / "params.yaml")
-    set_params(base / "params.yaml", timm_defaults(params["preprocess"]["image_size"]))
+    write_params(base, timm_defaults(params["preprocess"]["image_size"]), base=recipe / "params.yaml")  # the recipe's, timm's values set
     out: dict = {"arch": arch, "image_size": params["preprocess"]["image_size"], "time_budget_minutes": budget}
     init_seed = int(params["bakeoff"]["seeds"][0])  # the seed cvpipe init wrote (42: the default bakeoff.seeds)
     if first_seed is None:
@@ -119,7 +108,7 @@ def one(name: str, source: str, budget: float, work: Path, seeds: int = 1, first
         for k in range(seeds):  # further seeds run only the new train@/evaluate@ cell and compare (same split)
             seed = first_seed + k
             if k or first_seed != init_seed:
-                set_params(repo / "params.yaml", {"bakeoff.seeds": [seed]})
+                write_params(repo, {"bakeoff.seeds": [seed]}, base=repo / "params.yaml")
             wall = run([sys.executable, "-m", "dvc", "repro"], repo)
             ev = json.loads((repo / "metrics" / arch / f"seed{seed}" / "evaluate.json").read_text())
             tr = json.loads((repo / "reports" / arch / f"seed{seed}" / "train.json").read_text())

@@ -104,14 +104,10 @@ def digit_folders(src: Path, classes: int, per_class: int) -> Path:
 
 
 def write_params(folder: Path, overrides: dict | None = None, base: Path = REPO / "params.yaml") -> Path:
-    """Copy the repo's params.yaml into *folder*, applying nested *overrides*."""
-    data = yaml.safe_load(base.read_text())
-    for dotted, value in (overrides or {}).items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+    """Copy the repo's params.yaml into *folder*, with dotted *overrides* set as ``-S`` sets them."""
+    from cvpipe.core.config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(base.read_text()), overrides or {})
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
