@@ -67,7 +67,7 @@ def roc_auc(targets: np.ndarray, probs: np.ndarray) -> tuple[Optional[float], Op
         return None, f"undefined: {n_classes - len(present)} class(es) absent from the test split"
     if n_classes == 2:
         return float(roc_auc_score(targets, probs[:, 1])), None
-    total = probs.sum(axis=1)  # sklearn's ovr needs rows summing to 1
+    total = probs.sum(axis=1)  # rows renormalised as sklearn's ovr requires them, so the figure is the one it gives
     return float(np.average([roc_auc_score(targets == c, probs[:, c] / total) for c in range(n_classes)])), None
 
 

@@ -113,9 +113,10 @@ def choose_weights(ckpt: dict[str, Any], which: str, monitor: str, path: str) ->
 def predict_logits(model, images: np.ndarray, normalize, rt, batch_size: int, tta_flip: bool,
                    advance=None) -> list[np.ndarray]:
     """Logits (float32, N x C, in :func:`scratch` arrays) of a timm *model* over uint8 HWC images, through the
-    evaluation pass train's validation runs too: ``[plain]``, or with *tta_flip* ``[plain, horizontally flipped]`` (the flip of
-    the uint8 NHWC batch is the flip of the normalized tensor). :func:`cvpipe.evaluate.calibration.softmax_probs`
-    turns them into the (TTA-averaged, tempered) probabilities; *advance(n)* is called per batch of each pass."""
+    evaluation pass train's validation runs too: ``[plain]``, or with *tta_flip* ``[plain, horizontally
+    flipped]`` (the flip of the uint8 NHWC batch is the flip of the normalized tensor).
+    :func:`cvpipe.evaluate.calibration.softmax_probs` turns them into the (TTA-averaged, tempered)
+    probabilities; *advance(n)* is called per batch of each pass."""
     import torch
 
     def batches(flip: bool):
