@@ -357,3 +357,23 @@ def test_the_metric_path_holds_no_n_by_c_array_and_equals_sklearns_whole_array_m
     assert got["auc"] == roc_auc_score(targets, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=list(range(c)))
     assert got["nll"] == pytest.approx(log_loss(targets, probs, labels=list(range(c))), rel=1e-12)
     assert got["top5"] == got["m"]["top_k_accuracy"] == top_k_accuracy_score(targets, probs, k=5, labels=list(range(c)))
+
+
+def test_scratch_arrays_are_zeroed_files_and_a_disk_too_small_is_a_clear_error(tmp_path, monkeypatch):
+    """evaluate's n x C arrays: zeroed, file-backed and writable; more than TMPDIR holds is a StageError that
+    names the space needed and TMPDIR (not a SIGBUS at the first page the disk cannot hold)."""
+    import shutil
+
+    from cvpipe.core.errors import StageError
+    from cvpipe.evaluate.stage import scratch
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    a = scratch((1000, 7), np.float64)
+    assert isinstance(a, np.memmap) and a.shape == (1000, 7) and not a.any()
+    a[:] = 1.5
+    assert a.sum() == 1.5 * 7000 and list(tmp_path.iterdir()) == []  # unlinked: nothing left in TMPDIR
+    assert scratch((0, 7), np.float32).shape == (0, 7)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(StageError, match=rf"scratch space in {tmp_path} \(TMPDIR\), .* MiB are free: point TMPDIR"):
+        scratch((free // 8 + 2**20, 8), np.uint8)

@@ -39,6 +39,8 @@ beside the model, not n x C arrays.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +135,27 @@ def predict_logits(model, images: np.ndarray, normalize, rt, batch_size: int, tt
 def scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zeroed array backed by an unlinked temporary file (``TMPDIR``), freed when the array is: evaluate's
     n x C logits and probabilities live in the page cache, which the kernel can write out, not in the
-    process's memory (200k test images of 1,000 classes are 1.6 GB of float64 per array)."""
-    if not int(np.prod(shape)):
+    process's memory (200k test images of 1,000 classes are 1.6 GB of float64 per array).
+
+    The file's blocks are reserved up front (``posix_fallocate``): a mapping of a sparse file on a disk that
+    fills up kills the process with SIGBUS at the first page it cannot write, where this raises a clear error."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not nbytes:
         return np.zeros(shape, dtype=dtype)
-    with tempfile.TemporaryFile(prefix="cvpipe-evaluate-") as f:
-        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)  # the mapping keeps the file until it is freed
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    short = f"evaluate needs {nbytes / 2**20:,.1f} MiB of scratch space in {folder} (TMPDIR)"
+    if nbytes > free:
+        raise StageError(f"{short}, {free / 2**20:,.1f} MiB are free: point TMPDIR at a larger disk")
+    with tempfile.TemporaryFile(prefix="cvpipe-evaluate-", dir=folder) as f:
+        try:
+            if hasattr(os, "posix_fallocate"):  # Linux; elsewhere a sparse file, guarded by the check above
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:
+                f.truncate(nbytes)
+        except OSError as exc:
+            raise StageError(f"{short}: {exc.strerror}") from None
+        return np.memmap(f, dtype=dtype, mode="r+", shape=shape)  # the mapping keeps the file until it is freed
 
 
 @dataclass
