@@ -103,20 +103,15 @@ def test_forward_loss_leaves_an_odd_batch_unmixed_with_soft_targets(model, rt):
         mixup(normalize(images), labels)
 
 
-def _old_predict(model, images, normalize, rt, batch_size, tta_flip):
-    """evaluate.stage.predict before the shared pass (reference)."""
+def _old_predict(model, images, normalize, rt, batch_size):
+    """evaluate.stage.predict's logits before the shared pass (reference)."""
     model.eval()
-    probs, logits = [], []
+    logits = []
     with torch.inference_mode(), autocast(rt):
         for s in range(0, len(images), batch_size):
             x = normalize(torch.from_numpy(np.array(images[s : s + batch_size])))
-            out = model(x).float()
-            p = out.softmax(1)
-            if tta_flip:
-                p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
-            probs.append(p.cpu())
-            logits.append(out.cpu())
-    return torch.cat(probs).double().numpy(), torch.cat(logits).numpy()
+            logits.append(model(x).float().cpu())
+    return torch.cat(logits).numpy()
 
 
 def _old_eval_sums(model, loader, normalize, rt, criterion):
@@ -141,7 +136,7 @@ def test_evaluation_pass_writes_evaluates_logits_bit_for_bit_into_the_callers_ar
     normalize = _normalizer(rt)
     out = np.full((23, model.num_classes), np.nan, dtype=np.float32)
     result = evaluate(model, array_batches(images, 8), normalize, rt, logits_out=out)
-    _probs, logits = _old_predict(model, images, normalize, rt, 8, False)
+    logits = _old_predict(model, images, normalize, rt, 8)
     assert result.logits is out and np.array_equal(out, logits)
     assert result.count == 0 and result.loss_sum == 0.0  # unlabelled batches: no sums
     with pytest.raises(ValueError, match="held 23 images, logits_out has 24 rows"):
