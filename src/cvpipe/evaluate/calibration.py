@@ -21,21 +21,20 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from cvpipe.evaluate.metrics import chunk_rows
+from cvpipe.evaluate.metrics import row_chunks
 
 T_BOUNDS = (1 / 20, 20.0)
 
 
 def prob_chunks(logits: Sequence[np.ndarray], temperature: float = 1.0) -> Iterator[tuple[slice, np.ndarray]]:
-    """``(rows' slice, probabilities)`` for :func:`~cvpipe.evaluate.metrics.chunk_rows` images at a time: the
-    mean over passes (one, or two with flip TTA) of ``softmax(logits / T)`` in float64 (scipy's softmax, row by
-    row, so a chunk's rows are bit-identical to the whole array's)."""
+    """``(rows' slice, probabilities)`` over :func:`~cvpipe.evaluate.metrics.row_chunks`: the mean over passes
+    (one, or two with flip TTA) of ``softmax(logits / T)`` in float64 (scipy's softmax, row by row, so a chunk's
+    rows are bit-identical to the whole array's)."""
     from scipy.special import softmax
 
-    n, rows = len(logits[0]), chunk_rows(np.shape(logits[0])[1])
-    for s in range(0, n, rows):
-        part = [softmax(np.asarray(lg[s : s + rows], dtype=np.float64) / temperature, axis=1) for lg in logits]
-        yield slice(s, min(s + rows, n)), (part[0] if len(part) == 1 else np.mean(part, axis=0))
+    for r in row_chunks(*np.shape(logits[0])):
+        part = [softmax(np.asarray(lg[r], dtype=np.float64) / temperature, axis=1) for lg in logits]
+        yield r, (part[0] if len(part) == 1 else np.mean(part, axis=0))
 
 
 def softmax_probs(logits: Sequence[np.ndarray], temperature: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -49,15 +48,14 @@ def softmax_probs(logits: Sequence[np.ndarray], temperature: float = 1.0, out: O
 
 
 def nll(probs: np.ndarray, targets: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true classes: scikit-learn's log_loss over every class, taken
-    :func:`~cvpipe.evaluate.metrics.chunk_rows` images at a time and weighted by their count (log_loss copies,
-    clips and renormalises the whole n x C array it is given)."""
+    """Mean negative log-likelihood of the true classes: scikit-learn's log_loss over every class, over
+    :func:`~cvpipe.evaluate.metrics.row_chunks` weighted by their image count (log_loss copies, clips and
+    renormalises the whole n x C array it is given)."""
     from sklearn.metrics import log_loss
 
-    targets = np.asarray(targets)
-    labels, rows = list(range(probs.shape[1])), chunk_rows(probs.shape[1])
-    total = sum(log_loss(targets[s : s + rows], probs[s : s + rows], labels=labels) * len(targets[s : s + rows])
-                for s in range(0, len(targets), rows))
+    targets, labels = np.asarray(targets), list(range(probs.shape[1]))
+    total = sum(log_loss(targets[r], probs[r], labels=labels) * (r.stop - r.start)
+                for r in row_chunks(len(targets), probs.shape[1]))
     return float(total / len(targets))
 
 

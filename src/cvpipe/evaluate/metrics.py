@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 CHUNK_VALUES = 2**18  # per chunk where a computation would otherwise copy or sort the whole n x C array: 2 MB of float64
 
 
-def chunk_rows(n_classes: int) -> int:
-    """Images per chunk of an n x *n_classes* computation: :data:`CHUNK_VALUES` values, at least one image."""
-    return max(1, CHUNK_VALUES // max(1, n_classes))
+def row_chunks(n: int, n_classes: int, rows: Optional[int] = None) -> Iterator[slice]:
+    """The row slices of an *n* x *n_classes* computation taken a chunk at a time: *rows* images each, by
+    default as many as hold :data:`CHUNK_VALUES` values (at least one)."""
+    rows = rows or max(1, CHUNK_VALUES // max(1, n_classes))
+    return (slice(s, min(s + rows, n)) for s in range(0, n, rows))
 
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict[str, Any]:
@@ -72,26 +74,25 @@ def roc_auc(targets: np.ndarray, probs: np.ndarray) -> tuple[Optional[float], Op
 
 
 def top_k_accuracy(targets: np.ndarray, probs: np.ndarray, k: int) -> float:
-    """scikit-learn's ``top_k_accuracy_score`` (its tie order), over :func:`chunk_rows` images at a time: it
-    argsorts the whole n x C array it is given."""
+    """scikit-learn's ``top_k_accuracy_score`` (its tie order), over :func:`row_chunks`: it argsorts the whole
+    n x C array it is given."""
     from sklearn.metrics import top_k_accuracy_score
 
-    targets = np.asarray(targets)
-    labels, rows = list(range(probs.shape[1])), chunk_rows(probs.shape[1])
-    hits = sum(top_k_accuracy_score(targets[s : s + rows], probs[s : s + rows], k=k, labels=labels, normalize=False)
-               for s in range(0, len(targets), rows))
+    targets, labels = np.asarray(targets), list(range(probs.shape[1]))
+    hits = sum(top_k_accuracy_score(targets[r], probs[r], k=k, labels=labels, normalize=False)
+               for r in row_chunks(len(targets), probs.shape[1]))
     return float(hits / len(targets))
 
 
 def top_k_indices(probs: np.ndarray, k: int, rows: Optional[int] = None) -> np.ndarray:
     """Each row's *k* most probable classes, most probable first (equal probabilities: the lower class index
-    first, a stable sort). Sorted *rows* (default :func:`chunk_rows`) at a time: the full ``argsort`` held an
+    first, a stable sort). Sorted *rows* (default: :func:`row_chunks`') at a time: the full ``argsort`` held an
     n x C int64 array (1.6 GB for 200k images of 1,000 classes) to keep n x k of it."""
     probs = np.asarray(probs)
-    k, rows = min(k, probs.shape[1]), rows or chunk_rows(probs.shape[1])
+    k = min(k, probs.shape[1])
     out = np.empty((len(probs), k), dtype=np.int64)
-    for s in range(0, len(probs), rows):
-        out[s : s + rows] = np.argsort(-probs[s : s + rows], axis=1, kind="stable")[:, :k]
+    for r in row_chunks(len(probs), probs.shape[1], rows):
+        out[r] = np.argsort(-probs[r], axis=1, kind="stable")[:, :k]
     return out
 
 

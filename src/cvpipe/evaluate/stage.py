@@ -32,7 +32,7 @@ progress (:class:`cvpipe.core.console.PhaseProgress`): bars on a terminal, one l
 
 Memory: the n x C logits (one array per TTA pass) and probabilities of the test and val splits live in
 :func:`scratch` arrays (unlinked temporary files in ``TMPDIR``), and every n x C computation takes
-:func:`~cvpipe.evaluate.metrics.chunk_rows` images at a time, so the process holds a few vectors of n values
+:func:`~cvpipe.evaluate.metrics.row_chunks` of a few MB, so the process holds a few vectors of n values
 beside the model, not n x C arrays.
 """
 
