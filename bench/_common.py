@@ -15,6 +15,8 @@ from typing import Sequence
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))  # this checkout's cvpipe, for the helpers that import it
 
 
 def env_with_src() -> dict[str, str]:
@@ -36,7 +38,6 @@ def cvpipe(args: list[str], cwd: Path) -> float:
 def write_params(folder: Path, overrides: dict, base: Path = REPO / "params.yaml") -> None:
     """*base* (the repository's params.yaml) with dotted *overrides* set as ``-S`` sets them
     (:func:`cvpipe.core.config.apply_overrides`), written to ``folder/params.yaml``."""
-    sys.path.insert(0, str(REPO / "src"))
     from cvpipe.core.config import apply_overrides
 
     folder.mkdir(parents=True, exist_ok=True)

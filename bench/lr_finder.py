@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 
-from _common import REPO, cvpipe, write_params  # noqa: E402  (bench/ is on sys.path)
+from _common import cvpipe, write_params  # noqa: E402  (bench/ is on sys.path; it puts src there too)
 
 
 def prepare_digits(work: Path) -> Path:
@@ -79,7 +79,6 @@ def main() -> None:
     args = ap.parse_args()
     grid = [float(v) for v in args.lrs.split(",")]
     seeds = [args.first_seed + k for k in range(args.seeds)]
-    sys.path.insert(0, str(REPO / "src"))
     work = Path(tempfile.mkdtemp(prefix="cvpipe-lr-finder-bench-"))
     print(f"scratch folder: {work}", file=sys.stderr, flush=True)
     suggestions, finder, scores = {}, {}, {lr: {} for lr in grid}
